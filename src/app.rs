@@ -1,0 +1,155 @@
+//! The one wiring function: load the first config, start the workers (each binds its own
+//! listeners), start the control thread, and hand back the bound addresses and a shutdown
+//! handle. `main` and the in-process tests both start the proxy through here.
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+
+use anyhow::{Context, bail};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::config::Config;
+use crate::control::{self, ControlSpec, LocalFileWatch, ProxyAddrs};
+use crate::net::sockopt;
+use crate::snapshot::{LocalScope, Snapshot, SourceInfo};
+use crate::worker::{self, ListenAddrs, WorkerSpec, channel};
+
+pub struct RunOptions {
+    /// Drain on SIGTERM/SIGINT (the binary); tests stop the proxy through the handle instead.
+    pub handle_signals: bool,
+}
+
+/// A running proxy.
+pub struct Proxy {
+    pub addrs: ProxyAddrs,
+    shutdown: mpsc::UnboundedSender<()>,
+    control: std::thread::JoinHandle<()>,
+    workers: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Proxy {
+    /// Starts the drain (as SIGTERM would). Returns at once; `wait` for the end.
+    pub fn shutdown(&self) {
+        let _ = self.shutdown.send(());
+    }
+
+    /// Waits until the proxy has drained and every thread ended.
+    pub fn wait(self) -> anyhow::Result<()> {
+        let mut failed = Vec::new();
+        for (i, w) in self.workers.into_iter().enumerate() {
+            if w.join().is_err() {
+                failed.push(format!("worker {i}"));
+            }
+        }
+        if self.control.join().is_err() {
+            failed.push("control".to_string());
+        }
+        if failed.is_empty() { Ok(()) } else { bail!("threads panicked: {}", failed.join(", ")) }
+    }
+}
+
+/// Starts the proxy. Fails, naming the cause, when the config cannot be loaded or a port bound.
+pub fn start(cfg: Config, opts: RunOptions) -> anyhow::Result<Proxy> {
+    let cfg = Arc::new(cfg);
+    let scope = LocalScope::from_config(&cfg);
+    let Some(path) = cfg.local_xds_path.clone() else {
+        bail!("no config source: set LOCAL_XDS_PATH (xDS is not available in this build)");
+    };
+    // Stamp before reading: a change racing the read is then seen by the watcher.
+    let stamp = control::local::stamp(&path);
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading LOCAL_XDS_PATH {}", path.display()))?;
+    let state = control::local::parse(&text).with_context(|| format!("invalid config file {}", path.display()))?;
+    let source = SourceInfo { kind: "file", location: path.display().to_string() };
+    let initial = Arc::new(Snapshot::build(1, source, scope, state));
+    for w in &initial.warnings {
+        tracing::warn!(generation = 1, "config: {w}");
+    }
+    tracing::info!(
+        workloads = initial.workloads().count(),
+        services = initial.services().count(),
+        policies = initial.policies().count(),
+        path = %path.display(),
+        "loaded local config"
+    );
+
+    let spoof_source = match cfg.enable_orig_src {
+        Some(false) => false,
+        Some(true) => {
+            if !sockopt::can_spoof_source() {
+                bail!("ENABLE_ORIG_SRC=true but IP_TRANSPARENT is not permitted (needs CAP_NET_ADMIN)");
+            }
+            true
+        }
+        None => sockopt::can_spoof_source(),
+    };
+
+    let cores = core_affinity::get_core_ids().unwrap_or_default();
+    let mut addrs = ListenAddrs {
+        outbound: cfg.listeners.outbound,
+        inbound_plain: cfg.listeners.inbound_plain,
+        socks5: cfg.socks5.then_some(cfg.listeners.socks5),
+    };
+    let mut txs = Vec::new();
+    let mut generations = Vec::new();
+    let mut done_rxs = Vec::new();
+    let mut handles = Vec::new();
+    let mut driver = "";
+    for id in 0..cfg.worker_threads {
+        let (tx, rx) = channel::channel();
+        let generation = Arc::new(AtomicU64::new(0));
+        let (done_tx, done_rx) = oneshot::channel::<()>();
+        let spec = WorkerSpec {
+            id,
+            cfg: cfg.clone(),
+            addrs,
+            initial: initial.clone(),
+            rx,
+            core: (!cores.is_empty()).then(|| cores[id % cores.len()]),
+            spoof_source,
+            generation: generation.clone(),
+        };
+        let (handle, ready) = worker::spawn(spec).context("spawning a worker thread")?;
+        // The worker owns `done_tx` by being alive: move it into a thread-exit guard.
+        let bound = ready.recv().map_err(|_| anyhow::anyhow!("worker {id} died during start-up"))?;
+        let bound = bound.with_context(|| format!("worker {id}"))?;
+        // The first worker resolved any port 0; the others must share its ports.
+        addrs = bound.addrs;
+        driver = bound.driver;
+        txs.push(tx);
+        generations.push(generation);
+        done_rxs.push(done_rx);
+        handles.push((handle, done_tx));
+    }
+    // Each worker's done signal fires when its thread is joined by the watcher below.
+    let mut workers = Vec::new();
+    for (handle, done_tx) in handles {
+        let joiner = std::thread::Builder::new().name("worker-reaper".into()).spawn(move || {
+            let res = handle.join();
+            drop(done_tx);
+            if res.is_err() {
+                tracing::error!("a worker thread panicked");
+            }
+            res.map(|_| ()).ok();
+        })?;
+        workers.push(joiner);
+    }
+    tracing::info!(workers = cfg.worker_threads, driver, spoof_source, "workers started");
+
+    let (shutdown_tx, shutdown_rx) = mpsc::unbounded_channel();
+    let spec = ControlSpec {
+        cfg: cfg.clone(),
+        initial,
+        workers: txs,
+        worker_generations: generations,
+        worker_done: done_rxs,
+        worker_addrs: addrs,
+        driver,
+        local_file: Some(LocalFileWatch { path, stamp, text }),
+        shutdown_rx,
+        shutdown_tx: shutdown_tx.clone(),
+        handle_signals: opts.handle_signals,
+    };
+    let (control, ready) = control::spawn(spec).context("spawning the control thread")?;
+    let addrs = ready.recv().map_err(|_| anyhow::anyhow!("control thread died during start-up"))??;
+    Ok(Proxy { addrs, shutdown: shutdown_tx, control, workers })
+}

@@ -1,0 +1,567 @@
+//! Bootstrap configuration: Istio's environment variables (and our flags), validated once at
+//! start and immutable afterwards. Built on the main thread, then shared read-only.
+//!
+//! Every invalid value fails start-up with an error naming the variable and the reason.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Istio's `PACKET_MARK` default (0x539).
+pub const DEFAULT_PACKET_MARK: u32 = 1337;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum ProxyMode {
+    /// One proxy for every workload whose `node` is ours.
+    Shared,
+    /// A proxy for exactly one workload (`PROXY_WORKLOAD_INFO`).
+    Dedicated,
+}
+
+/// `PROXY_WORKLOAD_INFO=namespace/name/service-account`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkloadInfo {
+    pub namespace: String,
+    pub name: String,
+    pub service_account: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum IoDriver {
+    /// io_uring when the kernel allows it, else epoll.
+    Auto,
+    Uring,
+    Epoll,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum LogFormat {
+    Plain,
+    Json,
+}
+
+/// The listener addresses. Tests set every port to 0 and read the bound ones back.
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Listeners {
+    pub outbound: SocketAddr,
+    pub inbound_plain: SocketAddr,
+    pub socks5: SocketAddr,
+    pub admin: SocketAddr,
+    pub readiness: SocketAddr,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Config {
+    pub proxy_mode: ProxyMode,
+    pub workload_info: Option<WorkloadInfo>,
+    pub node_name: Option<String>,
+    pub local_xds_path: Option<PathBuf>,
+    pub xds_address: Option<String>,
+    pub cluster_id: String,
+    pub cluster_domain: String,
+    pub network: String,
+    pub instance_ip: Option<IpAddr>,
+    pub pod_name: Option<String>,
+    pub pod_namespace: Option<String>,
+    /// `SO_MARK` for upstream sockets; `None` when `PACKET_MARK=0`.
+    pub packet_mark: Option<u32>,
+    /// Bind the client's address for inbound upstream connections. `None`: decided at start
+    /// by whether the process may (CAP_NET_ADMIN).
+    pub enable_orig_src: Option<bool>,
+    pub socks5: bool,
+    pub worker_threads: usize,
+    pub io_driver: IoDriver,
+    #[serde(serialize_with = "ser_duration")]
+    pub termination_deadline: Duration,
+    #[serde(serialize_with = "ser_duration")]
+    pub connect_timeout: Duration,
+    /// How often the local config file is checked for changes.
+    #[serde(serialize_with = "ser_duration")]
+    pub local_config_poll: Duration,
+    pub log_format: LogFormat,
+    pub listeners: Listeners,
+}
+
+fn ser_duration<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(&format_args!("{d:?}"))
+}
+
+/// A start-up configuration error: which variable (or flag), which value, and why.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("invalid {var}={value:?}: {reason}")]
+    Invalid { var: String, value: String, reason: String },
+    #[error("{var} is required {why}")]
+    Missing { var: &'static str, why: &'static str },
+    #[error("unknown flag {0:?} (see --help)")]
+    UnknownFlag(String),
+    #[error("flag {0} needs a value")]
+    FlagValue(String),
+}
+
+fn invalid(var: &str, value: &str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { var: var.to_string(), value: value.to_string(), reason: reason.into() }
+}
+
+/// Flags and the environment variables they set. A flag wins over the environment.
+const FLAGS: &[(&str, &str, &str)] = &[
+    (
+        "--config",
+        "LOCAL_XDS_PATH",
+        "PATH  local config file (workloads, services, policies); implies XDS_ADDRESS= unless set",
+    ),
+    ("--mode", "PROXY_MODE", "shared|dedicated"),
+    ("--workload", "PROXY_WORKLOAD_INFO", "NS/NAME/SA  the workload a dedicated proxy serves"),
+    ("--node", "NODE_NAME", "NAME  the node whose workloads a shared proxy serves"),
+    ("--workers", "ZTUNNEL_WORKER_THREADS", "N|P%  worker threads (default: every core)"),
+    ("--io-driver", "ZTUNNEL_IO_DRIVER", "auto|uring|epoll"),
+    ("--log-format", "LOG_FORMAT", "plain|json"),
+    ("--packet-mark", "PACKET_MARK", "MARK  SO_MARK of upstream sockets, 0 disables (default 1337)"),
+    ("--outbound-addr", "ZTUNNEL_OUTBOUND_ADDR", "ADDR  outbound capture listener (default [::]:15001)"),
+    ("--inbound-plain-addr", "ZTUNNEL_INBOUND_PLAINTEXT_ADDR", "ADDR  inbound plaintext listener (default [::]:15006)"),
+    ("--socks5-addr", "ZTUNNEL_SOCKS5_ADDR", "ADDR  SOCKS5 listener (default 127.0.0.1:15080)"),
+    ("--admin-addr", "ZTUNNEL_ADMIN_ADDR", "ADDR  admin listener (default 127.0.0.1:15000)"),
+    ("--readiness-addr", "ZTUNNEL_READINESS_ADDR", "ADDR  readiness listener (default [::]:15021)"),
+];
+
+/// Flags without a value.
+const SWITCHES: &[(&str, &str, &str)] = &[("--socks5", "UNSTABLE_ENABLE_SOCKS5", "enable the SOCKS5 listener")];
+
+pub fn usage() -> String {
+    let mut s = String::from(
+        "ztunnel: a thread-per-core node proxy for Istio ambient mesh\n\n\
+         Usage: ztunnel [FLAGS]\n\n\
+         Configuration comes from Istio's environment variables; each flag below sets the one named.\n\n",
+    );
+    for (flag, var, help) in FLAGS.iter().chain(SWITCHES) {
+        s.push_str(&format!("  {flag:<22} {var:<32} {help}\n"));
+    }
+    s.push_str(
+        "  --help, -h\n\n\
+         Other variables: XDS_ADDRESS, CLUSTER_ID, CLUSTER_DOMAIN, NETWORK, INSTANCE_IP, POD_NAME,\n\
+         POD_NAMESPACE, ENABLE_ORIG_SRC, CONNECTION_TERMINATION_DEADLINE, ZTUNNEL_CONNECT_TIMEOUT,\n\
+         RUST_LOG. See README.md.\n",
+    );
+    s
+}
+
+/// What the command line asked for.
+pub enum Cli {
+    Run(HashMap<String, String>),
+    Help,
+}
+
+/// Parses flags into environment overrides.
+pub fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Cli, ConfigError> {
+    let mut overrides = HashMap::new();
+    let mut args = args.into_iter();
+    while let Some(arg) = args.next() {
+        if arg == "--help" || arg == "-h" {
+            return Ok(Cli::Help);
+        }
+        let (name, inline) = match arg.split_once('=') {
+            Some((n, v)) => (n.to_string(), Some(v.to_string())),
+            None => (arg.clone(), None),
+        };
+        if let Some((_, var, _)) = SWITCHES.iter().find(|(f, _, _)| *f == name) {
+            overrides.insert(var.to_string(), inline.unwrap_or_else(|| "true".into()));
+        } else if let Some((_, var, _)) = FLAGS.iter().find(|(f, _, _)| *f == name) {
+            let value = match inline {
+                Some(v) => v,
+                None => args.next().ok_or_else(|| ConfigError::FlagValue(name.clone()))?,
+            };
+            if *var == "LOCAL_XDS_PATH" {
+                overrides.entry("XDS_ADDRESS".to_string()).or_insert_with(String::new);
+            }
+            overrides.insert(var.to_string(), value);
+        } else {
+            return Err(ConfigError::UnknownFlag(arg));
+        }
+    }
+    Ok(Cli::Run(overrides))
+}
+
+/// Reads variables through `get`, so tests need not touch the process environment.
+pub struct Source<'a> {
+    get: &'a dyn Fn(&str) -> Option<String>,
+}
+
+impl<'a> Source<'a> {
+    pub fn new(get: &'a dyn Fn(&str) -> Option<String>) -> Self {
+        Source { get }
+    }
+
+    fn raw(&self, var: &str) -> Option<String> {
+        (self.get)(var)
+    }
+
+    /// A set, non-empty value.
+    fn value(&self, var: &str) -> Option<String> {
+        self.raw(var).filter(|v| !v.trim().is_empty()).map(|v| v.trim().to_string())
+    }
+
+    fn parse<T>(&self, var: &str, f: impl Fn(&str) -> Result<T, String>) -> Result<Option<T>, ConfigError> {
+        match self.value(var) {
+            None => Ok(None),
+            Some(v) => f(&v).map(Some).map_err(|reason| invalid(var, &v, reason)),
+        }
+    }
+
+    fn bool(&self, var: &str) -> Result<Option<bool>, ConfigError> {
+        self.parse(var, parse_bool)
+    }
+
+    fn duration(&self, var: &str, default: Duration) -> Result<Duration, ConfigError> {
+        Ok(self.parse(var, parse_duration)?.unwrap_or(default))
+    }
+
+    fn addr(&self, var: &str, default: SocketAddr) -> Result<SocketAddr, ConfigError> {
+        Ok(self
+            .parse(var, |v| v.parse::<SocketAddr>().map_err(|e| format!("expected IP:PORT ({e})")))?
+            .unwrap_or(default))
+    }
+}
+
+pub fn parse_bool(v: &str) -> Result<bool, String> {
+    match v.to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" | "on" => Ok(true),
+        "false" | "0" | "no" | "off" => Ok(false),
+        _ => Err("expected true or false".into()),
+    }
+}
+
+/// Parses durations such as `5s`, `100ms`, `1m30s`, `1.5h`, `24h`, `2d`.
+pub fn parse_duration(v: &str) -> Result<Duration, String> {
+    let s: String = v.chars().filter(|c| !c.is_whitespace()).collect();
+    if s.is_empty() {
+        return Err("empty duration".into());
+    }
+    // A bare number is seconds, as in Istio's ztunnel.
+    if let Ok(secs) = s.parse::<f64>() {
+        return if secs.is_finite() && (0.0..1e12).contains(&secs) {
+            Ok(Duration::from_secs_f64(secs))
+        } else {
+            Err("duration out of range".into())
+        };
+    }
+    let mut total = 0f64;
+    let mut rest = s.as_str();
+    while !rest.is_empty() {
+        let num_end = rest.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(rest.len());
+        if num_end == 0 {
+            return Err("expected a number followed by a unit (ns, us, ms, s, m, h, d), e.g. 5s".into());
+        }
+        let num: f64 = rest[..num_end].parse().map_err(|_| format!("bad number {:?}", &rest[..num_end]))?;
+        rest = &rest[num_end..];
+        let unit_end = rest.find(|c: char| c.is_ascii_digit() || c == '.').unwrap_or(rest.len());
+        let unit = &rest[..unit_end];
+        rest = &rest[unit_end..];
+        let scale = match unit {
+            "ns" => 1e-9,
+            "us" | "µs" => 1e-6,
+            "ms" => 1e-3,
+            "s" | "sec" | "secs" => 1.0,
+            "m" | "min" | "mins" => 60.0,
+            "h" | "hr" | "hrs" => 3600.0,
+            "d" | "day" | "days" => 86400.0,
+            "" => return Err("a number must be followed by a unit (ns, us, ms, s, m, h, d), e.g. 1m30s".into()),
+            other => return Err(format!("unknown unit {other:?}")),
+        };
+        total += num * scale;
+    }
+    if !total.is_finite() || total > 1e12 {
+        return Err("duration too large".into());
+    }
+    Ok(Duration::from_secs_f64(total))
+}
+
+fn parse_workload_info(v: &str) -> Result<WorkloadInfo, String> {
+    let parts: Vec<&str> = v.split('/').collect();
+    match parts.as_slice() {
+        [ns, name, sa] if !ns.is_empty() && !name.is_empty() && !sa.is_empty() => {
+            Ok(WorkloadInfo { namespace: ns.to_string(), name: name.to_string(), service_account: sa.to_string() })
+        }
+        _ => Err("expected namespace/name/serviceaccount".into()),
+    }
+}
+
+fn parse_workers(v: &str, cores: usize) -> Result<usize, String> {
+    let n = if let Some(pct) = v.strip_suffix('%') {
+        let p: f64 = pct.parse().map_err(|_| "expected a count or a percentage of cores".to_string())?;
+        if !(p > 0.0 && p <= 100.0) {
+            return Err("percentage must be in (0, 100]".into());
+        }
+        ((cores as f64 * p / 100.0).ceil() as usize).max(1)
+    } else {
+        v.parse::<usize>().map_err(|_| "expected a count or a percentage of cores".to_string())?
+    };
+    if n == 0 || n > 1024 {
+        return Err("must be between 1 and 1024".into());
+    }
+    Ok(n)
+}
+
+/// True when the host has an IPv6 stack, so wildcard listeners can be dual-stack.
+fn ipv6_available() -> bool {
+    std::net::TcpListener::bind((Ipv6Addr::LOCALHOST, 0)).is_ok()
+}
+
+impl Config {
+    /// Builds and validates the configuration.
+    pub fn from_source(src: &Source) -> Result<Config, ConfigError> {
+        let proxy_mode = match src.value("PROXY_MODE").as_deref() {
+            None => ProxyMode::Shared,
+            Some(v) => match v.to_ascii_lowercase().as_str() {
+                "shared" => ProxyMode::Shared,
+                "dedicated" => ProxyMode::Dedicated,
+                _ => return Err(invalid("PROXY_MODE", v, "expected shared or dedicated")),
+            },
+        };
+        let workload_info = src.parse("PROXY_WORKLOAD_INFO", parse_workload_info)?;
+        if proxy_mode == ProxyMode::Dedicated && workload_info.is_none() {
+            return Err(ConfigError::Missing {
+                var: "PROXY_WORKLOAD_INFO",
+                why: "in dedicated mode (namespace/name/serviceaccount of the proxied workload)",
+            });
+        }
+        let node_name = src.value("NODE_NAME");
+        let local_xds_path = src.value("LOCAL_XDS_PATH").map(PathBuf::from);
+        // Istio's semantics: unset means the in-cluster istiod, an empty value disables xDS.
+        let xds_address = match src.raw("XDS_ADDRESS") {
+            None => Some("https://istiod.istio-system.svc:15012".to_string()),
+            Some(v) if v.trim().is_empty() => None,
+            Some(v) => Some(v.trim().to_string()),
+        };
+        if let Some(addr) = &xds_address {
+            return Err(invalid(
+                "XDS_ADDRESS",
+                addr,
+                "this build has no xDS client yet; run standalone with XDS_ADDRESS= and LOCAL_XDS_PATH",
+            ));
+        }
+        if local_xds_path.is_none() {
+            return Err(ConfigError::Missing {
+                var: "LOCAL_XDS_PATH",
+                why: "when xDS is disabled (XDS_ADDRESS=): the proxy needs a config source",
+            });
+        }
+        let packet_mark = match src.parse("PACKET_MARK", |v| {
+            let v = v.trim();
+            let n = match v.strip_prefix("0x").or_else(|| v.strip_prefix("0X")) {
+                Some(hex) => u32::from_str_radix(hex, 16),
+                None => v.parse::<u32>(),
+            };
+            n.map_err(|_| "expected a 32-bit unsigned integer (decimal or 0x hex)".to_string())
+        })? {
+            // Istio marks by default only in shared mode, where redirection rules need it.
+            None if proxy_mode == ProxyMode::Shared => Some(DEFAULT_PACKET_MARK),
+            None => None,
+            Some(0) => None,
+            Some(m) => Some(m),
+        };
+        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        let worker_threads = src.parse("ZTUNNEL_WORKER_THREADS", |v| parse_workers(v, cores))?.unwrap_or(cores);
+        let io_driver = match src.value("ZTUNNEL_IO_DRIVER").as_deref() {
+            None => IoDriver::Auto,
+            Some(v) => match v.to_ascii_lowercase().as_str() {
+                "auto" => IoDriver::Auto,
+                "uring" | "io_uring" | "iouring" => IoDriver::Uring,
+                "epoll" | "legacy" => IoDriver::Epoll,
+                _ => return Err(invalid("ZTUNNEL_IO_DRIVER", v, "expected auto, uring or epoll")),
+            },
+        };
+        let log_format = match src.value("LOG_FORMAT").as_deref() {
+            None => LogFormat::Plain,
+            Some(v) => match v.to_ascii_lowercase().as_str() {
+                "plain" | "text" => LogFormat::Plain,
+                "json" => LogFormat::Json,
+                _ => return Err(invalid("LOG_FORMAT", v, "expected plain or json")),
+            },
+        };
+        let instance_ip = src.parse("INSTANCE_IP", |v| v.parse::<IpAddr>().map_err(|e| e.to_string()))?;
+        let wildcard: IpAddr =
+            if ipv6_available() { Ipv6Addr::UNSPECIFIED.into() } else { Ipv4Addr::UNSPECIFIED.into() };
+        let localhost: IpAddr = Ipv4Addr::LOCALHOST.into();
+        let listeners = Listeners {
+            outbound: src.addr("ZTUNNEL_OUTBOUND_ADDR", SocketAddr::new(wildcard, 15001))?,
+            inbound_plain: src.addr("ZTUNNEL_INBOUND_PLAINTEXT_ADDR", SocketAddr::new(wildcard, 15006))?,
+            socks5: src.addr("ZTUNNEL_SOCKS5_ADDR", SocketAddr::new(localhost, 15080))?,
+            admin: src.addr("ZTUNNEL_ADMIN_ADDR", SocketAddr::new(localhost, 15000))?,
+            readiness: src.addr("ZTUNNEL_READINESS_ADDR", SocketAddr::new(wildcard, 15021))?,
+        };
+        let termination_deadline = src.duration("CONNECTION_TERMINATION_DEADLINE", Duration::from_secs(5))?;
+        let connect_timeout = src.duration("ZTUNNEL_CONNECT_TIMEOUT", Duration::from_secs(10))?;
+        if connect_timeout.is_zero() {
+            return Err(invalid("ZTUNNEL_CONNECT_TIMEOUT", "0", "must be above zero"));
+        }
+        let local_config_poll = src.duration("ZTUNNEL_LOCAL_CONFIG_POLL", Duration::from_millis(50))?;
+        if local_config_poll < Duration::from_millis(1) {
+            return Err(invalid("ZTUNNEL_LOCAL_CONFIG_POLL", "0", "must be at least 1ms"));
+        }
+        Ok(Config {
+            proxy_mode,
+            workload_info,
+            node_name,
+            local_xds_path,
+            xds_address,
+            cluster_id: src.value("CLUSTER_ID").unwrap_or_else(|| "Kubernetes".into()),
+            cluster_domain: src.value("CLUSTER_DOMAIN").unwrap_or_else(|| "cluster.local".into()),
+            network: src.value("NETWORK").unwrap_or_default(),
+            instance_ip,
+            pod_name: src.value("POD_NAME"),
+            pod_namespace: src.value("POD_NAMESPACE"),
+            packet_mark,
+            enable_orig_src: src.bool("ENABLE_ORIG_SRC")?,
+            socks5: src.bool("UNSTABLE_ENABLE_SOCKS5")?.unwrap_or(false),
+            worker_threads,
+            io_driver,
+            termination_deadline,
+            connect_timeout,
+            local_config_poll,
+            log_format,
+            listeners,
+        })
+    }
+
+    /// Reads the process environment with flag overrides on top.
+    pub fn from_env_and_flags(overrides: &HashMap<String, String>) -> Result<Config, ConfigError> {
+        let get = |k: &str| overrides.get(k).cloned().or_else(|| std::env::var(k).ok());
+        Config::from_source(&Source::new(&get))
+    }
+
+    /// A configuration for in-process tests: every listener on 127.0.0.1 port 0.
+    pub fn for_tests(local_xds_path: PathBuf) -> Config {
+        let vars: HashMap<&str, String> = [
+            ("XDS_ADDRESS", String::new()),
+            ("LOCAL_XDS_PATH", local_xds_path.display().to_string()),
+            ("UNSTABLE_ENABLE_SOCKS5", "true".into()),
+            ("ZTUNNEL_WORKER_THREADS", "2".into()),
+            ("ZTUNNEL_OUTBOUND_ADDR", "127.0.0.1:0".into()),
+            ("ZTUNNEL_INBOUND_PLAINTEXT_ADDR", "127.0.0.1:0".into()),
+            ("ZTUNNEL_SOCKS5_ADDR", "127.0.0.1:0".into()),
+            ("ZTUNNEL_ADMIN_ADDR", "127.0.0.1:0".into()),
+            ("ZTUNNEL_READINESS_ADDR", "127.0.0.1:0".into()),
+            ("PACKET_MARK", "0".into()),
+            ("ENABLE_ORIG_SRC", "false".into()),
+        ]
+        .into_iter()
+        .collect();
+        let get = |k: &str| vars.get(k).cloned();
+        Config::from_source(&Source::new(&get)).expect("test configuration is valid")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let map: HashMap<String, String> = vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let get = |k: &str| map.get(k).cloned();
+        Config::from_source(&Source::new(&get))
+    }
+
+    const BASE: &[(&str, &str)] = &[("XDS_ADDRESS", ""), ("LOCAL_XDS_PATH", "x.yaml")];
+
+    fn with(extra: &[(&'static str, &'static str)]) -> Vec<(&'static str, &'static str)> {
+        BASE.iter().chain(extra).copied().collect()
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("5s").unwrap(), Duration::from_secs(5));
+        assert_eq!(parse_duration("100ms").unwrap(), Duration::from_millis(100));
+        assert_eq!(parse_duration("1m30s").unwrap(), Duration::from_secs(90));
+        assert_eq!(parse_duration("24h").unwrap(), Duration::from_secs(86400));
+        assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
+        assert_eq!(parse_duration("5").unwrap(), Duration::from_secs(5));
+        assert!(parse_duration("1m30").unwrap_err().contains("followed by a unit"));
+        assert!(parse_duration("5 parsecs").unwrap_err().contains("unknown unit"));
+        assert!(parse_duration("s").is_err());
+    }
+
+    #[test]
+    fn defaults() {
+        let c = cfg(BASE).unwrap();
+        assert_eq!(c.proxy_mode, ProxyMode::Shared);
+        assert_eq!(c.packet_mark, Some(1337));
+        assert_eq!(c.termination_deadline, Duration::from_secs(5));
+        assert!(!c.socks5);
+        assert_eq!(c.listeners.outbound.port(), 15001);
+        assert_eq!(c.listeners.socks5, "127.0.0.1:15080".parse().unwrap());
+        assert!(c.worker_threads >= 1);
+        assert_eq!(c.io_driver, IoDriver::Auto);
+    }
+
+    #[test]
+    fn values_are_parsed() {
+        let c = cfg(&with(&[
+            ("PROXY_MODE", "dedicated"),
+            ("PROXY_WORKLOAD_INFO", "ns1/pod1/sa1"),
+            ("PACKET_MARK", "0x10"),
+            ("UNSTABLE_ENABLE_SOCKS5", "true"),
+            ("ZTUNNEL_WORKER_THREADS", "3"),
+            ("CONNECTION_TERMINATION_DEADLINE", "250ms"),
+            ("LOG_FORMAT", "json"),
+            ("ENABLE_ORIG_SRC", "false"),
+            ("ZTUNNEL_IO_DRIVER", "epoll"),
+        ]))
+        .unwrap();
+        assert_eq!(c.proxy_mode, ProxyMode::Dedicated);
+        assert_eq!(c.workload_info.unwrap().service_account, "sa1");
+        assert_eq!(c.packet_mark, Some(16));
+        assert!(c.socks5);
+        assert_eq!(c.worker_threads, 3);
+        assert_eq!(c.termination_deadline, Duration::from_millis(250));
+        assert_eq!(c.log_format, LogFormat::Json);
+        assert_eq!(c.enable_orig_src, Some(false));
+        assert_eq!(c.io_driver, IoDriver::Epoll);
+        assert_eq!(cfg(&with(&[("PACKET_MARK", "0")])).unwrap().packet_mark, None);
+    }
+
+    #[test]
+    fn invalid_values_name_the_variable() {
+        for (var, value) in [
+            ("PACKET_MARK", "abc"),
+            ("PROXY_MODE", "both"),
+            ("PROXY_WORKLOAD_INFO", "ns/name"),
+            ("ZTUNNEL_WORKER_THREADS", "0"),
+            ("ZTUNNEL_WORKER_THREADS", "150%"),
+            ("CONNECTION_TERMINATION_DEADLINE", "soon"),
+            ("UNSTABLE_ENABLE_SOCKS5", "maybe"),
+            ("LOG_FORMAT", "xml"),
+            ("ZTUNNEL_OUTBOUND_ADDR", "nowhere"),
+        ] {
+            let err = cfg(&with(&[(var, value)])).unwrap_err().to_string();
+            assert!(err.contains(var), "{var}: {err}");
+            assert!(err.contains(value), "{var}: {err}");
+        }
+        let err = cfg(&with(&[("PROXY_MODE", "dedicated")])).unwrap_err().to_string();
+        assert!(err.contains("PROXY_WORKLOAD_INFO"), "{err}");
+        let err = cfg(&[("XDS_ADDRESS", "")]).unwrap_err().to_string();
+        assert!(err.contains("LOCAL_XDS_PATH"), "{err}");
+    }
+
+    #[test]
+    fn flags_override_and_imply_standalone() {
+        let Cli::Run(o) =
+            parse_args(["--config".into(), "a.yaml".into(), "--socks5".into(), "--workers=2".into()]).unwrap()
+        else {
+            panic!("expected run");
+        };
+        assert_eq!(o["LOCAL_XDS_PATH"], "a.yaml");
+        assert_eq!(o["XDS_ADDRESS"], "");
+        assert_eq!(o["UNSTABLE_ENABLE_SOCKS5"], "true");
+        assert_eq!(o["ZTUNNEL_WORKER_THREADS"], "2");
+        assert!(matches!(parse_args(["--help".into()]).unwrap(), Cli::Help));
+        assert!(matches!(parse_args(["--bogus".into()]), Err(ConfigError::UnknownFlag(_))));
+        assert!(matches!(parse_args(["--node".into()]), Err(ConfigError::FlagValue(_))));
+    }
+}

@@ -1,0 +1,298 @@
+//! The control thread: one OS thread with a current-thread tokio runtime. It owns the config
+//! sources, builds snapshots and publishes them to every worker, serves the admin (15000) and
+//! readiness (15021) ports, and runs shutdown: SIGTERM/SIGINT or `/quitquitquit` -> drain.
+//!
+//! Nothing here is on the data path. State is `Rc`/`RefCell` on this one thread.
+
+pub mod http;
+pub mod local;
+
+use std::cell::{Cell, RefCell};
+use std::io;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use serde_json::json;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::config::Config;
+use crate::snapshot::{Snapshot, SourceInfo};
+use crate::worker::channel::{WorkerMsg, WorkerTx};
+use http::{Request, Response};
+use local::FileStamp;
+
+/// Addresses the proxy listens on, once bound.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ProxyAddrs {
+    pub outbound: SocketAddr,
+    pub inbound_plain: SocketAddr,
+    pub socks5: Option<SocketAddr>,
+    pub admin: SocketAddr,
+    pub readiness: SocketAddr,
+}
+
+/// What the local file watcher starts from (the version the first snapshot was built from).
+pub struct LocalFileWatch {
+    pub path: PathBuf,
+    pub stamp: Option<FileStamp>,
+    pub text: String,
+}
+
+/// Everything the control thread starts from; all of it `Send`.
+pub struct ControlSpec {
+    pub cfg: Arc<Config>,
+    pub initial: Arc<Snapshot>,
+    pub workers: Vec<WorkerTx>,
+    pub worker_generations: Vec<Arc<AtomicU64>>,
+    /// Each resolves (with an error) when its worker thread has ended.
+    pub worker_done: Vec<oneshot::Receiver<()>>,
+    pub worker_addrs: crate::worker::ListenAddrs,
+    pub driver: &'static str,
+    pub local_file: Option<LocalFileWatch>,
+    pub shutdown_rx: mpsc::UnboundedReceiver<()>,
+    pub shutdown_tx: mpsc::UnboundedSender<()>,
+    pub handle_signals: bool,
+}
+
+struct ControlState {
+    cfg: Arc<Config>,
+    current: RefCell<Arc<Snapshot>>,
+    workers: Vec<WorkerTx>,
+    worker_generations: Vec<Arc<AtomicU64>>,
+    draining: Cell<bool>,
+    addrs: Cell<Option<ProxyAddrs>>,
+    driver: &'static str,
+    started: Instant,
+    /// The last rejected config, shown in `config_dump` until a good one replaces it.
+    last_error: RefCell<Option<String>>,
+    shutdown_tx: mpsc::UnboundedSender<()>,
+}
+
+impl ControlState {
+    /// Publishes one generation to every worker.
+    fn publish(&self, snap: Arc<Snapshot>) {
+        *self.current.borrow_mut() = snap.clone();
+        for w in &self.workers {
+            w.send(WorkerMsg::Snapshot(snap.clone()));
+        }
+    }
+
+    fn readiness(&self) -> Result<(), String> {
+        if self.draining.get() {
+            return Err("draining".into());
+        }
+        let pending: Vec<String> = self
+            .worker_generations
+            .iter()
+            .enumerate()
+            .filter(|(_, g)| g.load(Ordering::Acquire) == 0)
+            .map(|(i, _)| format!("worker {i} has no config yet"))
+            .collect();
+        if pending.is_empty() { Ok(()) } else { Err(pending.join(", ")) }
+    }
+}
+
+/// Starts the control thread; the receiver yields the bound admin and readiness addresses.
+pub fn spawn(
+    spec: ControlSpec,
+) -> io::Result<(std::thread::JoinHandle<()>, std::sync::mpsc::Receiver<io::Result<ProxyAddrs>>)> {
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let handle = std::thread::Builder::new().name("control".into()).spawn(move || {
+        let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            Ok(rt) => rt,
+            Err(e) => {
+                let _ = ready_tx.send(Err(e));
+                return;
+            }
+        };
+        let local = tokio::task::LocalSet::new();
+        local.block_on(&rt, run(spec, ready_tx));
+    })?;
+    Ok((handle, ready_rx))
+}
+
+async fn run(mut spec: ControlSpec, ready: std::sync::mpsc::Sender<io::Result<ProxyAddrs>>) {
+    let bind = |addr: SocketAddr| async move {
+        tokio::net::TcpListener::bind(addr).await.map_err(|e| io::Error::new(e.kind(), format!("binding {addr}: {e}")))
+    };
+    let (admin, readiness) = match (bind(spec.cfg.listeners.admin).await, bind(spec.cfg.listeners.readiness).await) {
+        (Ok(a), Ok(r)) => (a, r),
+        (Err(e), _) | (_, Err(e)) => {
+            let _ = ready.send(Err(e));
+            return;
+        }
+    };
+    let state = Rc::new(ControlState {
+        cfg: spec.cfg.clone(),
+        current: RefCell::new(spec.initial.clone()),
+        workers: spec.workers,
+        worker_generations: spec.worker_generations,
+        draining: Cell::new(false),
+        addrs: Cell::new(None),
+        driver: spec.driver,
+        started: Instant::now(),
+        last_error: RefCell::new(None),
+        shutdown_tx: spec.shutdown_tx,
+    });
+    let addrs = ProxyAddrs {
+        outbound: spec.worker_addrs.outbound,
+        inbound_plain: spec.worker_addrs.inbound_plain,
+        socks5: spec.worker_addrs.socks5,
+        admin: admin.local_addr().unwrap_or(spec.cfg.listeners.admin),
+        readiness: readiness.local_addr().unwrap_or(spec.cfg.listeners.readiness),
+    };
+    state.addrs.set(Some(addrs));
+    tracing::info!(admin = %addrs.admin, readiness = %addrs.readiness, "control plane listening");
+
+    let s = state.clone();
+    tokio::task::spawn_local(http::serve(admin, Rc::new(move |req| admin_handler(s.clone(), req))));
+    let s = state.clone();
+    tokio::task::spawn_local(http::serve(readiness, Rc::new(move |req| readiness_handler(s.clone(), req))));
+    if let Some(watch) = spec.local_file.take() {
+        tokio::task::spawn_local(watch_local_file(state.clone(), watch));
+    }
+    let _ = ready.send(Ok(addrs));
+
+    wait_for_shutdown(&mut spec.shutdown_rx, spec.handle_signals).await;
+    state.draining.set(true);
+    let deadline = Instant::now() + state.cfg.termination_deadline;
+    tracing::info!(deadline = ?state.cfg.termination_deadline, "shutting down: draining workers");
+    for w in &state.workers {
+        w.send(WorkerMsg::Drain { deadline });
+    }
+    for done in spec.worker_done {
+        let _ = done.await;
+    }
+    tracing::info!("all workers drained; exiting");
+}
+
+async fn wait_for_shutdown(rx: &mut mpsc::UnboundedReceiver<()>, signals: bool) {
+    use tokio::signal::unix::{SignalKind, signal};
+    if !signals {
+        rx.recv().await;
+        return;
+    }
+    let (mut term, mut int) = match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        (Ok(t), Ok(i)) => (t, i),
+        _ => {
+            tracing::warn!("cannot install signal handlers; only /quitquitquit stops the proxy");
+            rx.recv().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = rx.recv() => tracing::info!("shutdown requested"),
+        _ = term.recv() => tracing::info!("received SIGTERM"),
+        _ = int.recv() => tracing::info!("received SIGINT"),
+    }
+}
+
+/// Polls the file's metadata; a changed, parseable file becomes the next generation.
+async fn watch_local_file(state: Rc<ControlState>, mut watch: LocalFileWatch) {
+    let mut tick = tokio::time::interval(state.cfg.local_config_poll);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let stamp = local::stamp(&watch.path);
+        if stamp == watch.stamp {
+            continue;
+        }
+        watch.stamp = stamp;
+        let generation = state.current.borrow().generation;
+        let text = match std::fs::read_to_string(&watch.path) {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::warn!(path = %watch.path.display(), error = %e, generation, "cannot read config file; keeping the current config");
+                continue;
+            }
+        };
+        if text == watch.text {
+            continue;
+        }
+        match local::parse(&text) {
+            Ok(cfg_state) => {
+                let source = SourceInfo { kind: "file", location: watch.path.display().to_string() };
+                let scope = state.current.borrow().scope.clone();
+                let snap = Snapshot::build(generation + 1, source, scope, cfg_state);
+                for w in &snap.warnings {
+                    tracing::warn!(generation = snap.generation, "config: {w}");
+                }
+                tracing::info!(path = %watch.path.display(), generation = snap.generation, "config file changed; publishing new generation");
+                state.publish(Arc::new(snap));
+                *state.last_error.borrow_mut() = None;
+                watch.text = text;
+            }
+            Err(e) => {
+                tracing::error!(path = %watch.path.display(), error = %e, generation, "rejected config file; keeping the current config");
+                *state.last_error.borrow_mut() = Some(format!("{}: {e}", watch.path.display()));
+            }
+        }
+    }
+}
+
+async fn readiness_handler(state: Rc<ControlState>, req: Request) -> Response {
+    match (req.method.as_str(), req.path.as_str()) {
+        ("GET", "/healthz/ready") => match state.readiness() {
+            Ok(()) => Response::text(200, "ready\n"),
+            Err(why) => Response::text(500, format!("not ready: {why}\n")),
+        },
+        (_, "/healthz/ready") => Response::text(405, "use GET\n"),
+        _ => Response::text(404, "not found\n"),
+    }
+}
+
+async fn admin_handler(state: Rc<ControlState>, req: Request) -> Response {
+    match (req.method.as_str(), req.path.as_str()) {
+        ("GET", "/config_dump") => Response::json(config_dump(&state)),
+        ("POST", "/quitquitquit") => {
+            let _ = state.shutdown_tx.send(());
+            Response::text(200, "OK\n")
+        }
+        ("GET", "/healthz/ready") => readiness_handler(state, req).await,
+        ("GET", "/") => Response::text(
+            200,
+            "admin endpoints:\n  GET  /config_dump     workloads, services, policies, config, generation\n  \
+             POST /quitquitquit    drain and exit\n  GET  /healthz/ready    readiness\n",
+        ),
+        (_, "/config_dump") | (_, "/quitquitquit") => Response::text(405, "method not allowed\n"),
+        _ => Response::text(404, "not found (see GET /)\n"),
+    }
+}
+
+/// The `config_dump` document: Istio ztunnel's top-level keys, plus our generation details.
+fn config_dump(state: &ControlState) -> String {
+    let snap = state.current.borrow().clone();
+    let workloads: Vec<_> = snap.workloads().map(|w| w.as_ref()).collect();
+    let services: Vec<_> = snap.services().map(|s| &s.service).collect();
+    let policies: Vec<_> = snap.policies().map(|p| p.as_ref()).collect();
+    let generations: Vec<u64> = state.worker_generations.iter().map(|g| g.load(Ordering::Acquire)).collect();
+    let doc = json!({
+        "workloads": workloads,
+        "services": services,
+        "policies": policies,
+        "certificates": [],
+        "config": &*state.cfg,
+        "version": {
+            "name": env!("CARGO_PKG_NAME"),
+            "version": env!("CARGO_PKG_VERSION"),
+        },
+        "generation": snap.generation,
+        "source": &snap.source,
+        "warnings": &snap.warnings,
+        "lastRejectedConfig": &*state.last_error.borrow(),
+        "workers": {
+            "count": state.workers.len(),
+            "ioDriver": state.driver,
+            "generations": generations,
+        },
+        "listeners": state.addrs.get(),
+        "draining": state.draining.get(),
+        "uptimeSeconds": state.started.elapsed().as_secs(),
+    });
+    serde_json::to_string_pretty(&doc).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
+}

@@ -1,0 +1,43 @@
+use std::process::ExitCode;
+
+use ztunnel::config::{Cli, Config, parse_args, usage};
+use ztunnel::{app, telemetry};
+
+fn main() -> ExitCode {
+    let overrides = match parse_args(std::env::args().skip(1)) {
+        Ok(Cli::Help) => {
+            print!("{}", usage());
+            return ExitCode::SUCCESS;
+        }
+        Ok(Cli::Run(o)) => o,
+        Err(e) => {
+            eprintln!("ztunnel: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let cfg = match Config::from_env_and_flags(&overrides) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("ztunnel: configuration error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Err(e) = telemetry::init_logging(cfg.log_format) {
+        eprintln!("ztunnel: {e:#}");
+        return ExitCode::from(2);
+    }
+    let proxy = match app::start(cfg, app::RunOptions { handle_signals: true }) {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::error!("failed to start: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match proxy.wait() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,132 @@
+//! Socket plumbing shared by every worker: listener and upstream socket creation with the
+//! options the mesh needs, original-destination lookup, and the relay between two streams.
+//!
+//! All `unsafe` of the crate lives in this module (`sockopt`), each block with its argument.
+//! Nothing here keeps state: a worker calls these on its own sockets, on its own thread.
+
+pub mod bufpool;
+pub mod relay;
+pub mod sockopt;
+
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use monoio::net::{TcpListener, TcpStream};
+use socket2::{Domain, Protocol, Socket, Type};
+
+/// Ports the proxy itself listens on. A destination on loopback with one of these ports would
+/// send a connection straight back into the proxy, so it is never dialed.
+pub const PROXY_PORTS: [u16; 4] = [15001, 15006, 15008, 15080];
+
+/// How a listener socket is set up before it is handed to a worker's runtime.
+#[derive(Debug, Clone, Copy)]
+pub struct ListenOpts {
+    /// Try `IP_TRANSPARENT` (TPROXY capture); without `CAP_NET_ADMIN` this is skipped quietly.
+    pub transparent: bool,
+    pub backlog: i32,
+}
+
+/// Binds one `SO_REUSEPORT` listener. Every worker binds its own socket on the same address, so
+/// the kernel spreads new connections over the workers and no worker hands one to another.
+pub fn bind_listener(addr: SocketAddr, opts: ListenOpts) -> io::Result<TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    if addr.is_ipv6() {
+        // A wildcard IPv6 listener also takes IPv4 (v4-mapped); a specific address is v6 only.
+        socket.set_only_v6(!addr.ip().is_unspecified())?;
+    }
+    if opts.transparent {
+        if let Err(e) = sockopt::set_ip_transparent(&socket, addr.is_ipv6()) {
+            tracing::debug!(%addr, error = %e, "IP_TRANSPARENT not permitted; TPROXY capture unavailable");
+        }
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(opts.backlog)?;
+    TcpListener::from_std(socket.into())
+}
+
+/// Options of an upstream (proxy -> destination) connection.
+#[derive(Debug, Clone, Copy)]
+pub struct DialOpts {
+    /// `SO_MARK`, so traffic redirection rules skip the proxy's own connections.
+    pub mark: Option<u32>,
+    /// Bind this source address first (original source preservation, needs `IP_TRANSPARENT`).
+    pub spoof_source: Option<IpAddr>,
+    pub timeout: Duration,
+}
+
+/// Errors of [`dial`], kept apart so the caller can tell a refusal from a timeout.
+#[derive(Debug, thiserror::Error)]
+pub enum DialError {
+    #[error("connect to {0} timed out after {1:?} (is the destination up, or is a NetworkPolicy dropping packets?)")]
+    Timeout(SocketAddr, Duration),
+    #[error("connect to {0} failed: {1}")]
+    Connect(SocketAddr, io::Error),
+    #[error("preparing the upstream socket for {0} failed: {1}")]
+    Socket(SocketAddr, io::Error),
+    #[error("binding original source {0} failed ({1}); original source needs CAP_NET_ADMIN")]
+    Spoof(IpAddr, io::Error),
+}
+
+/// Connects to `dst` with the mesh's socket options, on the current worker's runtime.
+///
+/// The socket is made and configured by hand (monoio's own connect takes no options), then
+/// connected non-blocking and awaited for writability, which both drivers support.
+pub async fn dial(dst: SocketAddr, opts: DialOpts) -> Result<TcpStream, DialError> {
+    let socket = Socket::new(Domain::for_address(dst), Type::STREAM, Some(Protocol::TCP))
+        .map_err(|e| DialError::Socket(dst, e))?;
+    let prep = || -> io::Result<()> {
+        socket.set_nonblocking(true)?;
+        socket.set_tcp_nodelay(true)?;
+        socket.set_keepalive(true)?;
+        if let Some(mark) = opts.mark {
+            socket.set_mark(mark)?;
+        }
+        Ok(())
+    };
+    prep().map_err(|e| DialError::Socket(dst, e))?;
+    if let Some(src) = opts.spoof_source {
+        let bind = || -> io::Result<()> {
+            sockopt::set_ip_transparent(&socket, dst.is_ipv6())?;
+            sockopt::set_freebind(&socket, dst.is_ipv6())?;
+            socket.bind(&SocketAddr::new(src, 0).into())
+        };
+        bind().map_err(|e| DialError::Spoof(src, e))?;
+    }
+    match socket.connect(&dst.into()) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        Err(e) => return Err(DialError::Connect(dst, e)),
+    }
+    let stream = TcpStream::from_std(std::net::TcpStream::from(socket)).map_err(|e| DialError::Socket(dst, e))?;
+    match monoio::time::timeout(opts.timeout, stream.writable(false)).await {
+        Err(_) => return Err(DialError::Timeout(dst, opts.timeout)),
+        Ok(Err(e)) => return Err(DialError::Connect(dst, e)),
+        Ok(Ok(())) => {}
+    }
+    match sockopt::take_error(&stream) {
+        Ok(None) => Ok(stream),
+        Ok(Some(e)) | Err(e) => Err(DialError::Connect(dst, e)),
+    }
+}
+
+/// Sets the options every accepted (downstream) socket gets.
+pub fn prepare_accepted(stream: &TcpStream) {
+    // Failures here only cost latency or dead-peer detection; the connection still works.
+    let _ = stream.set_nodelay(true);
+    let _ = stream.set_tcp_keepalive(None, None, None);
+}
+
+/// Turns an IPv4-mapped IPv6 address (from a dual-stack listener) into plain IPv4, so lookups by
+/// address see one form only.
+pub fn canonical(addr: SocketAddr) -> SocketAddr {
+    SocketAddr::new(addr.ip().to_canonical(), addr.port())
+}
+
+/// True for a destination that would loop back into this proxy.
+pub fn is_proxy_loop(dst: SocketAddr) -> bool {
+    dst.ip().is_loopback() && PROXY_PORTS.contains(&dst.port())
+}

@@ -1,0 +1,127 @@
+//! Raw socket options that socket2 does not cover, and the one place with `unsafe` FFI.
+//!
+//! Every call here works on a file descriptor the caller owns for the duration of the call.
+
+use std::io;
+use std::mem::{MaybeUninit, size_of};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::os::fd::{AsRawFd, RawFd};
+
+/// `SO_ORIGINAL_DST` (linux/netfilter_ipv4.h) and `IP6T_SO_ORIGINAL_DST` share the number 80.
+const SO_ORIGINAL_DST: libc::c_int = 80;
+
+fn setsockopt_int(fd: RawFd, level: libc::c_int, name: libc::c_int, value: libc::c_int) -> io::Result<()> {
+    // SAFETY: `value` is a live c_int and the length passed is its size; the kernel only reads
+    // it. A bad fd or option is reported through the return value, not memory unsafety.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            name,
+            (&value as *const libc::c_int).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+}
+
+/// `IP_TRANSPARENT` / `IPV6_TRANSPARENT`: accept TPROXY'd connections, or bind a foreign source.
+pub fn set_ip_transparent(sock: &impl AsRawFd, ipv6: bool) -> io::Result<()> {
+    if ipv6 {
+        setsockopt_int(sock.as_raw_fd(), libc::SOL_IPV6, libc::IPV6_TRANSPARENT, 1)
+    } else {
+        setsockopt_int(sock.as_raw_fd(), libc::SOL_IP, libc::IP_TRANSPARENT, 1)
+    }
+}
+
+/// `IP_FREEBIND` / `IPV6_FREEBIND`: bind an address that is not (yet) local.
+pub fn set_freebind(sock: &impl AsRawFd, ipv6: bool) -> io::Result<()> {
+    if ipv6 {
+        setsockopt_int(sock.as_raw_fd(), libc::SOL_IPV6, libc::IPV6_FREEBIND, 1)
+    } else {
+        setsockopt_int(sock.as_raw_fd(), libc::SOL_IP, libc::IP_FREEBIND, 1)
+    }
+}
+
+/// `SO_ERROR`: the pending error of a socket, used after a non-blocking connect.
+pub fn take_error(sock: &impl AsRawFd) -> io::Result<Option<io::Error>> {
+    let mut err: libc::c_int = 0;
+    let mut len = size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: `err` and `len` are live and sized as the kernel expects for SO_ERROR.
+    let rc = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_ERROR,
+            (&mut err as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok((err != 0).then(|| io::Error::from_raw_os_error(err)))
+}
+
+/// The destination a connection had before netfilter REDIRECTed it to us (`SO_ORIGINAL_DST`).
+///
+/// `Ok(None)` when the connection was not redirected (no conntrack entry): the caller then
+/// falls back to the socket's local address, which is the original destination under TPROXY.
+pub fn original_dst(sock: &impl AsRawFd, peer_is_v4: bool) -> io::Result<Option<SocketAddr>> {
+    let fd = sock.as_raw_fd();
+    // An IPv4 connection accepted on a dual-stack socket is still tracked by the IPv4 table.
+    let res = if peer_is_v4 { original_dst_v4(fd) } else { original_dst_v6(fd) };
+    match res {
+        Ok(addr) => Ok(Some(addr)),
+        // ENOENT: no conntrack entry; ENOPROTOOPT/EOPNOTSUPP: netfilter not loaded.
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ENOPROTOOPT | libc::EOPNOTSUPP)) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+fn original_dst_v4(fd: RawFd) -> io::Result<SocketAddr> {
+    let mut addr = MaybeUninit::<libc::sockaddr_in>::zeroed();
+    let mut len = size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    // SAFETY: the buffer is a zeroed sockaddr_in and `len` its size; the kernel writes at most
+    // `len` bytes.
+    let rc = unsafe { libc::getsockopt(fd, libc::SOL_IP, SO_ORIGINAL_DST, addr.as_mut_ptr().cast(), &mut len) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: zero-initialised and possibly overwritten by the kernel: valid either way.
+    let addr = unsafe { addr.assume_init() };
+    let ip = Ipv4Addr::from(u32::from_be(addr.sin_addr.s_addr));
+    Ok(SocketAddr::V4(SocketAddrV4::new(ip, u16::from_be(addr.sin_port))))
+}
+
+fn original_dst_v6(fd: RawFd) -> io::Result<SocketAddr> {
+    let mut addr = MaybeUninit::<libc::sockaddr_in6>::zeroed();
+    let mut len = size_of::<libc::sockaddr_in6>() as libc::socklen_t;
+    // SAFETY: as in the IPv4 case, with a sockaddr_in6.
+    let rc = unsafe { libc::getsockopt(fd, libc::SOL_IPV6, SO_ORIGINAL_DST, addr.as_mut_ptr().cast(), &mut len) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: zero-initialised and possibly overwritten by the kernel: valid either way.
+    let addr = unsafe { addr.assume_init() };
+    let ip = Ipv6Addr::from(addr.sin6_addr.s6_addr);
+    Ok(SocketAddr::V6(SocketAddrV6::new(ip, u16::from_be(addr.sin6_port), 0, addr.sin6_scope_id)))
+}
+
+/// Checks once, at start, whether this process may bind foreign source addresses.
+pub fn can_spoof_source() -> bool {
+    let Ok(sock) = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None) else {
+        return false;
+    };
+    set_ip_transparent(&sock, false).is_ok()
+}
+
+/// Waits for a read-readiness event on the stream behind a monoio read half, without holding a
+/// buffer: an idle connection then pins no memory for its pending read.
+pub async fn readable(half: &monoio::io::OwnedReadHalf<monoio::net::TcpStream>) -> io::Result<()> {
+    // SAFETY: the halves share one TcpStream through an UnsafeCell (monoio's split). We only
+    // take a shared reference for `readable`, which builds a poll operation from the fd and
+    // touches no state that a concurrent write on the other half mutates.
+    let stream: &monoio::net::TcpStream = unsafe { &*half.0.get() };
+    stream.readable(true).await
+}

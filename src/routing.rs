@@ -1,0 +1,308 @@
+//! Outbound routing decisions, pure: original destination + source workload + snapshot ->
+//! where to connect and how. No I/O; randomness comes in as a function so tests are exact.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use crate::model::{HealthPolicy, HealthStatus, LoadBalancerMode, Protocol, RoutingPreference, Workload};
+use crate::snapshot::{ServiceEndpoint, ServiceEntry, Snapshot};
+
+/// How the connection leaves the proxy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// Plain TCP to a workload not in the mesh.
+    Tcp,
+    /// HBONE to a mesh workload (needs mTLS).
+    Hbone,
+    /// Plain TCP to an address the mesh does not know.
+    Passthrough,
+}
+
+#[derive(Debug, Clone)]
+pub struct Route {
+    /// The address to connect to (endpoint IP and mapped target port).
+    pub upstream: SocketAddr,
+    pub transport: Transport,
+    pub workload: Option<Arc<Workload>>,
+    pub service: Option<Arc<ServiceEntry>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RouteError {
+    #[error("destination {0} is one of the proxy's own ports on loopback; refusing to loop")]
+    Loop(SocketAddr),
+    #[error("service {service} has no port {port}")]
+    NoServicePort { service: String, port: u16 },
+    #[error("service {0} has no healthy endpoint for this source")]
+    NoHealthyEndpoint(String),
+    #[error("workload {0} has no IP address to connect to")]
+    NoWorkloadAddress(String),
+}
+
+/// Resolves where a connection from `source` to the original destination `dst` goes.
+///
+/// `rand(n)` returns a uniform value in `0..n`.
+pub fn outbound(
+    snap: &Snapshot,
+    source: &Workload,
+    dst: SocketAddr,
+    rand: &mut dyn FnMut(u64) -> u64,
+) -> Result<Route, RouteError> {
+    if crate::net::is_proxy_loop(dst) {
+        return Err(RouteError::Loop(dst));
+    }
+    let network = source.network.as_str();
+    if let Some(svc) = snap.service_by_vip(network, dst.ip()) {
+        return via_service(svc, source, dst, rand);
+    }
+    if let Some(wl) = snap.workload_by_ip(network, dst.ip()) {
+        return Ok(Route { upstream: dst, transport: transport_of(wl), workload: Some(wl.clone()), service: None });
+    }
+    Ok(Route { upstream: dst, transport: Transport::Passthrough, workload: None, service: None })
+}
+
+fn transport_of(wl: &Workload) -> Transport {
+    match wl.protocol {
+        Protocol::HBONE => Transport::Hbone,
+        Protocol::TCP => Transport::Tcp,
+    }
+}
+
+fn via_service(
+    svc: &Arc<ServiceEntry>,
+    source: &Workload,
+    dst: SocketAddr,
+    rand: &mut dyn FnMut(u64) -> u64,
+) -> Result<Route, RouteError> {
+    let name = || svc.service.namespaced_hostname().to_string();
+    let lb = svc.service.load_balancer.as_ref();
+    if lb.is_some_and(|lb| lb.mode == LoadBalancerMode::Passthrough) {
+        return Ok(Route {
+            upstream: dst,
+            transport: Transport::Passthrough,
+            workload: None,
+            service: Some(svc.clone()),
+        });
+    }
+    let Some(&svc_target) = svc.service.ports.get(&dst.port()) else {
+        return Err(RouteError::NoServicePort { service: name(), port: dst.port() });
+    };
+    let ep = pick_endpoint(svc, source, dst.port(), svc_target, rand)
+        .ok_or_else(|| RouteError::NoHealthyEndpoint(name()))?;
+    let port = ep.ports.get(&dst.port()).copied().filter(|p| *p != 0).unwrap_or(svc_target);
+    let ip = pick_ip(&ep.workload, dst.ip()).ok_or_else(|| RouteError::NoWorkloadAddress(ep.workload.uid.clone()))?;
+    Ok(Route {
+        upstream: SocketAddr::new(ip, port),
+        transport: transport_of(&ep.workload),
+        workload: Some(ep.workload.clone()),
+        service: Some(svc.clone()),
+    })
+}
+
+/// The workload address to use: same IP family as the original destination when it has one.
+fn pick_ip(wl: &Workload, like: IpAddr) -> Option<IpAddr> {
+    wl.workload_ips.iter().find(|ip| ip.is_ipv4() == like.is_ipv4()).or(wl.workload_ips.first()).copied()
+}
+
+/// Picks an endpoint: healthy (unless the service allows all), with a usable port, in the
+/// best locality tier the service's routing preferences allow, weighted by capacity.
+pub fn pick_endpoint<'a>(
+    svc: &'a ServiceEntry,
+    source: &Workload,
+    svc_port: u16,
+    svc_target: u16,
+    rand: &mut dyn FnMut(u64) -> u64,
+) -> Option<&'a ServiceEndpoint> {
+    let lb = svc.service.load_balancer.as_ref();
+    let allow_unhealthy = lb.is_some_and(|lb| lb.health_policy == HealthPolicy::AllowAll);
+    let usable = |ep: &&ServiceEndpoint| {
+        (allow_unhealthy || (ep.status == HealthStatus::Healthy && ep.workload.status == HealthStatus::Healthy))
+            && (svc_target != 0 || ep.ports.get(&svc_port).is_some_and(|p| *p != 0))
+            && !ep.workload.workload_ips.is_empty()
+            && ep.workload.capacity > 0
+    };
+    let mut candidates: Vec<(&ServiceEndpoint, usize)> =
+        svc.endpoints.iter().filter(usable).map(|ep| (ep, 0)).collect();
+    if let Some(lb) = lb.filter(|lb| matches!(lb.mode, LoadBalancerMode::Strict | LoadBalancerMode::Failover)) {
+        for (ep, rank) in candidates.iter_mut() {
+            *rank = locality_rank(&lb.routing_preferences, source, &ep.workload);
+        }
+        if lb.mode == LoadBalancerMode::Strict {
+            candidates.retain(|(_, rank)| *rank == lb.routing_preferences.len());
+        }
+        let best = candidates.iter().map(|(_, r)| *r).max()?;
+        candidates.retain(|(_, r)| *r == best);
+    }
+    let total: u64 = candidates.iter().map(|(ep, _)| u64::from(ep.workload.capacity)).sum();
+    if total == 0 {
+        return None;
+    }
+    let mut point = rand(total);
+    for (ep, _) in &candidates {
+        let w = u64::from(ep.workload.capacity);
+        if point < w {
+            return Some(ep);
+        }
+        point -= w;
+    }
+    None
+}
+
+/// How many leading routing preferences the endpoint shares with the source.
+fn locality_rank(prefs: &[RoutingPreference], src: &Workload, dst: &Workload) -> usize {
+    let loc = |w: &Workload| w.locality.clone().unwrap_or_default();
+    let (sl, dl) = (loc(src), loc(dst));
+    prefs
+        .iter()
+        .take_while(|p| match p {
+            RoutingPreference::Region => sl.region == dl.region,
+            RoutingPreference::Zone => sl.zone == dl.zone,
+            RoutingPreference::Subzone => sl.subzone == dl.subzone,
+            RoutingPreference::Node => src.node == dst.node,
+            RoutingPreference::Cluster => src.cluster_id == dst.cluster_id,
+            RoutingPreference::Network => src.network == dst.network,
+        })
+        .count()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::ConfigState;
+    use crate::snapshot::{LocalScope, SourceInfo};
+
+    fn snapshot(yaml: &str) -> Snapshot {
+        let state = crate::control::local::parse(yaml).unwrap();
+        Snapshot::build(1, SourceInfo { kind: "test", location: String::new() }, LocalScope::Node(None), state)
+    }
+
+    const BASE: &str = r#"
+workloads:
+- {uid: src, name: src, namespace: ns, workloadIps: [10.0.0.1], node: n1, locality: {region: r1, zone: z1, subzone: s1}}
+- uid: e1
+  name: e1
+  namespace: ns
+  workloadIps: [10.0.1.1]
+  node: n1
+  locality: {region: r1, zone: z1, subzone: s1}
+  services: {"ns/web": {80: 8080}}
+- uid: e2
+  name: e2
+  namespace: ns
+  workloadIps: [10.0.1.2]
+  node: n2
+  protocol: HBONE
+  capacity: 3
+  locality: {region: r1, zone: z2, subzone: s1}
+  services: {"ns/web": {80: 9090}}
+- uid: sick
+  name: sick
+  namespace: ns
+  workloadIps: [10.0.1.3]
+  status: Unhealthy
+  services: {"ns/web": {80: 8080}}
+services:
+- {name: web, namespace: ns, hostname: web, vips: ["/10.96.0.1"], ports: {80: 8080}}
+"#;
+
+    fn count_picks(snap: &Snapshot, dst: &str, n: u64) -> std::collections::BTreeMap<String, u64> {
+        let src = snap.workload_by_uid("src").unwrap().clone();
+        let mut counts = std::collections::BTreeMap::new();
+        for i in 0..n {
+            let mut r = |total: u64| i % total;
+            let route = outbound(snap, &src, dst.parse().unwrap(), &mut r).unwrap();
+            *counts.entry(route.workload.unwrap().uid.clone()).or_insert(0) += 1;
+        }
+        counts
+    }
+
+    #[test]
+    fn service_vip_maps_port_and_weights_by_capacity() {
+        let snap = snapshot(BASE);
+        let counts = count_picks(&snap, "10.96.0.1:80", 400);
+        assert_eq!(counts.get("e1"), Some(&100));
+        assert_eq!(counts.get("e2"), Some(&300), "capacity 3 gets three times the share");
+        assert!(!counts.contains_key("sick"), "unhealthy endpoints are never picked");
+        let src = snap.workload_by_uid("src").unwrap().clone();
+        let r = outbound(&snap, &src, "10.96.0.1:80".parse().unwrap(), &mut |_| 3).unwrap();
+        assert_eq!(r.upstream, "10.0.1.2:9090".parse().unwrap(), "the endpoint's own port mapping wins");
+        assert_eq!(r.transport, Transport::Hbone);
+        let r = outbound(&snap, &src, "10.96.0.1:80".parse().unwrap(), &mut |_| 0).unwrap();
+        assert_eq!(r.upstream, "10.0.1.1:8080".parse().unwrap());
+        assert_eq!(r.transport, Transport::Tcp);
+    }
+
+    #[test]
+    fn workload_unknown_and_errors() {
+        let snap = snapshot(BASE);
+        let src = snap.workload_by_uid("src").unwrap().clone();
+        let mut r0 = |_| 0;
+        let r = outbound(&snap, &src, "10.0.1.1:7000".parse().unwrap(), &mut r0).unwrap();
+        assert_eq!(r.workload.unwrap().uid, "e1");
+        assert_eq!(r.upstream, "10.0.1.1:7000".parse().unwrap());
+        let r = outbound(&snap, &src, "192.0.2.9:443".parse().unwrap(), &mut r0).unwrap();
+        assert_eq!(r.transport, Transport::Passthrough);
+        assert!(matches!(
+            outbound(&snap, &src, "10.96.0.1:81".parse().unwrap(), &mut r0),
+            Err(RouteError::NoServicePort { port: 81, .. })
+        ));
+        assert!(matches!(outbound(&snap, &src, "127.0.0.1:15001".parse().unwrap(), &mut r0), Err(RouteError::Loop(_))));
+        assert!(
+            outbound(&snap, &src, "127.0.0.1:8080".parse().unwrap(), &mut r0).is_ok(),
+            "other loopback ports are fine"
+        );
+    }
+
+    #[test]
+    fn locality_strict_and_failover() {
+        let with_lb = |mode: &str| {
+            BASE.replace(
+                "ports: {80: 8080}}",
+                &format!("ports: {{80: 8080}}, loadBalancer: {{routingPreferences: [Region, Zone], mode: {mode}, healthPolicy: OnlyHealthy}}}}"),
+            )
+        };
+        // Failover: e1 shares region and zone with the source, so it takes everything.
+        let counts = count_picks(&snapshot(&with_lb("Failover")), "10.96.0.1:80", 50);
+        assert_eq!(counts.get("e1"), Some(&50));
+        // Strict with e1 unhealthy: nobody matches both preferences -> no endpoint.
+        let strict =
+            with_lb("Strict").replace("workloadIps: [10.0.1.1]", "workloadIps: [10.0.1.1]\n  status: Unhealthy");
+        let snap = snapshot(&strict);
+        let src = snap.workload_by_uid("src").unwrap().clone();
+        assert!(matches!(
+            outbound(&snap, &src, "10.96.0.1:80".parse().unwrap(), &mut |_| 0),
+            Err(RouteError::NoHealthyEndpoint(_))
+        ));
+        // Failover with e1 unhealthy falls over to e2 (same region only).
+        let failover =
+            with_lb("Failover").replace("workloadIps: [10.0.1.1]", "workloadIps: [10.0.1.1]\n  status: Unhealthy");
+        let counts = count_picks(&snapshot(&failover), "10.96.0.1:80", 20);
+        assert_eq!(counts.get("e2"), Some(&20));
+        // AllowAll health policy lets the unhealthy endpoint in.
+        let all = BASE.replace(
+            "ports: {80: 8080}}",
+            "ports: {80: 8080}, loadBalancer: {routingPreferences: [], mode: Standard, healthPolicy: AllowAll}}",
+        );
+        assert!(count_picks(&snapshot(&all), "10.96.0.1:80", 50).contains_key("sick"));
+    }
+
+    #[test]
+    fn passthrough_mode_and_empty_state() {
+        let pt = BASE.replace(
+            "ports: {80: 8080}}",
+            "ports: {80: 8080}, loadBalancer: {routingPreferences: [], mode: Passthrough, healthPolicy: OnlyHealthy}}",
+        );
+        let snap = snapshot(&pt);
+        let src = snap.workload_by_uid("src").unwrap().clone();
+        let r = outbound(&snap, &src, "10.96.0.1:80".parse().unwrap(), &mut |_| 0).unwrap();
+        assert_eq!((r.transport, r.upstream), (Transport::Passthrough, "10.96.0.1:80".parse().unwrap()));
+        let empty = Snapshot::build(
+            1,
+            SourceInfo { kind: "t", location: String::new() },
+            LocalScope::Node(None),
+            ConfigState::default(),
+        );
+        let r = outbound(&empty, &src, "10.96.0.1:80".parse().unwrap(), &mut |_| 0).unwrap();
+        assert_eq!(r.transport, Transport::Passthrough);
+    }
+}

@@ -1,0 +1,328 @@
+//! The immutable config snapshot and its indexes.
+//!
+//! Built on the control thread from one complete `ConfigState`, numbered by a generation and
+//! shared read-only with every worker behind an `Arc`. A worker never mutates it; a connection
+//! takes the worker's current snapshot once, at accept, and keeps it for its life. A change of
+//! config is a new snapshot, published whole (see `worker::channel`).
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use crate::config::{Config, ProxyMode, WorkloadInfo};
+use crate::model::{
+    Authorization, ConfigState, Endpoint, HealthStatus, NamespacedHostname, NetworkAddress, PolicyScope, Service,
+    Workload,
+};
+
+/// Which workloads this proxy serves (as source of outbound, as destination of inbound).
+#[derive(Debug, Clone)]
+pub enum LocalScope {
+    /// Workloads whose `node` equals ours; every workload when no node name is configured.
+    Node(Option<String>),
+    /// Exactly one workload.
+    Dedicated(WorkloadInfo),
+}
+
+impl LocalScope {
+    pub fn from_config(cfg: &Config) -> LocalScope {
+        match (cfg.proxy_mode, &cfg.workload_info) {
+            (ProxyMode::Dedicated, Some(info)) => LocalScope::Dedicated(info.clone()),
+            _ => LocalScope::Node(cfg.node_name.clone()),
+        }
+    }
+
+    pub fn contains(&self, wl: &Workload) -> bool {
+        match self {
+            LocalScope::Node(None) => true,
+            LocalScope::Node(Some(node)) => wl.node == *node,
+            LocalScope::Dedicated(info) => {
+                wl.namespace == info.namespace
+                    && wl.name == info.name
+                    && wl.identity().service_account == info.service_account
+            }
+        }
+    }
+}
+
+/// An endpoint of a service, resolved to its workload.
+#[derive(Debug, Clone)]
+pub struct ServiceEndpoint {
+    pub workload: Arc<Workload>,
+    /// Service port -> target port for this endpoint.
+    pub ports: BTreeMap<u16, u16>,
+    pub status: HealthStatus,
+}
+
+/// A service with its endpoints resolved.
+#[derive(Debug)]
+pub struct ServiceEntry {
+    /// As configured, with `endpoints` filled in from the workloads that name it (for dumps).
+    pub service: Service,
+    pub endpoints: Vec<ServiceEndpoint>,
+}
+
+/// Where a piece of config came from, for `config_dump`.
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SourceInfo {
+    pub kind: &'static str,
+    pub location: String,
+}
+
+#[derive(Debug)]
+pub struct Snapshot {
+    pub generation: u64,
+    pub source: SourceInfo,
+    pub scope: LocalScope,
+    workloads: BTreeMap<String, Arc<Workload>>,
+    workload_by_addr: HashMap<NetworkAddress, Arc<Workload>>,
+    services: BTreeMap<NamespacedHostname, Arc<ServiceEntry>>,
+    service_by_vip: HashMap<NetworkAddress, Arc<ServiceEntry>>,
+    service_by_host: HashMap<String, Vec<Arc<ServiceEntry>>>,
+    policies: BTreeMap<String, Arc<Authorization>>,
+    /// Warnings found while building (dangling references and the like), for logs and dumps.
+    pub warnings: Vec<String>,
+}
+
+impl Snapshot {
+    /// An empty snapshot (generation 0), what workers hold before the first config arrives.
+    pub fn empty(scope: LocalScope) -> Snapshot {
+        Snapshot::build(0, SourceInfo { kind: "none", location: String::new() }, scope, ConfigState::default())
+    }
+
+    /// Builds the indexes. Never fails: the state was validated by its source; inconsistencies
+    /// that can arise between valid pieces (a workload naming an unknown service) are warnings.
+    pub fn build(generation: u64, source: SourceInfo, scope: LocalScope, state: ConfigState) -> Snapshot {
+        let mut warnings = Vec::new();
+        let mut workloads = BTreeMap::new();
+        let mut workload_by_addr = HashMap::new();
+        for wl in state.workloads {
+            let wl = Arc::new(wl);
+            for ip in &wl.workload_ips {
+                let key = NetworkAddress { network: wl.network.clone(), address: ip.to_canonical() };
+                if let Some(prev) = workload_by_addr.insert(key.clone(), wl.clone()) {
+                    warnings
+                        .push(format!("workloads {} and {} share address {key}; using {}", prev.uid, wl.uid, wl.uid));
+                }
+            }
+            workloads.insert(wl.uid.clone(), wl);
+        }
+
+        let mut endpoints: HashMap<NamespacedHostname, BTreeMap<String, ServiceEndpoint>> = HashMap::new();
+        for wl in workloads.values() {
+            for (svc, ports) in &wl.services {
+                endpoints.entry(svc.clone()).or_default().insert(
+                    wl.uid.clone(),
+                    ServiceEndpoint { workload: wl.clone(), ports: ports.clone(), status: wl.status },
+                );
+            }
+        }
+
+        let mut services = BTreeMap::new();
+        let mut service_by_vip = HashMap::new();
+        let mut service_by_host: HashMap<String, Vec<Arc<ServiceEntry>>> = HashMap::new();
+        for mut svc in state.services {
+            let key = svc.namespaced_hostname();
+            let mut eps = endpoints.remove(&key).unwrap_or_default();
+            for (uid, ep) in &svc.endpoints {
+                match workloads.get(&ep.workload_uid) {
+                    Some(wl) => {
+                        eps.entry(uid.clone()).or_insert_with(|| ServiceEndpoint {
+                            workload: wl.clone(),
+                            ports: ep.port.clone(),
+                            status: ep.status,
+                        });
+                    }
+                    None => warnings
+                        .push(format!("service {key}: endpoint {uid} names unknown workload {}", ep.workload_uid)),
+                }
+            }
+            svc.endpoints = eps
+                .iter()
+                .map(|(uid, ep)| {
+                    (
+                        uid.clone(),
+                        Endpoint { workload_uid: ep.workload.uid.clone(), port: ep.ports.clone(), status: ep.status },
+                    )
+                })
+                .collect();
+            let entry = Arc::new(ServiceEntry { service: svc, endpoints: eps.into_values().collect() });
+            for vip in &entry.service.vips {
+                if let Some(prev) = service_by_vip.insert(vip.clone(), entry.clone()) {
+                    warnings.push(format!("services {} and {key} share VIP {vip}", prev.service.namespaced_hostname()));
+                }
+            }
+            service_by_host.entry(entry.service.hostname.clone()).or_default().push(entry.clone());
+            services.insert(key, entry);
+        }
+        for (svc, eps) in endpoints {
+            for uid in eps.keys() {
+                warnings.push(format!("workload {uid} names service {svc}, which is not configured"));
+            }
+        }
+
+        let mut policies = BTreeMap::new();
+        for p in state.policies {
+            policies.insert(p.key(), Arc::new(p));
+        }
+        for wl in workloads.values() {
+            for p in &wl.authorization_policies {
+                if !policies.contains_key(p) {
+                    warnings.push(format!("workload {} names policy {p}, which is not configured", wl.uid));
+                }
+            }
+        }
+
+        Snapshot {
+            generation,
+            source,
+            scope,
+            workloads,
+            workload_by_addr,
+            services,
+            service_by_vip,
+            service_by_host,
+            policies,
+            warnings,
+        }
+    }
+
+    pub fn workload_by_uid(&self, uid: &str) -> Option<&Arc<Workload>> {
+        self.workloads.get(uid)
+    }
+
+    pub fn workload_by_ip(&self, network: &str, ip: IpAddr) -> Option<&Arc<Workload>> {
+        self.workload_by_addr.get(&NetworkAddress { network: network.to_string(), address: ip.to_canonical() })
+    }
+
+    pub fn service_by_vip(&self, network: &str, ip: IpAddr) -> Option<&Arc<ServiceEntry>> {
+        self.service_by_vip.get(&NetworkAddress { network: network.to_string(), address: ip.to_canonical() })
+    }
+
+    /// A service by hostname; with several namespaces using the name, the caller's namespace wins.
+    pub fn service_by_hostname(&self, hostname: &str, prefer_namespace: &str) -> Option<&Arc<ServiceEntry>> {
+        let all = self.service_by_host.get(hostname.trim_end_matches('.'))?;
+        all.iter().find(|s| s.service.namespace == prefer_namespace).or_else(|| all.first())
+    }
+
+    pub fn service(&self, key: &NamespacedHostname) -> Option<&Arc<ServiceEntry>> {
+        self.services.get(key)
+    }
+
+    /// The local workload behind an address (source of outbound, destination of inbound).
+    pub fn local_workload_by_ip(&self, network: &str, ip: IpAddr) -> Option<&Arc<Workload>> {
+        self.workload_by_ip(network, ip).filter(|wl| self.scope.contains(wl))
+    }
+
+    /// The one workload a dedicated proxy serves.
+    pub fn dedicated_workload(&self) -> Option<&Arc<Workload>> {
+        match &self.scope {
+            LocalScope::Dedicated(_) => self.workloads.values().find(|wl| self.scope.contains(wl)),
+            LocalScope::Node(_) => None,
+        }
+    }
+
+    /// The policies that apply to a destination workload: its namespace's, the global ones, and
+    /// the ones it names.
+    pub fn policies_for(&self, wl: &Workload) -> Vec<&Arc<Authorization>> {
+        self.policies
+            .values()
+            .filter(|p| match p.scope {
+                PolicyScope::Global => true,
+                PolicyScope::Namespace => p.namespace == wl.namespace,
+                PolicyScope::WorkloadSelector => wl.authorization_policies.iter().any(|k| *k == p.key()),
+            })
+            .collect()
+    }
+
+    pub fn workloads(&self) -> impl Iterator<Item = &Arc<Workload>> {
+        self.workloads.values()
+    }
+
+    pub fn services(&self) -> impl Iterator<Item = &Arc<ServiceEntry>> {
+        self.services.values()
+    }
+
+    pub fn policies(&self) -> impl Iterator<Item = &Arc<Authorization>> {
+        self.policies.values()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Action, Protocol};
+
+    fn wl(uid: &str, ip: &str, node: &str, svc: &[(&str, u16, u16)]) -> Workload {
+        let mut w: Workload = serde_yaml_ng::from_str(&format!(
+            "uid: {uid}\nname: {uid}\nnamespace: ns\nworkloadIps: [{ip}]\nnode: {node}\nprotocol: TCP"
+        ))
+        .unwrap();
+        for (s, p, t) in svc {
+            w.services.entry(s.parse().unwrap()).or_default().insert(*p, *t);
+        }
+        w
+    }
+
+    fn svc(host: &str, vip: &str) -> Service {
+        serde_yaml_ng::from_str(&format!(
+            "name: {host}\nnamespace: ns\nhostname: {host}\nvips: [\"{vip}\"]\nports: {{80: 8080}}"
+        ))
+        .unwrap()
+    }
+
+    fn state() -> ConfigState {
+        ConfigState {
+            workloads: vec![
+                wl("a", "10.0.0.1", "n1", &[("ns/web.ns.svc", 80, 8080)]),
+                wl("b", "10.0.0.2", "n2", &[("ns/web.ns.svc", 80, 9090), ("ns/missing", 1, 1)]),
+            ],
+            services: vec![svc("web.ns.svc", "/10.96.0.1")],
+            policies: vec![Authorization {
+                name: "p".into(),
+                namespace: "ns".into(),
+                scope: PolicyScope::Namespace,
+                action: Action::Allow,
+                rules: vec![],
+                dry_run: false,
+            }],
+        }
+    }
+
+    #[test]
+    fn indexes() {
+        let s = Snapshot::build(
+            7,
+            SourceInfo { kind: "test", location: String::new() },
+            LocalScope::Node(Some("n1".into())),
+            state(),
+        );
+        assert_eq!(s.generation, 7);
+        assert_eq!(s.workload_by_ip("", "10.0.0.2".parse().unwrap()).unwrap().uid, "b");
+        assert!(s.workload_by_ip("other", "10.0.0.2".parse().unwrap()).is_none());
+        assert_eq!(s.workload_by_ip("", "::ffff:10.0.0.1".parse().unwrap()).unwrap().uid, "a");
+        assert_eq!(s.workload_by_uid("a").unwrap().protocol, Protocol::TCP);
+        assert!(s.local_workload_by_ip("", "10.0.0.1".parse().unwrap()).is_some());
+        assert!(s.local_workload_by_ip("", "10.0.0.2".parse().unwrap()).is_none(), "b is on another node");
+        let web = s.service_by_vip("", "10.96.0.1".parse().unwrap()).unwrap();
+        assert_eq!(web.endpoints.len(), 2);
+        assert_eq!(web.service.endpoints["b"].port[&80], 9090);
+        assert!(std::ptr::eq(s.service_by_hostname("web.ns.svc.", "x").unwrap().as_ref(), web.as_ref()));
+        assert!(s.warnings.iter().any(|w| w.contains("ns/missing")), "{:?}", s.warnings);
+        let a = s.workload_by_uid("a").unwrap().clone();
+        assert_eq!(s.policies_for(&a).len(), 1);
+    }
+
+    #[test]
+    fn dedicated_scope() {
+        let scope = LocalScope::Dedicated(WorkloadInfo {
+            namespace: "ns".into(),
+            name: "b".into(),
+            service_account: "default".into(),
+        });
+        let s = Snapshot::build(1, SourceInfo { kind: "test", location: String::new() }, scope, state());
+        assert_eq!(s.dedicated_workload().unwrap().uid, "b");
+        assert!(s.local_workload_by_ip("", "10.0.0.1".parse().unwrap()).is_none());
+    }
+}

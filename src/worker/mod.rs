@@ -1,0 +1,275 @@
+//! The per-core data plane: one OS thread per worker, pinned to a core, running its own monoio
+//! runtime (io_uring, or epoll where io_uring is unavailable).
+//!
+//! A worker owns everything it touches: its `SO_REUSEPORT` listeners, its connection table, its
+//! current snapshot (an `Rc` around the control thread's `Arc`, so taking it per connection is
+//! not atomic). Nothing here is `Send` and nothing takes a lock; the only cross-thread input is
+//! the worker's message channel from the control thread.
+
+pub mod channel;
+pub mod conns;
+pub mod error;
+mod inbound_plain;
+mod outbound;
+pub mod socks5;
+
+use std::cell::RefCell;
+use std::io;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use monoio::net::{TcpListener, TcpStream};
+
+use crate::config::{Config, IoDriver};
+use crate::net::relay::{RelayStats, relay};
+use crate::net::{ListenOpts, bind_listener, canonical, sockopt};
+use crate::snapshot::Snapshot;
+use channel::{WorkerMsg, WorkerRx};
+use conns::{ConnTable, Direction, Signal};
+use error::ProxyError;
+
+/// Addresses a worker binds. The first worker resolves port 0; the others bind what it got.
+#[derive(Debug, Clone, Copy)]
+pub struct ListenAddrs {
+    pub outbound: SocketAddr,
+    pub inbound_plain: SocketAddr,
+    pub socks5: Option<SocketAddr>,
+}
+
+/// What a worker reports once it listens.
+#[derive(Debug, Clone, Copy)]
+pub struct Bound {
+    pub addrs: ListenAddrs,
+    pub driver: &'static str,
+}
+
+/// Everything a worker thread starts from; all of it `Send`.
+pub struct WorkerSpec {
+    pub id: usize,
+    pub cfg: Arc<Config>,
+    pub addrs: ListenAddrs,
+    pub initial: Arc<Snapshot>,
+    pub rx: WorkerRx,
+    pub core: Option<core_affinity::CoreId>,
+    pub spoof_source: bool,
+    /// The generation this worker applied last, for readiness and `config_dump`.
+    pub generation: Arc<AtomicU64>,
+}
+
+/// The worker's handle on a snapshot. The extra `Rc` is the point: every worker shares the
+/// control thread's `Arc`, so cloning it per connection would bounce one atomic counter between
+/// cores; cloning the worker-local `Rc` is a plain increment.
+#[allow(clippy::redundant_allocation)]
+pub type LocalSnapshot = Rc<Arc<Snapshot>>;
+
+/// State shared by the tasks of one worker.
+pub struct WorkerCtx {
+    pub id: usize,
+    pub cfg: Arc<Config>,
+    snapshot: RefCell<LocalSnapshot>,
+    pub conns: Rc<ConnTable>,
+    pub draining: Signal,
+    /// The proxy's own listening ports (configured and well-known): never dialed on loopback.
+    pub own_ports: Vec<u16>,
+    pub spoof_source: bool,
+}
+
+impl WorkerCtx {
+    /// The current snapshot; a connection takes it once and keeps it.
+    pub fn snapshot(&self) -> LocalSnapshot {
+        self.snapshot.borrow().clone()
+    }
+
+    pub fn is_own_port(&self, dst: SocketAddr) -> bool {
+        dst.ip().is_loopback() && self.own_ports.contains(&dst.port())
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Kind {
+    Outbound,
+    InboundPlain,
+    Socks5,
+}
+
+/// Starts a worker thread. The receiver yields once: the bound addresses, or why binding failed.
+pub fn spawn(
+    spec: WorkerSpec,
+) -> io::Result<(std::thread::JoinHandle<()>, std::sync::mpsc::Receiver<io::Result<Bound>>)> {
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let handle = std::thread::Builder::new().name(format!("worker-{}", spec.id)).spawn(move || {
+        if let Some(core) = spec.core {
+            if !core_affinity::set_for_current(core) {
+                tracing::warn!(worker = spec.id, core = core.id, "could not pin worker to its core");
+            }
+        }
+        let driver = match spec.cfg.io_driver {
+            IoDriver::Auto if monoio::utils::detect_uring() => IoDriver::Uring,
+            IoDriver::Auto => IoDriver::Epoll,
+            forced => forced,
+        };
+        let res = match driver {
+            IoDriver::Uring => monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
+                .with_entries(1024)
+                .enable_timer()
+                .build()
+                .map(|mut rt| rt.block_on(run(spec, "io_uring", ready_tx.clone()))),
+            _ => monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+                .enable_timer()
+                .build()
+                .map(|mut rt| rt.block_on(run(spec, "epoll", ready_tx.clone()))),
+        };
+        if let Err(e) = res {
+            let _ = ready_tx.send(Err(io::Error::new(e.kind(), format!("starting the {driver:?} runtime: {e}"))));
+        }
+    })?;
+    Ok((handle, ready_rx))
+}
+
+fn bind_all(addrs: &ListenAddrs) -> io::Result<Vec<(Kind, TcpListener)>> {
+    let captured = ListenOpts { transparent: true, backlog: 1024 };
+    let bind = |kind: Kind, addr: SocketAddr, opts: ListenOpts| {
+        bind_listener(addr, opts)
+            .map(|l| (kind, l))
+            .map_err(|e| io::Error::new(e.kind(), format!("binding {kind:?} listener on {addr}: {e}")))
+    };
+    let mut out =
+        vec![bind(Kind::Outbound, addrs.outbound, captured)?, bind(Kind::InboundPlain, addrs.inbound_plain, captured)?];
+    if let Some(socks) = addrs.socks5 {
+        out.push(bind(Kind::Socks5, socks, ListenOpts { transparent: false, backlog: 1024 })?);
+    }
+    Ok(out)
+}
+
+async fn run(spec: WorkerSpec, driver: &'static str, ready: std::sync::mpsc::Sender<io::Result<Bound>>) {
+    let listeners = match bind_all(&spec.addrs) {
+        Ok(l) => l,
+        Err(e) => {
+            let _ = ready.send(Err(e));
+            return;
+        }
+    };
+    let local = |k: &Kind| listeners.iter().find(|(kind, _)| std::mem::discriminant(kind) == std::mem::discriminant(k));
+    let addr_of = |k: Kind| local(&k).and_then(|(_, l)| l.local_addr().ok());
+    let addrs = ListenAddrs {
+        outbound: addr_of(Kind::Outbound).unwrap_or(spec.addrs.outbound),
+        inbound_plain: addr_of(Kind::InboundPlain).unwrap_or(spec.addrs.inbound_plain),
+        socks5: addr_of(Kind::Socks5),
+    };
+    let mut own_ports: Vec<u16> = crate::net::PROXY_PORTS.to_vec();
+    own_ports.extend([addrs.outbound.port(), addrs.inbound_plain.port()]);
+    own_ports.extend(addrs.socks5.map(|a| a.port()));
+    tracing::info!(worker = spec.id, driver, outbound = %addrs.outbound, inbound_plain = %addrs.inbound_plain,
+        socks5 = ?addrs.socks5, "worker listening");
+    let _ = ready.send(Ok(Bound { addrs, driver }));
+
+    spec.generation.store(spec.initial.generation, Ordering::Release);
+    let ctx = Rc::new(WorkerCtx {
+        id: spec.id,
+        cfg: spec.cfg.clone(),
+        snapshot: RefCell::new(Rc::new(spec.initial)),
+        conns: Rc::new(ConnTable::default()),
+        draining: Signal::default(),
+        own_ports,
+        spoof_source: spec.spoof_source,
+    });
+    for (kind, listener) in listeners {
+        monoio::spawn(accept_loop(ctx.clone(), kind, listener));
+    }
+    let deadline = loop {
+        match spec.rx.recv().await {
+            Some(WorkerMsg::Snapshot(s)) => {
+                tracing::debug!(worker = ctx.id, generation = s.generation, "applied new config snapshot");
+                spec.generation.store(s.generation, Ordering::Release);
+                *ctx.snapshot.borrow_mut() = Rc::new(s);
+            }
+            Some(WorkerMsg::Drain { deadline }) => break deadline,
+            None => break Instant::now() + ctx.cfg.termination_deadline,
+        }
+    };
+    drain(&ctx, deadline).await;
+}
+
+async fn accept_loop(ctx: Rc<WorkerCtx>, kind: Kind, listener: TcpListener) {
+    loop {
+        let accepted = monoio::select! {
+            r = listener.accept() => r,
+            _ = ctx.draining.wait() => break,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                crate::net::prepare_accepted(&stream);
+                monoio::spawn(connection(ctx.clone(), kind, stream, canonical(peer)));
+            }
+            Err(e) => {
+                tracing::warn!(worker = ctx.id, listener = ?kind, error = %e, "accept failed");
+                // Out of descriptors or memory: back off instead of spinning.
+                monoio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    tracing::debug!(worker = ctx.id, listener = ?kind, "listener closed for drain");
+}
+
+async fn connection(ctx: Rc<WorkerCtx>, kind: Kind, stream: TcpStream, peer: SocketAddr) {
+    let direction = match kind {
+        Kind::InboundPlain => Direction::Inbound,
+        Kind::Outbound | Kind::Socks5 => Direction::Outbound,
+    };
+    let guard = ctx.conns.register(direction, peer);
+    let close = guard.close_signal().clone();
+    match kind {
+        Kind::Outbound => outbound::captured(&ctx, stream, peer, &close).await,
+        Kind::Socks5 => socks5::handle(&ctx, stream, peer, &close).await,
+        Kind::InboundPlain => inbound_plain::handle(&ctx, stream, peer, &close).await,
+    }
+    drop(guard);
+}
+
+/// Stops accepting, waits for open connections until the deadline, then closes the rest.
+async fn drain(ctx: &WorkerCtx, deadline: Instant) {
+    ctx.draining.fire();
+    tracing::info!(worker = ctx.id, open = ctx.conns.len(), "draining");
+    while !ctx.conns.is_empty() {
+        let now = Instant::now();
+        if now >= deadline {
+            tracing::warn!(worker = ctx.id, open = ctx.conns.len(), "drain deadline reached; closing open connections");
+            ctx.conns.close_all();
+            // Let the closed connections' tasks run to write their access logs.
+            let grace = Instant::now() + Duration::from_secs(1);
+            while !ctx.conns.is_empty() && Instant::now() < grace {
+                monoio::time::sleep(Duration::from_millis(5)).await;
+            }
+            break;
+        }
+        monoio::time::sleep((deadline - now).min(Duration::from_millis(20))).await;
+    }
+    tracing::info!(worker = ctx.id, "drained");
+}
+
+/// The original destination of a captured connection: `SO_ORIGINAL_DST` (REDIRECT), else the
+/// socket's local address (TPROXY). A connection made straight to the listener has neither.
+fn original_dst(
+    stream: &TcpStream,
+    peer: SocketAddr,
+    listener_port_hit: impl Fn(SocketAddr) -> bool,
+) -> Result<SocketAddr, ProxyError> {
+    match sockopt::original_dst(stream, peer.is_ipv4()).map_err(ProxyError::OriginalDst)? {
+        Some(dst) => Ok(canonical(dst)),
+        None => {
+            let local = canonical(stream.local_addr().map_err(ProxyError::OriginalDst)?);
+            if listener_port_hit(local) { Err(ProxyError::NotRedirected(local)) } else { Ok(local) }
+        }
+    }
+}
+
+/// Copies until both sides are done, the relay fails, or the connection is told to close.
+async fn relay_or_close(down: TcpStream, up: TcpStream, stats: &RelayStats, close: &Signal) -> Result<(), ProxyError> {
+    monoio::select! {
+        r = relay(down, up, stats) => r.map_err(ProxyError::Io),
+        _ = close.wait() => Err(ProxyError::Drained),
+    }
+}

@@ -1,0 +1,72 @@
+//! Outbound: a local workload's connection, captured on 15001 (or asked for through SOCKS5),
+//! routed by the snapshot and carried upstream.
+
+use std::net::SocketAddr;
+
+use monoio::net::TcpStream;
+
+use super::conns::Signal;
+use super::error::ProxyError;
+use super::{WorkerCtx, original_dst, relay_or_close};
+use crate::config::ProxyMode;
+use crate::net::relay::RelayStats;
+use crate::net::{DialOpts, dial};
+use crate::routing::{self, Transport};
+use crate::snapshot::Snapshot;
+use crate::telemetry::access::ConnLog;
+
+/// A connection captured on the outbound listener.
+pub async fn captured(ctx: &WorkerCtx, stream: TcpStream, peer: SocketAddr, close: &Signal) {
+    let mut log = ConnLog::new("outbound", peer);
+    let stats = RelayStats::default();
+    let listener_port = stream.local_addr().map(|a| a.port()).unwrap_or(0);
+    let res = async {
+        let dst = original_dst(&stream, peer, |local| local.port() == listener_port)?;
+        let snap = ctx.snapshot();
+        let upstream = connect(ctx, &snap, &mut log, peer, dst).await?;
+        relay_or_close(stream, upstream, &stats, close).await
+    }
+    .await;
+    log.finish(&stats, res.as_ref().err().map(|e| e as &dyn std::fmt::Display));
+}
+
+/// Resolves the source workload and the route, and connects upstream. Fills in `log`.
+pub async fn connect(
+    ctx: &WorkerCtx,
+    snap: &Snapshot,
+    log: &mut ConnLog,
+    peer: SocketAddr,
+    dst: SocketAddr,
+) -> Result<TcpStream, ProxyError> {
+    let source = match ctx.cfg.proxy_mode {
+        ProxyMode::Dedicated => snap.dedicated_workload(),
+        ProxyMode::Shared => snap.local_workload_by_ip(&ctx.cfg.network, peer.ip()),
+    }
+    .ok_or(ProxyError::UnknownSource(peer.ip()))?;
+    log.src_workload = Some(source.clone());
+    if ctx.is_own_port(dst) {
+        return Err(routing::RouteError::Loop(dst).into());
+    }
+    let route = routing::outbound(snap, source, dst, &mut |n| fastrand::u64(..n))?;
+    log.dst_workload = route.workload.clone();
+    log.dst_service = route.service.as_ref().map(|s| s.service.hostname.clone());
+    log.dst_addr = Some(route.upstream);
+    if ctx.is_own_port(route.upstream) {
+        return Err(routing::RouteError::Loop(route.upstream).into());
+    }
+    let waypoint = route
+        .service
+        .as_ref()
+        .and_then(|s| s.service.waypoint.as_ref())
+        .or(route.workload.as_ref().and_then(|w| w.waypoint.as_ref()));
+    if let Some(wp) = waypoint {
+        return Err(ProxyError::WaypointUnavailable(format!("{dst} (waypoint {})", wp.destination)));
+    }
+    if route.transport == Transport::Hbone {
+        let uid = route.workload.as_ref().map(|w| w.uid.clone()).unwrap_or_default();
+        return Err(ProxyError::HboneUnavailable(uid));
+    }
+    tracing::debug!(src = %peer, %dst, upstream = %route.upstream, transport = ?route.transport, "proxying outbound");
+    let opts = DialOpts { mark: ctx.cfg.packet_mark, spoof_source: None, timeout: ctx.cfg.connect_timeout };
+    Ok(dial(route.upstream, opts).await?)
+}
