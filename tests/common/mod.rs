@@ -1,0 +1,196 @@
+//! Helpers for in-process tests: temp dirs, echo servers, a SOCKS5 client, a tiny HTTP client.
+#![allow(dead_code)] // each test binary uses a different subset
+
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use ztunnel::app::{Proxy, RunOptions};
+use ztunnel::config::Config;
+
+/// Generous bound for anything asynchronous: tests must pass on a slow, busy machine.
+pub const PATIENCE: Duration = Duration::from_secs(20);
+
+/// A directory removed on drop.
+pub struct TestDir(pub PathBuf);
+
+impl TestDir {
+    pub fn new(tag: &str) -> TestDir {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let p = std::env::temp_dir().join(format!(
+            "ztunnel-{tag}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&p).unwrap();
+        TestDir(p)
+    }
+
+    /// Writes `config.yaml` atomically (write + rename), as an operator's tooling would.
+    pub fn write_config(&self, yaml: &str) -> PathBuf {
+        let path = self.0.join("config.yaml");
+        let tmp = self.0.join(".config.yaml.tmp");
+        std::fs::write(&tmp, yaml).unwrap();
+        std::fs::rename(&tmp, &path).unwrap();
+        path
+    }
+}
+
+impl Drop for TestDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Logs go through the test harness's capture, shown only for failing tests.
+pub fn init_logs() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_test_writer()
+        .with_ansi(false)
+        .try_init();
+}
+
+pub fn start(path: &Path) -> Proxy {
+    start_with(Config::for_tests(path.to_path_buf()))
+}
+
+pub fn start_with(cfg: Config) -> Proxy {
+    init_logs();
+    ztunnel::app::start(cfg, RunOptions { handle_signals: false }).expect("proxy starts")
+}
+
+/// A TCP server on `ip`: sends `name\n` first (so a client sees which endpoint it reached), then
+/// echoes everything until the client half-closes, then half-closes itself.
+pub struct EchoServer {
+    pub addr: SocketAddr,
+}
+
+impl EchoServer {
+    pub fn start(ip: &str, name: &str) -> EchoServer {
+        let listener = TcpListener::bind((ip.parse::<IpAddr>().unwrap(), 0)).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let name = name.to_string();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(mut conn) = conn else { continue };
+                let name = name.clone();
+                std::thread::spawn(move || {
+                    let _ = conn.write_all(format!("{name}\n").as_bytes());
+                    let mut buf = [0u8; 16384];
+                    loop {
+                        match conn.read(&mut buf) {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => {
+                                if conn.write_all(&buf[..n]).is_err() {
+                                    return;
+                                }
+                            }
+                        }
+                    }
+                    let _ = conn.shutdown(Shutdown::Write);
+                });
+            }
+        });
+        EchoServer { addr }
+    }
+}
+
+/// Reads the `name\n` greeting of an [`EchoServer`].
+pub fn read_greeting(s: &mut TcpStream) -> String {
+    s.set_read_timeout(Some(PATIENCE)).unwrap();
+    let mut out = Vec::new();
+    let mut b = [0u8; 1];
+    while s.read(&mut b).unwrap() == 1 && b[0] != b'\n' {
+        out.push(b[0]);
+    }
+    String::from_utf8(out).unwrap()
+}
+
+pub enum Dest<'a> {
+    Addr(SocketAddr),
+    Name(&'a str, u16),
+}
+
+/// SOCKS5 CONNECT through `proxy`. `Err` carries the reply code (or 0xFF for I/O failures).
+pub fn socks5(proxy: SocketAddr, dest: Dest) -> Result<TcpStream, u8> {
+    let mut s = TcpStream::connect(proxy).map_err(|_| 0xFF)?;
+    s.set_read_timeout(Some(PATIENCE)).unwrap();
+    s.set_nodelay(true).unwrap();
+    let mut req = vec![5, 1, 0, 5, 1, 0];
+    match dest {
+        Dest::Addr(SocketAddr::V4(a)) => {
+            req.push(1);
+            req.extend_from_slice(&a.ip().octets());
+            req.extend_from_slice(&a.port().to_be_bytes());
+        }
+        Dest::Addr(SocketAddr::V6(a)) => {
+            req.push(4);
+            req.extend_from_slice(&a.ip().octets());
+            req.extend_from_slice(&a.port().to_be_bytes());
+        }
+        Dest::Name(n, port) => {
+            req.push(3);
+            req.push(n.len() as u8);
+            req.extend_from_slice(n.as_bytes());
+            req.extend_from_slice(&port.to_be_bytes());
+        }
+    }
+    // Greeting and request in one write: the proxy must cope with pipelined bytes.
+    s.write_all(&req).map_err(|_| 0xFF)?;
+    let mut method = [0u8; 2];
+    s.read_exact(&mut method).map_err(|_| 0xFF)?;
+    assert_eq!(method, [5, 0], "no-auth method selected");
+    let mut head = [0u8; 4];
+    s.read_exact(&mut head).map_err(|_| 0xFF)?;
+    let rest = if head[3] == 4 { 18 } else { 6 };
+    let mut tail = vec![0u8; rest];
+    s.read_exact(&mut tail).map_err(|_| 0xFF)?;
+    if head[1] != 0 {
+        return Err(head[1]);
+    }
+    Ok(s)
+}
+
+/// Sends `msg`, reads the echo back.
+pub fn echo_roundtrip(s: &mut TcpStream, msg: &[u8]) {
+    s.write_all(msg).unwrap();
+    let mut back = vec![0u8; msg.len()];
+    s.read_exact(&mut back).unwrap();
+    assert_eq!(back, msg);
+}
+
+/// A one-shot HTTP/1.1 request; returns status and body.
+pub fn http(addr: SocketAddr, method: &str, path: &str) -> io::Result<(u16, String)> {
+    let mut s = TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(PATIENCE))?;
+    write!(s, "{method} {path} HTTP/1.1\r\nhost: test\r\ncontent-length: 0\r\n\r\n")?;
+    let mut r = BufReader::new(s);
+    let mut status = String::new();
+    r.read_line(&mut status)?;
+    let code = status.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let mut rest = String::new();
+    r.read_to_string(&mut rest)?;
+    let body = rest.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    Ok((code, body))
+}
+
+pub fn config_dump(proxy: &Proxy) -> serde_json::Value {
+    let (code, body) = http(proxy.addrs.admin, "GET", "/config_dump").unwrap();
+    assert_eq!(code, 200);
+    serde_json::from_str(&body).unwrap()
+}
+
+/// Polls `f` until it returns true or `PATIENCE` runs out.
+pub fn eventually(mut f: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + PATIENCE;
+    while Instant::now() < end {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
