@@ -1,0 +1,579 @@
+//! Scenarios (`local`, `netns`): set up servers, proxies and paths, run the test matrix with
+//! repetitions (interleaving proxies when comparing), and collect raw records.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use serde::Serialize;
+use serde_json::json;
+
+use crate::load::{self, Percentiles, Via};
+use crate::netns::{self, Topology};
+use crate::proxy::{self, ProxyProc};
+use crate::server;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scenario {
+    /// One proxy serves both ends; clients enter by SOCKS5. No root needed.
+    Local,
+    /// Two namespaces ("nodes"), one proxy each, client traffic captured by iptables REDIRECT.
+    Netns,
+}
+
+pub struct RunOpts {
+    pub scenario: Scenario,
+    pub quick: bool,
+    pub proxy: PathBuf,
+    pub compare: Option<PathBuf>,
+    pub out: PathBuf,
+    /// Repetitions; default 3 (1 with `quick`).
+    pub reps: Option<usize>,
+    /// Print a progress line on stderr.
+    pub progress: bool,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Kind {
+    Bulk { streams: usize, secs: f64 },
+    RrClosed { size: usize, warmup: u64, count: u64 },
+    RrOpen { size: usize, rate: u64, secs: f64 },
+    ConnRate { clients: usize, secs: f64 },
+    Idle { conns: usize },
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Test {
+    name: &'static str,
+    kind: Kind,
+}
+
+fn tests(quick: bool, idle_conns: usize) -> Vec<Test> {
+    let (secs, count, warmup) = if quick { (1.0, 500, 50) } else { (10.0, 20_000, 2_000) };
+    vec![
+        Test { name: "bulk_1", kind: Kind::Bulk { streams: 1, secs } },
+        Test { name: "bulk_8", kind: Kind::Bulk { streams: 8, secs } },
+        Test { name: "rr_1b", kind: Kind::RrClosed { size: 1, warmup, count } },
+        Test { name: "rr_1k", kind: Kind::RrClosed { size: 1024, warmup, count } },
+        Test {
+            name: "rr_open_1b",
+            kind: if quick {
+                Kind::RrOpen { size: 1, rate: 500, secs: 0.5 }
+            } else {
+                Kind::RrOpen { size: 1, rate: 1000, secs: 10.0 }
+            },
+        },
+        Test { name: "connrate", kind: Kind::ConnRate { clients: 8, secs } },
+        Test { name: "idle", kind: Kind::Idle { conns: idle_conns } },
+    ]
+}
+
+/// One way from client to server.
+#[derive(Debug, Clone)]
+struct PathDef {
+    name: &'static str,
+    via: Via,
+    echo: SocketAddr,
+    sink: SocketAddr,
+    proxied: bool,
+}
+
+/// One proxy instance to start for a proxy under test.
+struct Instance {
+    env: Vec<(String, String)>,
+    ns: Option<String>,
+    readiness: SocketAddr,
+    tag: &'static str,
+}
+
+/// A raw measurement: one test on one path through one proxy, in one repetition.
+#[derive(Debug, Clone, Serialize)]
+pub struct Record {
+    pub test: String,
+    pub path: String,
+    /// Proxy label, or `none` for the direct path.
+    pub proxy: String,
+    pub rep: usize,
+    pub metrics: serde_json::Value,
+    pub latency: Option<Percentiles>,
+    /// Proxy CPU seconds (all instances) while the test ran.
+    pub cpu_seconds: Option<f64>,
+    /// Highest sampled RSS (all instances) while the test ran.
+    pub peak_rss_bytes: Option<u64>,
+    pub efficiency: serde_json::Value,
+    /// The full latency histogram: (nanoseconds, count).
+    pub histogram: Option<Vec<(u64, u64)>>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Unavailable {
+    pub path: String,
+    pub proxy: String,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ProxyInfo {
+    pub label: String,
+    pub binary: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub scenario: Scenario,
+    pub quick: bool,
+    pub reps: usize,
+    pub started: String,
+    pub host: serde_json::Value,
+    pub proxies: Vec<ProxyInfo>,
+    pub records: Vec<Record>,
+    pub unavailable: Vec<Unavailable>,
+    /// Histograms kept in memory for the plot and `.hgrm` files, not serialized twice.
+    #[serde(skip)]
+    pub merged: Vec<(String, String, String, hdrhistogram::Histogram<u64>)>,
+}
+
+const MARK: u32 = 1337;
+
+/// Runs the scenario and writes `report.json`, `report.md`, `latency.svg` into `opts.out`.
+pub fn run(opts: &RunOpts) -> anyhow::Result<Report> {
+    std::fs::create_dir_all(opts.out.join("hist")).with_context(|| format!("creating {}", opts.out.display()))?;
+    let reps = opts.reps.unwrap_or(if opts.quick { 1 } else { 3 });
+    let nofile = proxy::raise_nofile(1 << 20);
+    // The harness holds both the client and the server end of every idle connection.
+    let idle_conns = if opts.quick { 100 } else { 10_000.min((nofile as usize).saturating_sub(2_000) / 2) };
+    let tests = tests(opts.quick, idle_conns);
+
+    let mut proxies =
+        vec![ProxyInfo { label: label_of(&opts.proxy, "proxy"), binary: opts.proxy.display().to_string() }];
+    if let Some(other) = &opts.compare {
+        let mut label = label_of(other, "compare");
+        if label == proxies[0].label {
+            label = format!("{label}-compare");
+        }
+        proxies.push(ProxyInfo { label, binary: other.display().to_string() });
+    }
+    for p in &proxies {
+        if !Path::new(&p.binary).is_file() {
+            bail!("proxy binary {} does not exist", p.binary);
+        }
+    }
+
+    let topology = match opts.scenario {
+        Scenario::Local => None,
+        Scenario::Netns => {
+            if let Some(why) = netns::unavailable() {
+                bail!("{why}");
+            }
+            Some(Topology::create()?)
+        }
+    };
+    let setup = Setup::new(opts, topology.as_ref())?;
+
+    let mut report = Report {
+        scenario: opts.scenario,
+        quick: opts.quick,
+        reps,
+        started: now_rfc3339(),
+        host: host_info(),
+        proxies: proxies.clone(),
+        records: Vec::new(),
+        unavailable: Vec::new(),
+        merged: Vec::new(),
+    };
+    let direct_tests = tests.iter().filter(|t| !matches!(t.kind, Kind::Idle { .. })).count();
+    let proxied_paths = setup.paths.iter().filter(|p| p.proxied).count();
+    let total = reps * (direct_tests + proxies.len() * tests.len() * proxied_paths);
+    let mut done = 0;
+    let mut progress = |what: &str| {
+        done += 1;
+        if opts.progress {
+            eprint!("\r\x1b[K[{done}/{total}] {what}");
+        }
+    };
+    let mut unavailable: Vec<(String, String)> = Vec::new();
+
+    for rep in 0..reps {
+        // The direct path needs no proxy: once per repetition, interleaved with the proxies.
+        for path in setup.paths.iter().filter(|p| !p.proxied) {
+            for t in tests.iter().filter(|t| !matches!(t.kind, Kind::Idle { .. })) {
+                progress(&format!("rep {} direct {}", rep + 1, t.name));
+                let rec = run_test(&setup, path, t, &[], "none", rep)?;
+                report.records.push(rec);
+            }
+        }
+        for p in &proxies {
+            let binary = PathBuf::from(&p.binary);
+            let procs = setup.start_proxies(&p.label, &binary, &opts.out, rep)?;
+            let refs: Vec<&ProxyProc> = procs.iter().collect();
+            for path in setup.paths.iter().filter(|p| p.proxied) {
+                let key = (path.name.to_string(), p.label.clone());
+                if unavailable.contains(&key) {
+                    for _ in &tests {
+                        progress(&format!("rep {} {} {} (unavailable)", rep + 1, p.label, path.name));
+                    }
+                    continue;
+                }
+                if let Err(e) = setup.probe(path) {
+                    report.unavailable.push(Unavailable {
+                        path: path.name.into(),
+                        proxy: p.label.clone(),
+                        reason: format!("{e:#}"),
+                    });
+                    unavailable.push(key);
+                    for _ in &tests {
+                        progress(&format!("rep {} {} {} (unavailable)", rep + 1, p.label, path.name));
+                    }
+                    continue;
+                }
+                for t in &tests {
+                    progress(&format!("rep {} {} {} {}", rep + 1, p.label, path.name, t.name));
+                    let rec = run_test(&setup, path, t, &refs, &p.label, rep)?;
+                    report.records.push(rec);
+                }
+            }
+            for proc_ in procs {
+                proc_.stop(Duration::from_secs(15))?;
+            }
+        }
+    }
+    if opts.progress {
+        eprintln!();
+    }
+    drop(setup);
+    drop(topology);
+    crate::report::finish(&mut report, &opts.out)?;
+    Ok(report)
+}
+
+struct Setup {
+    paths: Vec<PathDef>,
+    client_ns: Option<String>,
+    instances: Vec<Instance>,
+    config: PathBuf,
+    _servers: server::Servers,
+}
+
+fn yaml(client_ip: &str, tcp_ip: &str, hbone_ip: &str, client_node: &str, server_node: &str) -> String {
+    format!(
+        r#"# Generated by perf: the workloads of one benchmark scenario.
+workloads:
+- uid: perf//client
+  name: client
+  namespace: perf
+  serviceAccount: client
+  workloadIps: ["{client_ip}"]
+  protocol: TCP
+  node: {client_node}
+- uid: perf//server-tcp
+  name: server-tcp
+  namespace: perf
+  serviceAccount: server
+  workloadIps: ["{tcp_ip}"]
+  protocol: TCP
+  node: {server_node}
+- uid: perf//server-hbone
+  name: server-hbone
+  namespace: perf
+  serviceAccount: server-hbone
+  workloadIps: ["{hbone_ip}"]
+  protocol: HBONE
+  node: {server_node}
+"#
+    )
+}
+
+fn standalone_env(config: &Path, workload: &str, node: &str, socks5: bool) -> Vec<(String, String)> {
+    let mut env: Vec<(String, String)> = [
+        ("FAKE_CA", "true"),
+        ("XDS_ADDRESS", ""),
+        ("PROXY_MODE", "dedicated"),
+        ("PROXY_WORKLOAD_INFO", workload),
+        ("NODE_NAME", node),
+        ("PACKET_MARK", &MARK.to_string()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    env.push(("LOCAL_XDS_PATH".into(), config.display().to_string()));
+    if socks5 {
+        env.push(("UNSTABLE_ENABLE_SOCKS5".into(), "true".into()));
+    }
+    env
+}
+
+impl Setup {
+    fn new(opts: &RunOpts, topo: Option<&Topology>) -> anyhow::Result<Setup> {
+        let config = opts.out.join("config.yaml");
+        match topo {
+            None => {
+                let ips: Vec<IpAddr> = ["127.0.0.2", "127.0.0.3"].iter().map(|s| s.parse().unwrap()).collect();
+                let servers = server::start(&ips, None, 0, 0)?;
+                let (tcp, hbone) = (servers.addrs[0], servers.addrs[1]);
+                std::fs::write(&config, yaml("127.0.0.1", "127.0.0.2", "127.0.0.3", "local", "local"))?;
+                let socks: SocketAddr = "127.0.0.1:15080".parse().unwrap();
+                Ok(Setup {
+                    paths: vec![
+                        PathDef { name: "direct", via: Via::Direct, echo: tcp.echo, sink: tcp.sink, proxied: false },
+                        PathDef { name: "tcp", via: Via::Socks5(socks), echo: tcp.echo, sink: tcp.sink, proxied: true },
+                        PathDef {
+                            name: "hbone",
+                            via: Via::Socks5(socks),
+                            echo: hbone.echo,
+                            sink: hbone.sink,
+                            proxied: true,
+                        },
+                    ],
+                    client_ns: None,
+                    instances: vec![Instance {
+                        env: standalone_env(&config, "perf/client/client", "local", true),
+                        ns: None,
+                        readiness: "127.0.0.1:15021".parse().unwrap(),
+                        tag: "local",
+                    }],
+                    config,
+                    _servers: servers,
+                })
+            }
+            Some(t) => {
+                let ips: Vec<IpAddr> = [netns::TCP_WORKLOAD_IP, netns::OUTSIDE_IP, netns::HBONE_WORKLOAD_IP]
+                    .iter()
+                    .map(|s| s.parse().unwrap())
+                    .collect();
+                let servers = server::start(&ips, Some(&t.b), 5001, 5002)?;
+                let (tcp, outside, hbone) = (servers.addrs[0], servers.addrs[1], servers.addrs[2]);
+                std::fs::write(
+                    &config,
+                    yaml(netns::NODE_A_IP, netns::TCP_WORKLOAD_IP, netns::HBONE_WORKLOAD_IP, "node-a", "node-b"),
+                )?;
+                t.capture_outbound(MARK, 15001)?;
+                Ok(Setup {
+                    paths: vec![
+                        PathDef {
+                            name: "direct",
+                            via: Via::Direct,
+                            echo: outside.echo,
+                            sink: outside.sink,
+                            proxied: false,
+                        },
+                        PathDef { name: "tcp", via: Via::Direct, echo: tcp.echo, sink: tcp.sink, proxied: true },
+                        PathDef { name: "hbone", via: Via::Direct, echo: hbone.echo, sink: hbone.sink, proxied: true },
+                    ],
+                    client_ns: Some(t.a.clone()),
+                    instances: vec![
+                        Instance {
+                            env: standalone_env(&config, "perf/client/client", "node-a", false),
+                            ns: Some(t.a.clone()),
+                            readiness: "127.0.0.1:15021".parse().unwrap(),
+                            tag: "node-a",
+                        },
+                        Instance {
+                            env: standalone_env(&config, "perf/server-hbone/server-hbone", "node-b", false),
+                            ns: Some(t.b.clone()),
+                            readiness: "127.0.0.1:15021".parse().unwrap(),
+                            tag: "node-b",
+                        },
+                    ],
+                    config,
+                    _servers: servers,
+                })
+            }
+        }
+    }
+
+    fn start_proxies(&self, label: &str, binary: &Path, out: &Path, rep: usize) -> anyhow::Result<Vec<ProxyProc>> {
+        let mut procs = Vec::new();
+        for inst in &self.instances {
+            let log = out.join(format!("proxy-{label}-{}-rep{}.log", inst.tag, rep + 1));
+            let mut p = ProxyProc::start(label, binary, &inst.env, inst.ns.as_deref(), &log)?;
+            p.wait_ready(inst.readiness, Duration::from_secs(30))
+                .with_context(|| format!("starting {label} ({}); log: {}", inst.tag, log.display()))?;
+            procs.push(p);
+        }
+        let _ = &self.config;
+        Ok(procs)
+    }
+
+    /// One echo through the path, to tell "this proxy cannot do this path" from a failure.
+    fn probe(&self, path: &PathDef) -> anyhow::Result<()> {
+        let (via, echo) = (path.via, path.echo);
+        netns::run_in(self.client_ns.as_deref(), move || -> anyhow::Result<()> {
+            let conns = load::open_idle(echo, via, 1)?;
+            drop(conns);
+            Ok(())
+        })?
+    }
+}
+
+/// Samples the proxies' RSS while `f` runs; returns CPU seconds used and the peak RSS.
+fn measure<T>(procs: &[&ProxyProc], f: impl FnOnce() -> T) -> anyhow::Result<(T, Option<f64>, Option<u64>)> {
+    if procs.is_empty() {
+        return Ok((f(), None, None));
+    }
+    let pids: Vec<u32> = procs.iter().map(|p| p.pid()).collect();
+    let cpu = |pids: &[u32]| -> anyhow::Result<f64> { pids.iter().map(|p| proxy::cpu_seconds(*p)).sum() };
+    let cpu0 = cpu(&pids)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let peak = Arc::new(AtomicU64::new(0));
+    let sampler = {
+        let (stop, peak, pids) = (stop.clone(), peak.clone(), pids.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                let rss: u64 = pids.iter().filter_map(|p| proxy::rss_bytes(*p).ok()).sum();
+                peak.fetch_max(rss, Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+    };
+    let out = f();
+    stop.store(true, Ordering::Relaxed);
+    let _ = sampler.join();
+    let cpu1 = cpu(&pids)?;
+    Ok((out, Some(cpu1 - cpu0), Some(peak.load(Ordering::Relaxed))))
+}
+
+fn run_test(
+    setup: &Setup,
+    path: &PathDef,
+    t: &Test,
+    procs: &[&ProxyProc],
+    proxy: &str,
+    rep: usize,
+) -> anyhow::Result<Record> {
+    let ns = setup.client_ns.as_deref();
+    let (via, echo, sink) = (path.via, path.echo, path.sink);
+    let mut rec = Record {
+        test: t.name.into(),
+        path: path.name.into(),
+        proxy: proxy.into(),
+        rep,
+        metrics: json!({}),
+        latency: None,
+        cpu_seconds: None,
+        peak_rss_bytes: None,
+        efficiency: json!({}),
+        histogram: None,
+    };
+    let ctx = |e: std::io::Error| anyhow::anyhow!("{} on {} via {proxy}: {e}", t.name, path.name);
+    match t.kind {
+        Kind::Bulk { streams, secs } => {
+            let (res, cpu, peak) =
+                measure(procs, || netns::run_in(ns, || load::bulk(sink, via, streams, Duration::from_secs_f64(secs))))?;
+            let r = res?.map_err(ctx)?;
+            rec.efficiency = json!({ "cpu_s_per_gb": cpu.map(|c| c / (r.bytes as f64 / 1e9)) });
+            rec.metrics = serde_json::to_value(&r)?;
+            (rec.cpu_seconds, rec.peak_rss_bytes) = (cpu, peak);
+        }
+        Kind::RrClosed { size, warmup, count } => {
+            let (res, cpu, peak) =
+                measure(procs, || netns::run_in(ns, || load::rr_closed(echo, via, size, warmup, count)))?;
+            let h = res?.map_err(ctx)?;
+            let trips = warmup + count;
+            rec.efficiency = json!({ "cpu_us_per_round_trip": cpu.map(|c| c * 1e6 / trips as f64) });
+            rec.metrics = json!({ "size": size, "round_trips": count });
+            fill_latency(&mut rec, &h);
+            (rec.cpu_seconds, rec.peak_rss_bytes) = (cpu, peak);
+        }
+        Kind::RrOpen { size, rate, secs } => {
+            let (res, cpu, peak) = measure(procs, || {
+                netns::run_in(ns, || load::rr_open(echo, via, size, rate, Duration::from_secs_f64(secs)))
+            })?;
+            let h = res?.map_err(ctx)?;
+            rec.efficiency = json!({ "cpu_us_per_round_trip": cpu.map(|c| c * 1e6 / h.len().max(1) as f64) });
+            rec.metrics = json!({ "size": size, "rate_per_s": rate, "round_trips": h.len() });
+            fill_latency(&mut rec, &h);
+            (rec.cpu_seconds, rec.peak_rss_bytes) = (cpu, peak);
+        }
+        Kind::ConnRate { clients, secs } => {
+            let (res, cpu, peak) = measure(procs, || {
+                netns::run_in(ns, || load::connrate(echo, via, clients, Duration::from_secs_f64(secs)))
+            })?;
+            let (r, h) = res?.map_err(ctx)?;
+            rec.efficiency = json!({ "cpu_us_per_connection": cpu.map(|c| c * 1e6 / r.connections.max(1) as f64) });
+            rec.metrics = serde_json::to_value(&r)?;
+            fill_latency(&mut rec, &h);
+            (rec.cpu_seconds, rec.peak_rss_bytes) = (cpu, peak);
+        }
+        Kind::Idle { conns } => {
+            let pids: Vec<u32> = procs.iter().map(|p| p.pid()).collect();
+            let rss = || pids.iter().filter_map(|p| proxy::rss_bytes(*p).ok()).sum::<u64>();
+            let before = rss();
+            let started = Instant::now();
+            let held = netns::run_in(ns, || load::open_idle(echo, via, conns))?.map_err(ctx)?;
+            std::thread::sleep(Duration::from_millis(500));
+            let with = rss();
+            let open_secs = started.elapsed().as_secs_f64();
+            drop(held);
+            // Let the proxy see the closes before the next test starts.
+            std::thread::sleep(Duration::from_millis(500));
+            let per_conn = with.saturating_sub(before) as f64 / conns as f64;
+            rec.metrics = json!({ "connections": conns, "rss_before_bytes": before, "rss_with_bytes": with, "open_seconds": open_secs });
+            rec.efficiency = json!({ "bytes_per_idle_connection": per_conn });
+            rec.peak_rss_bytes = Some(with);
+        }
+    }
+    Ok(rec)
+}
+
+fn fill_latency(rec: &mut Record, h: &hdrhistogram::Histogram<u64>) {
+    rec.latency = Some(Percentiles::of(h));
+    rec.histogram = Some(load::histogram_counts(h));
+}
+
+fn label_of(binary: &Path, fallback: &str) -> String {
+    binary.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| fallback.to_string())
+}
+
+fn host_info() -> serde_json::Value {
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_string();
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_default();
+    json!({
+        "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        "kernel": kernel,
+        "cpu": cpu,
+    })
+}
+
+/// UTC time as `YYYY-MM-DDTHH:MM:SSZ`, without a date crate.
+pub fn now_rfc3339() -> String {
+    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    let (y, m, d) = civil_from_days(days as i64);
+    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+/// Days since 1970-01-01 to a proleptic Gregorian date (Howard Hinnant's algorithm).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (yoe + era * 400 + i64::from(m <= 2), m, d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dates() {
+        assert_eq!(civil_from_days(0), (1970, 1, 1));
+        assert_eq!(civil_from_days(19_723), (2024, 1, 1));
+        assert_eq!(civil_from_days(20_513), (2026, 3, 1));
+    }
+}

@@ -1,0 +1,63 @@
+//! The perf harness end to end against this build of the proxy, in quick mode: every test runs
+//! on every path, figures are non-zero, histograms are filled, the report files are written,
+//! and `--compare` interleaves a second proxy. No timing is asserted.
+//!
+//! It uses the proxy's default ports (as any ztunnel-compatible binary would), so it fails with
+//! a clear message if another proxy is running on this machine.
+
+mod common;
+
+use perf::{RunOpts, Scenario};
+
+#[test]
+fn quick_local_run_produces_a_complete_report() {
+    let dir = common::TestDir::new("perf");
+    let proxy = std::path::PathBuf::from(env!("CARGO_BIN_EXE_ztunnel"));
+    let opts = RunOpts {
+        scenario: Scenario::Local,
+        quick: true,
+        proxy: proxy.clone(),
+        compare: Some(proxy),
+        out: dir.0.clone(),
+        reps: Some(1),
+        progress: false,
+    };
+    let report = perf::run(&opts).expect("the harness runs");
+    for f in ["report.json", "report.md", "latency.svg", "config.yaml"] {
+        let meta = std::fs::metadata(dir.0.join(f)).unwrap_or_else(|_| panic!("{f} written"));
+        assert!(meta.len() > 0, "{f} is not empty");
+    }
+    assert_eq!(report.proxies.len(), 2);
+    let labels: Vec<String> = report.proxies.iter().map(|p| p.label.clone()).collect();
+    for test in ["bulk_1", "bulk_8", "rr_1b", "rr_1k", "rr_open_1b", "connrate"] {
+        for (path, proxy) in [("direct", "none"), ("tcp", labels[0].as_str()), ("tcp", labels[1].as_str())] {
+            let r = report
+                .records
+                .iter()
+                .find(|r| r.test == test && r.path == path && r.proxy == proxy)
+                .unwrap_or_else(|| panic!("{test} on {path} through {proxy} was measured"));
+            match test {
+                "bulk_1" | "bulk_8" => assert!(r.metrics["gbit_per_s"].as_f64().unwrap() > 0.0),
+                "connrate" => assert!(r.metrics["connections"].as_u64().unwrap() > 0),
+                _ => {
+                    let lat = r.latency.as_ref().expect("latency recorded");
+                    assert!(lat.count > 0 && lat.p50_us > 0.0 && lat.max_us >= lat.p99_us);
+                    assert!(!r.histogram.as_ref().unwrap().is_empty(), "full histogram saved");
+                }
+            }
+            if proxy != "none" {
+                assert!(r.cpu_seconds.is_some() && r.peak_rss_bytes.unwrap() > 0, "proxy measured from /proc");
+            }
+        }
+    }
+    let idle = report.records.iter().find(|r| r.test == "idle" && r.path == "tcp").expect("idle measured");
+    assert_eq!(idle.metrics["connections"], 100);
+    // HBONE is either measured or reported unavailable with a reason, never silently missing.
+    let hbone_measured = report.records.iter().any(|r| r.path == "hbone");
+    let hbone_unavailable = report.unavailable.iter().any(|u| u.path == "hbone" && !u.reason.is_empty());
+    assert!(hbone_measured || hbone_unavailable);
+    let md = std::fs::read_to_string(dir.0.join("report.md")).unwrap();
+    assert!(md.contains("## Ratios of medians") && md.contains("relative to the direct path"));
+    assert!(std::fs::read_to_string(dir.0.join("latency.svg")).unwrap().contains("<polyline"));
+    assert!(std::fs::read_dir(dir.0.join("hist")).unwrap().count() >= 4, "hgrm files written");
+}
