@@ -7,25 +7,31 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
-use std::future::poll_fn;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::rc::Rc;
-use std::task::{Poll, Waker};
+use std::task::{Context, Poll, Waker};
 
 /// A one-shot broadcast within one thread: `fire` once, every `wait`er wakes.
+///
+/// Each waiting future owns one slot for its waker: re-polling replaces the waker in place and
+/// dropping the future frees the slot, so the list stays as long as the number of live waiters
+/// (an accept loop re-creates its waiter for every connection).
 #[derive(Clone, Default)]
 pub struct Signal(Rc<SignalInner>);
 
 #[derive(Default)]
 struct SignalInner {
     fired: Cell<bool>,
-    wakers: RefCell<Vec<Waker>>,
+    wakers: RefCell<Vec<Option<Waker>>>,
 }
 
 impl Signal {
     pub fn fire(&self) {
         if !self.0.fired.replace(true) {
-            for w in self.0.wakers.take() {
+            let wakers = self.0.wakers.take();
+            for w in wakers.into_iter().flatten() {
                 w.wake();
             }
         }
@@ -35,18 +41,59 @@ impl Signal {
         self.0.fired.get()
     }
 
-    pub async fn wait(&self) {
-        poll_fn(|cx| {
-            if self.0.fired.get() {
-                return Poll::Ready(());
+    pub fn wait(&self) -> Wait {
+        Wait { signal: self.0.clone(), slot: None }
+    }
+
+    #[cfg(test)]
+    fn waiters(&self) -> usize {
+        self.0.wakers.borrow().iter().filter(|w| w.is_some()).count()
+    }
+}
+
+/// The future of [`Signal::wait`].
+pub struct Wait {
+    signal: Rc<SignalInner>,
+    slot: Option<usize>,
+}
+
+impl Future for Wait {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        if self.signal.fired.get() {
+            return Poll::Ready(());
+        }
+        let mut wakers = self.signal.wakers.borrow_mut();
+        match self.slot {
+            Some(i) => match &mut wakers[i] {
+                Some(w) => w.clone_from(cx.waker()),
+                empty => *empty = Some(cx.waker().clone()),
+            },
+            None => {
+                let i = match wakers.iter().position(Option::is_none) {
+                    Some(i) => i,
+                    None => {
+                        wakers.push(None);
+                        wakers.len() - 1
+                    }
+                };
+                wakers[i] = Some(cx.waker().clone());
+                drop(wakers);
+                self.slot = Some(i);
             }
-            let mut wakers = self.0.wakers.borrow_mut();
-            if !wakers.iter().any(|w| w.will_wake(cx.waker())) {
-                wakers.push(cx.waker().clone());
+        }
+        Poll::Pending
+    }
+}
+
+impl Drop for Wait {
+    fn drop(&mut self) {
+        if let Some(i) = self.slot {
+            if let Some(w) = self.signal.wakers.borrow_mut().get_mut(i) {
+                *w = None;
             }
-            Poll::Pending
-        })
-        .await
+        }
     }
 }
 
@@ -120,6 +167,40 @@ impl ConnTable {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn signal_waiters_reuse_slots_and_all_wake() {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        struct Count(AtomicUsize);
+        impl std::task::Wake for Count {
+            fn wake(self: Arc<Self>) {
+                self.0.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        let count = Arc::new(Count(AtomicUsize::new(0)));
+        let waker = Waker::from(count.clone());
+        let mut cx = Context::from_waker(&waker);
+        let sig = Signal::default();
+        // A waiter polled many times holds one slot.
+        let mut a = Box::pin(sig.wait());
+        for _ in 0..100 {
+            assert!(a.as_mut().poll(&mut cx).is_pending());
+        }
+        assert_eq!(sig.waiters(), 1);
+        // Waiters created and dropped in a loop (an accept loop) do not accumulate.
+        for _ in 0..100 {
+            let mut b = Box::pin(sig.wait());
+            assert!(b.as_mut().poll(&mut cx).is_pending());
+        }
+        assert_eq!(sig.waiters(), 1);
+        let mut c = Box::pin(sig.wait());
+        assert!(c.as_mut().poll(&mut cx).is_pending());
+        sig.fire();
+        assert_eq!(count.0.load(Ordering::SeqCst), 2, "both live waiters woken once");
+        assert!(a.as_mut().poll(&mut cx).is_ready() && c.as_mut().poll(&mut cx).is_ready());
+        assert!(Box::pin(sig.wait()).as_mut().poll(&mut cx).is_ready(), "waiting after fire is immediate");
+    }
 
     #[test]
     fn table_tracks_and_closes() {
