@@ -450,6 +450,7 @@ impl Config {
             ("ZTUNNEL_READINESS_ADDR", "127.0.0.1:0".into()),
             ("PACKET_MARK", "0".into()),
             ("ENABLE_ORIG_SRC", "false".into()),
+            ("CONNECTION_TERMINATION_DEADLINE", "1s".into()),
         ]
         .into_iter()
         .collect();

@@ -325,7 +325,7 @@ fn admin_config_dump_readiness_and_quit() {
     assert_eq!(svc["endpoints"].as_object().unwrap().len(), 2, "endpoints derived from the workloads");
     assert_eq!(dump["generation"], 1);
     assert_eq!(dump["certificates"], serde_json::json!([]));
-    assert_eq!(dump["config"]["terminationDeadline"], "5s");
+    assert_eq!(dump["config"]["terminationDeadline"], "1s");
     assert!(dump["version"]["version"].is_string());
     assert_eq!(http(proxy.addrs.admin, "GET", "/nope").unwrap().0, 404);
     assert_eq!(http(proxy.addrs.admin, "GET", "/quitquitquit").unwrap().0, 405);

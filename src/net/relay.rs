@@ -1,7 +1,7 @@
 //! Bidirectional copy between a downstream and an upstream stream.
 //!
 //! Runs on the worker that accepted the connection. Each direction waits for readiness without
-//! a buffer, then reads into a pooled 64 KiB buffer; it keeps the buffer while reads fill it
+//! a buffer, then reads into a pooled 256 KiB buffer; it keeps the buffer while reads fill it
 //! (bulk) and returns it after a short read (chatty or idle). End of stream on one side is
 //! propagated as a write shutdown to the other (half-close); an error on either side ends both.
 

@@ -13,7 +13,7 @@ mod inbound_plain;
 mod outbound;
 pub mod socks5;
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::io;
 use std::net::SocketAddr;
 use std::rc::Rc;
@@ -72,6 +72,8 @@ pub struct WorkerCtx {
     snapshot: RefCell<LocalSnapshot>,
     pub conns: Rc<ConnTable>,
     pub draining: Signal,
+    /// Accept loops still running; drain waits for them to close their listeners.
+    accepting: Cell<usize>,
     /// The proxy's own listening ports (configured and well-known): never dialed on loopback.
     pub own_ports: Vec<u16>,
     pub spoof_source: bool,
@@ -112,11 +114,7 @@ pub fn spawn(
             forced => forced,
         };
         let res = match driver {
-            IoDriver::Uring => monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
-                .with_entries(1024)
-                .enable_timer()
-                .build()
-                .map(|mut rt| rt.block_on(run(spec, "io_uring", ready_tx.clone()))),
+            IoDriver::Uring => uring_runtime().map(|mut rt| rt.block_on(run(spec, "io_uring", ready_tx.clone()))),
             _ => monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
                 .enable_timer()
                 .build()
@@ -127,6 +125,27 @@ pub fn spawn(
         }
     })?;
     Ok((handle, ready_rx))
+}
+
+/// An io_uring runtime for this thread. The ring is only ever used by the thread that made it,
+/// which lets the kernel skip inter-processor interrupts for completions (`COOP_TASKRUN`) and
+/// per-submission locking (`SINGLE_ISSUER`); kernels without those flags get a plain ring.
+fn uring_runtime() -> io::Result<monoio::Runtime<monoio::time::TimeDriver<monoio::IoUringDriver>>> {
+    let build = |tuned: bool| {
+        let mut urb = io_uring::IoUring::builder();
+        if tuned {
+            urb.setup_coop_taskrun().setup_single_issuer();
+        }
+        monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
+            .with_entries(1024)
+            .uring_builder(urb)
+            .enable_timer()
+            .build()
+    };
+    build(true).or_else(|e| {
+        tracing::debug!(error = %e, "io_uring without COOP_TASKRUN/SINGLE_ISSUER");
+        build(false)
+    })
 }
 
 fn bind_all(addrs: &ListenAddrs) -> io::Result<Vec<(Kind, TcpListener)>> {
@@ -173,10 +192,12 @@ async fn run(spec: WorkerSpec, driver: &'static str, ready: std::sync::mpsc::Sen
         snapshot: RefCell::new(Rc::new(spec.initial)),
         conns: Rc::new(ConnTable::default()),
         draining: Signal::default(),
+        accepting: Cell::new(0),
         own_ports,
         spoof_source: spec.spoof_source,
     });
     for (kind, listener) in listeners {
+        ctx.accepting.set(ctx.accepting.get() + 1);
         monoio::spawn(accept_loop(ctx.clone(), kind, listener));
     }
     let deadline = loop {
@@ -211,6 +232,8 @@ async fn accept_loop(ctx: Rc<WorkerCtx>, kind: Kind, listener: TcpListener) {
             }
         }
     }
+    drop(listener);
+    ctx.accepting.set(ctx.accepting.get() - 1);
     tracing::debug!(worker = ctx.id, listener = ?kind, "listener closed for drain");
 }
 
@@ -232,6 +255,15 @@ async fn connection(ctx: Rc<WorkerCtx>, kind: Kind, stream: TcpStream, peer: Soc
 /// Stops accepting, waits for open connections until the deadline, then closes the rest.
 async fn drain(ctx: &WorkerCtx, deadline: Instant) {
     ctx.draining.fire();
+    // The accept loops must run to drop their listeners, and under io_uring a dropped socket is
+    // a queued close that only reaches the kernel when the runtime next parks: without this a
+    // worker with no connections would exit with its listeners still open in the process, and
+    // the kernel would keep queueing new connections on them.
+    let stop_accepting = Instant::now() + Duration::from_secs(1);
+    while ctx.accepting.get() > 0 && Instant::now() < stop_accepting {
+        monoio::time::sleep(Duration::from_millis(1)).await;
+    }
+    monoio::time::sleep(Duration::from_millis(1)).await;
     tracing::info!(worker = ctx.id, open = ctx.conns.len(), "draining");
     while !ctx.conns.is_empty() {
         let now = Instant::now();
@@ -247,6 +279,8 @@ async fn drain(ctx: &WorkerCtx, deadline: Instant) {
         }
         monoio::time::sleep((deadline - now).min(Duration::from_millis(20))).await;
     }
+    // Flush the closes of the last connections' sockets before the runtime goes away.
+    monoio::time::sleep(Duration::from_millis(1)).await;
     tracing::info!(worker = ctx.id, "drained");
 }
 
