@@ -72,6 +72,10 @@ pub fn start(cfg: Config, opts: RunOptions) -> anyhow::Result<Proxy> {
         "loaded local config"
     );
 
+    match sockopt::raise_nofile_limit() {
+        Ok(n) => tracing::debug!(limit = n, "open file limit"),
+        Err(e) => tracing::warn!(error = %e, "could not raise the open file limit"),
+    }
     let spoof_source = match cfg.enable_orig_src {
         Some(false) => false,
         Some(true) => {

@@ -11,7 +11,8 @@ use std::io;
 use std::pin::pin;
 use std::task::Poll;
 
-use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, OwnedReadHalf, OwnedWriteHalf, Splitable};
+use monoio::buf::IoBuf;
+use monoio::io::{AsyncReadRent, AsyncWriteRent, OwnedReadHalf, OwnedWriteHalf, Splitable};
 use monoio::net::TcpStream;
 
 use super::{bufpool, sockopt};
@@ -25,36 +26,60 @@ pub struct RelayStats {
     pub received: Cell<u64>,
 }
 
-/// Copies both ways until both directions reached end of stream, or one failed.
-pub async fn relay(downstream: TcpStream, upstream: TcpStream, stats: &RelayStats) -> io::Result<()> {
-    let (down_r, down_w) = downstream.into_split();
-    let (up_r, up_w) = upstream.into_split();
-    let to_up = pin!(copy_one_way(down_r, up_w, &stats.sent));
-    let to_down = pin!(copy_one_way(up_r, down_w, &stats.received));
-    join_fail_fast(to_up, to_down).await
+/// A stream split for the relay: two pointers to one shared stream. Passed instead of the
+/// 80-byte stream itself, because an async function keeps its arguments for its whole life.
+pub struct Halves(OwnedReadHalf<TcpStream>, OwnedWriteHalf<TcpStream>);
+
+impl From<TcpStream> for Halves {
+    fn from(s: TcpStream) -> Halves {
+        let (r, w) = s.into_split();
+        Halves(r, w)
+    }
 }
 
-/// Polls both futures to completion, returning at once when either fails.
-async fn join_fail_fast<A, B>(mut a: std::pin::Pin<&mut A>, mut b: std::pin::Pin<&mut B>) -> io::Result<()>
-where
-    A: Future<Output = io::Result<()>>,
-    B: Future<Output = io::Result<()>>,
-{
-    let (mut a_done, mut b_done) = (false, false);
+/// How a relay ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum RelayEnd {
+    /// Both directions reached end of stream.
+    Done,
+    /// `close` fired first (drain deadline, or a policy change).
+    Closed,
+}
+
+/// Copies both ways until both directions reached end of stream, one failed, or `close`
+/// completes.
+///
+/// One flat future (both directions and `close` polled here) keeps an idle connection's
+/// footprint small: nested async layers would each keep their arguments beside their inner
+/// future.
+pub async fn relay(
+    downstream: Halves,
+    upstream: Halves,
+    stats: &RelayStats,
+    close: impl Future<Output = ()>,
+) -> io::Result<RelayEnd> {
+    let (Halves(down_r, down_w), Halves(up_r, up_w)) = (downstream, upstream);
+    let mut to_up = pin!(copy_one_way(down_r, up_w, &stats.sent));
+    let mut to_down = pin!(copy_one_way(up_r, down_w, &stats.received));
+    let mut close = pin!(close);
+    let (mut up_done, mut down_done) = (false, false);
     poll_fn(|cx| {
-        if !a_done {
-            if let Poll::Ready(r) = a.as_mut().poll(cx) {
+        if close.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Ok(RelayEnd::Closed));
+        }
+        if !up_done {
+            if let Poll::Ready(r) = to_up.as_mut().poll(cx) {
                 r?;
-                a_done = true;
+                up_done = true;
             }
         }
-        if !b_done {
-            if let Poll::Ready(r) = b.as_mut().poll(cx) {
+        if !down_done {
+            if let Poll::Ready(r) = to_down.as_mut().poll(cx) {
                 r?;
-                b_done = true;
+                down_done = true;
             }
         }
-        if a_done && b_done { Poll::Ready(Ok(())) } else { Poll::Pending }
+        if up_done && down_done { Poll::Ready(Ok(RelayEnd::Done)) } else { Poll::Pending }
     })
     .await
 }
@@ -73,7 +98,7 @@ async fn copy_one_way(
                 bufpool::take()
             }
         };
-        let (res, buf) = src.read(buf).await;
+        let (res, mut buf) = src.read(buf).await;
         let n = match res {
             Ok(n) => n,
             Err(e) => {
@@ -87,10 +112,23 @@ async fn copy_one_way(
             return dst.shutdown().await;
         }
         counter.set(counter.get() + n as u64);
-        let (res, mut buf) = dst.write_all(buf).await;
-        if let Err(e) = res {
-            bufpool::give(buf);
-            return Err(e);
+        // A plain write loop: monoio's write_all future is twice the size of a write, and this
+        // state is part of every connection's footprint.
+        let mut written = 0;
+        while written < n {
+            let (res, slice) = dst.write(buf.slice(written..n)).await;
+            buf = slice.into_inner();
+            match res {
+                Ok(0) => {
+                    bufpool::give(buf);
+                    return Err(io::ErrorKind::WriteZero.into());
+                }
+                Ok(w) => written += w,
+                Err(e) => {
+                    bufpool::give(buf);
+                    return Err(e);
+                }
+            }
         }
         if n == buf.capacity() {
             buf.clear();

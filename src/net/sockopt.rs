@@ -125,3 +125,23 @@ pub async fn readable(half: &monoio::io::OwnedReadHalf<monoio::net::TcpStream>) 
     let stream: &monoio::net::TcpStream = unsafe { &*half.0.get() };
     stream.readable(true).await
 }
+
+/// Raises the soft open-file limit to the hard limit: a node proxy holds two sockets per
+/// proxied connection. Returns the soft limit in force afterwards.
+pub fn raise_nofile_limit() -> io::Result<u64> {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: `lim` is a valid rlimit for the kernel to fill and then read.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if lim.rlim_cur < lim.rlim_max {
+            let raised = libc::rlimit { rlim_cur: lim.rlim_max, rlim_max: lim.rlim_max };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            lim = raised;
+        }
+    }
+    Ok(lim.rlim_cur)
+}

@@ -31,6 +31,8 @@ pub enum ProxyError {
     Socks5(String),
     #[error("relay: {0}")]
     Io(std::io::Error),
+    #[error("the client did not complete its handshake within {0:?}")]
+    SetupTimeout(std::time::Duration),
     #[error("closed by the proxy at the drain deadline")]
     Drained,
 }

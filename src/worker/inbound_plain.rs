@@ -6,34 +6,31 @@ use std::net::SocketAddr;
 
 use monoio::net::TcpStream;
 
-use super::conns::Signal;
 use super::error::ProxyError;
-use super::{WorkerCtx, original_dst, relay_or_close};
-use crate::net::relay::RelayStats;
+use super::{Established, WorkerCtx, original_dst};
 use crate::net::{DialOpts, dial};
 use crate::routing::RouteError;
 use crate::telemetry::access::ConnLog;
 
-pub async fn handle(ctx: &WorkerCtx, stream: TcpStream, peer: SocketAddr, close: &Signal) {
-    let mut log = ConnLog::new("inbound", peer);
-    let stats = RelayStats::default();
+pub async fn handle(
+    ctx: &WorkerCtx,
+    stream: TcpStream,
+    peer: SocketAddr,
+    log: &mut ConnLog,
+) -> Result<Established, ProxyError> {
     let listener_port = stream.local_addr().map(|a| a.port()).unwrap_or(0);
-    let res = async {
-        let dst = original_dst(&stream, peer, |local| local.port() == listener_port)?;
-        if ctx.is_own_port(dst) {
-            return Err(RouteError::Loop(dst).into());
-        }
-        let snap = ctx.snapshot();
-        let network = ctx.cfg.network.as_str();
-        let target = snap.local_workload_by_ip(network, dst.ip()).ok_or(ProxyError::UnknownLocalDestination(dst))?;
-        log.dst_workload = Some(target.clone());
-        log.src_workload = snap.workload_by_ip(network, peer.ip()).cloned();
-        log.dst_addr = Some(dst);
-        let spoof_source = (ctx.spoof_source && peer.ip() != dst.ip()).then_some(peer.ip());
-        let opts = DialOpts { mark: ctx.cfg.packet_mark, spoof_source, timeout: ctx.cfg.connect_timeout };
-        let upstream = dial(dst, opts).await?;
-        relay_or_close(stream, upstream, &stats, close).await
+    let dst = original_dst(&stream, peer, |local| local.port() == listener_port)?;
+    if ctx.is_own_port(dst) {
+        return Err(RouteError::Loop(dst).into());
     }
-    .await;
-    log.finish(&stats, res.as_ref().err().map(|e| e as &dyn std::fmt::Display));
+    let snap = ctx.snapshot();
+    let network = ctx.cfg.network.as_str();
+    let target = snap.local_workload_by_ip(network, dst.ip()).ok_or(ProxyError::UnknownLocalDestination(dst))?;
+    log.dst_workload = Some(target.clone());
+    log.src_workload = snap.workload_by_ip(network, peer.ip()).cloned();
+    log.dst_addr = Some(dst);
+    let spoof_source = (ctx.spoof_source && peer.ip() != dst.ip()).then_some(peer.ip());
+    let opts = DialOpts { mark: ctx.cfg.packet_mark, spoof_source, timeout: ctx.cfg.connect_timeout };
+    let upstream = dial(dst, opts).await?;
+    Ok(Established { downstream: stream, upstream, early_bytes: 0 })
 }

@@ -24,11 +24,12 @@ use std::time::{Duration, Instant};
 use monoio::net::{TcpListener, TcpStream};
 
 use crate::config::{Config, IoDriver};
-use crate::net::relay::{RelayStats, relay};
+use crate::net::relay::{Halves, RelayEnd, RelayStats, relay};
 use crate::net::{ListenOpts, bind_listener, canonical, sockopt};
 use crate::snapshot::Snapshot;
+use crate::telemetry::access::ConnLog;
 use channel::{WorkerMsg, WorkerRx};
-use conns::{ConnTable, Direction, Signal};
+use conns::{ConnGuard, ConnTable, Direction, Signal};
 use error::ProxyError;
 
 /// Addresses a worker binds. The first worker resolves port 0; the others bind what it got.
@@ -237,18 +238,63 @@ async fn accept_loop(ctx: Rc<WorkerCtx>, kind: Kind, listener: TcpListener) {
     tracing::debug!(worker = ctx.id, listener = ?kind, "listener closed for drain");
 }
 
+/// A connection whose setup is done: both ends connected, ready to relay.
+pub struct Established {
+    pub downstream: TcpStream,
+    pub upstream: TcpStream,
+    /// Bytes already sent upstream during setup (SOCKS5 clients may send data early).
+    pub early_bytes: u64,
+}
+
+/// The longest a client may take over its part of the setup (the SOCKS5 handshake).
+const SETUP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Sets a connection up, then hands it to a task of its own for the relay. The setup future is
+/// as large as its largest state (handshake buffers, routing); ending it frees that memory, so
+/// a long-lived idle connection only keeps the small relay task.
 async fn connection(ctx: Rc<WorkerCtx>, kind: Kind, stream: TcpStream, peer: SocketAddr) {
-    let direction = match kind {
-        Kind::InboundPlain => Direction::Inbound,
-        Kind::Outbound | Kind::Socks5 => Direction::Outbound,
+    let (direction, name) = match kind {
+        Kind::InboundPlain => (Direction::Inbound, "inbound"),
+        Kind::Outbound | Kind::Socks5 => (Direction::Outbound, "outbound"),
     };
     let guard = ctx.conns.register(direction, peer);
+    let mut log = ConnLog::new(name, peer);
+    let setup = async {
+        match kind {
+            Kind::Outbound => outbound::captured(&ctx, stream, peer, &mut log).await,
+            Kind::Socks5 => {
+                // The client's handshake plus our dial (which has its own timeout too).
+                let limit = ctx.cfg.connect_timeout + SETUP_TIMEOUT;
+                monoio::time::timeout(limit, socks5::handle(&ctx, stream, peer, &mut log))
+                    .await
+                    .unwrap_or(Err(ProxyError::SetupTimeout(limit)))
+            }
+            Kind::InboundPlain => inbound_plain::handle(&ctx, stream, peer, &mut log).await,
+        }
+    };
     let close = guard.close_signal().clone();
-    match kind {
-        Kind::Outbound => outbound::captured(&ctx, stream, peer, &close).await,
-        Kind::Socks5 => socks5::handle(&ctx, stream, peer, &close).await,
-        Kind::InboundPlain => inbound_plain::handle(&ctx, stream, peer, &close).await,
+    let res = monoio::select! {
+        r = setup => r,
+        _ = close.wait() => Err(ProxyError::Drained),
+    };
+    match res {
+        Ok(est) => {
+            let early = est.early_bytes;
+            monoio::spawn(relay_task(guard, log, est.downstream.into(), est.upstream.into(), early));
+        }
+        Err(e) => log.finish(&RelayStats::default(), Some(&e)),
     }
+}
+
+async fn relay_task(guard: ConnGuard, log: ConnLog, down: Halves, up: Halves, early_bytes: u64) {
+    let stats = RelayStats::default();
+    stats.sent.set(early_bytes);
+    let res = match relay(down, up, &stats, guard.close_signal().wait()).await {
+        Ok(RelayEnd::Done) => Ok(()),
+        Ok(RelayEnd::Closed) => Err(ProxyError::Drained),
+        Err(e) => Err(ProxyError::Io(e)),
+    };
+    log.finish(&stats, res.as_ref().err().map(|e| e as &dyn std::fmt::Display));
     drop(guard);
 }
 
@@ -297,13 +343,5 @@ fn original_dst(
             let local = canonical(stream.local_addr().map_err(ProxyError::OriginalDst)?);
             if listener_port_hit(local) { Err(ProxyError::NotRedirected(local)) } else { Ok(local) }
         }
-    }
-}
-
-/// Copies until both sides are done, the relay fails, or the connection is told to close.
-async fn relay_or_close(down: TcpStream, up: TcpStream, stats: &RelayStats, close: &Signal) -> Result<(), ProxyError> {
-    monoio::select! {
-        r = relay(down, up, stats) => r.map_err(ProxyError::Io),
-        _ = close.wait() => Err(ProxyError::Drained),
     }
 }

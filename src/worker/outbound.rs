@@ -5,29 +5,26 @@ use std::net::SocketAddr;
 
 use monoio::net::TcpStream;
 
-use super::conns::Signal;
 use super::error::ProxyError;
-use super::{WorkerCtx, original_dst, relay_or_close};
+use super::{Established, WorkerCtx, original_dst};
 use crate::config::ProxyMode;
-use crate::net::relay::RelayStats;
 use crate::net::{DialOpts, dial};
 use crate::routing::{self, Transport};
 use crate::snapshot::Snapshot;
 use crate::telemetry::access::ConnLog;
 
-/// A connection captured on the outbound listener.
-pub async fn captured(ctx: &WorkerCtx, stream: TcpStream, peer: SocketAddr, close: &Signal) {
-    let mut log = ConnLog::new("outbound", peer);
-    let stats = RelayStats::default();
+/// A connection captured on the outbound listener: find where it was going and connect there.
+pub async fn captured(
+    ctx: &WorkerCtx,
+    stream: TcpStream,
+    peer: SocketAddr,
+    log: &mut ConnLog,
+) -> Result<Established, ProxyError> {
     let listener_port = stream.local_addr().map(|a| a.port()).unwrap_or(0);
-    let res = async {
-        let dst = original_dst(&stream, peer, |local| local.port() == listener_port)?;
-        let snap = ctx.snapshot();
-        let upstream = connect(ctx, &snap, &mut log, peer, dst).await?;
-        relay_or_close(stream, upstream, &stats, close).await
-    }
-    .await;
-    log.finish(&stats, res.as_ref().err().map(|e| e as &dyn std::fmt::Display));
+    let dst = original_dst(&stream, peer, |local| local.port() == listener_port)?;
+    let snap = ctx.snapshot();
+    let upstream = connect(ctx, &snap, log, peer, dst).await?;
+    Ok(Established { downstream: stream, upstream, early_bytes: 0 })
 }
 
 /// Resolves the source workload and the route, and connects upstream. Fills in `log`.

@@ -10,12 +10,10 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
 use monoio::net::TcpStream;
 
-use super::conns::Signal;
 use super::error::ProxyError;
 use super::outbound::connect;
-use super::{WorkerCtx, relay_or_close};
+use super::{Established, WorkerCtx};
 use crate::net::DialError;
-use crate::net::relay::RelayStats;
 use crate::routing::RouteError;
 use crate::snapshot::Snapshot;
 use crate::telemetry::access::ConnLog;
@@ -201,61 +199,61 @@ async fn write(stream: &mut TcpStream, bytes: Vec<u8>) -> Result<(), ProxyError>
     res.map(|_| ()).map_err(ProxyError::Io)
 }
 
-pub async fn handle(ctx: &WorkerCtx, mut stream: TcpStream, peer: SocketAddr, close: &Signal) {
-    let mut log = ConnLog::new("outbound", peer);
-    let stats = RelayStats::default();
-    let res = async {
-        let socks = |e: Socks5Error| ProxyError::Socks5(e.message);
-        let mut acc = Vec::new();
-        let (no_auth, used) = read_message(&mut stream, &mut acc, parse_greeting).await.map_err(socks)?;
-        acc.drain(..used);
-        if !no_auth {
-            write(&mut stream, vec![5, 0xFF]).await?;
-            return Err(ProxyError::Socks5("client offers no acceptable method (only no-auth is supported)".into()));
-        }
-        write(&mut stream, vec![5, 0]).await?;
-        let (target, used) = match read_message(&mut stream, &mut acc, parse_request).await {
-            Ok(t) => t,
-            Err(e) => {
-                if let Some(code) = e.reply {
-                    write(&mut stream, reply(code, None)).await?;
-                }
-                return Err(socks(e));
-            }
-        };
-        acc.drain(..used);
-        let snap = ctx.snapshot();
-        let dst = match target {
-            Target::Addr(a) => a,
-            Target::Name(name, port) => {
-                let network = ctx.cfg.network.as_str();
-                let ns = snap.local_workload_by_ip(network, peer.ip()).map(|w| w.namespace.clone()).unwrap_or_default();
-                match resolve(&snap, &name, port, network, &ns, peer.is_ipv4()) {
-                    Some(a) => a,
-                    None => {
-                        write(&mut stream, reply(REPLY_HOST_UNREACHABLE, None)).await?;
-                        return Err(ProxyError::Socks5(format!("hostname {name:?} is not a known service")));
-                    }
-                }
-            }
-        };
-        let mut upstream = match connect(ctx, &snap, &mut log, peer, dst).await {
-            Ok(u) => u,
-            Err(e) => {
-                let _ = write(&mut stream, reply(reply_code(&e), None)).await;
-                return Err(e);
-            }
-        };
-        write(&mut stream, reply(REPLY_OK, upstream.local_addr().ok())).await?;
-        if !acc.is_empty() {
-            // Bytes the client sent right behind its request belong to the stream.
-            stats.sent.set(acc.len() as u64);
-            write(&mut upstream, acc).await?;
-        }
-        relay_or_close(stream, upstream, &stats, close).await
+/// The SOCKS5 handshake, then the upstream connect; the reply tells the client how it went.
+pub async fn handle(
+    ctx: &WorkerCtx,
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    log: &mut ConnLog,
+) -> Result<Established, ProxyError> {
+    let socks = |e: Socks5Error| ProxyError::Socks5(e.message);
+    let mut acc = Vec::new();
+    let (no_auth, used) = read_message(&mut stream, &mut acc, parse_greeting).await.map_err(socks)?;
+    acc.drain(..used);
+    if !no_auth {
+        write(&mut stream, vec![5, 0xFF]).await?;
+        return Err(ProxyError::Socks5("client offers no acceptable method (only no-auth is supported)".into()));
     }
-    .await;
-    log.finish(&stats, res.as_ref().err().map(|e| e as &dyn std::fmt::Display));
+    write(&mut stream, vec![5, 0]).await?;
+    let (target, used) = match read_message(&mut stream, &mut acc, parse_request).await {
+        Ok(t) => t,
+        Err(e) => {
+            if let Some(code) = e.reply {
+                write(&mut stream, reply(code, None)).await?;
+            }
+            return Err(socks(e));
+        }
+    };
+    acc.drain(..used);
+    let snap = ctx.snapshot();
+    let dst = match target {
+        Target::Addr(a) => a,
+        Target::Name(name, port) => {
+            let network = ctx.cfg.network.as_str();
+            let ns = snap.local_workload_by_ip(network, peer.ip()).map(|w| w.namespace.clone()).unwrap_or_default();
+            match resolve(&snap, &name, port, network, &ns, peer.is_ipv4()) {
+                Some(a) => a,
+                None => {
+                    write(&mut stream, reply(REPLY_HOST_UNREACHABLE, None)).await?;
+                    return Err(ProxyError::Socks5(format!("hostname {name:?} is not a known service")));
+                }
+            }
+        }
+    };
+    let mut upstream = match connect(ctx, &snap, log, peer, dst).await {
+        Ok(u) => u,
+        Err(e) => {
+            let _ = write(&mut stream, reply(reply_code(&e), None)).await;
+            return Err(e);
+        }
+    };
+    write(&mut stream, reply(REPLY_OK, upstream.local_addr().ok())).await?;
+    let early_bytes = acc.len() as u64;
+    if !acc.is_empty() {
+        // Bytes the client sent right behind its request belong to the stream.
+        write(&mut upstream, acc).await?;
+    }
+    Ok(Established { downstream: stream, upstream, early_bytes })
 }
 
 #[cfg(test)]
