@@ -18,8 +18,7 @@ pub async fn handle(
     peer: SocketAddr,
     log: &mut ConnLog,
 ) -> Result<Established, ProxyError> {
-    let listener_port = stream.local_addr().map(|a| a.port()).unwrap_or(0);
-    let dst = original_dst(&stream, peer, |local| local.port() == listener_port)?;
+    let dst = original_dst(&stream, peer, ctx.addrs.inbound_plain)?;
     if ctx.is_own_port(dst) {
         return Err(RouteError::Loop(dst).into());
     }

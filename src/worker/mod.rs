@@ -78,6 +78,8 @@ pub struct WorkerCtx {
     /// The proxy's own listening ports (configured and well-known): never dialed on loopback.
     pub own_ports: Vec<u16>,
     pub spoof_source: bool,
+    /// This worker's bound listener addresses.
+    pub addrs: ListenAddrs,
 }
 
 impl WorkerCtx {
@@ -196,6 +198,7 @@ async fn run(spec: WorkerSpec, driver: &'static str, ready: std::sync::mpsc::Sen
         accepting: Cell::new(0),
         own_ports,
         spoof_source: spec.spoof_source,
+        addrs,
     });
     for (kind, listener) in listeners {
         ctx.accepting.set(ctx.accepting.get() + 1);
@@ -330,18 +333,41 @@ async fn drain(ctx: &WorkerCtx, deadline: Instant) {
     tracing::info!(worker = ctx.id, "drained");
 }
 
-/// The original destination of a captured connection: `SO_ORIGINAL_DST` (REDIRECT), else the
-/// socket's local address (TPROXY). A connection made straight to the listener has neither.
-fn original_dst(
-    stream: &TcpStream,
-    peer: SocketAddr,
-    listener_port_hit: impl Fn(SocketAddr) -> bool,
+/// The original destination of a connection accepted on the listener bound to `listener`.
+fn original_dst(stream: &TcpStream, peer: SocketAddr, listener: SocketAddr) -> Result<SocketAddr, ProxyError> {
+    let redirected = sockopt::original_dst(stream, peer.is_ipv4()).map_err(ProxyError::OriginalDst)?;
+    let local = stream.local_addr().map_err(ProxyError::OriginalDst)?;
+    choose_original_dst(redirected, local, listener.port())
+}
+
+/// `SO_ORIGINAL_DST` when netfilter REDIRECTed the connection; otherwise the socket's local
+/// address, which under TPROXY is the original destination. A connection made straight to the
+/// listener (local port = the listener's port) was not captured at all and has nowhere to go.
+fn choose_original_dst(
+    redirected: Option<SocketAddr>,
+    local: SocketAddr,
+    listener_port: u16,
 ) -> Result<SocketAddr, ProxyError> {
-    match sockopt::original_dst(stream, peer.is_ipv4()).map_err(ProxyError::OriginalDst)? {
+    match redirected {
         Some(dst) => Ok(canonical(dst)),
-        None => {
-            let local = canonical(stream.local_addr().map_err(ProxyError::OriginalDst)?);
-            if listener_port_hit(local) { Err(ProxyError::NotRedirected(local)) } else { Ok(local) }
-        }
+        None if local.port() == listener_port => Err(ProxyError::NotRedirected(canonical(local))),
+        None => Ok(canonical(local)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn original_destination_redirect_tproxy_and_direct() {
+        let sa = |s: &str| s.parse::<SocketAddr>().unwrap();
+        // REDIRECT: the conntrack answer wins over the local address (our listener).
+        let redirected = choose_original_dst(Some(sa("[::ffff:10.0.0.5]:80")), sa("127.0.0.1:15001"), 15001);
+        assert_eq!(redirected.unwrap(), sa("10.0.0.5:80"));
+        // TPROXY: no conntrack entry, the local address is the original destination.
+        assert_eq!(choose_original_dst(None, sa("10.0.0.5:80"), 15001).unwrap(), sa("10.0.0.5:80"));
+        // Straight to the listener: not captured.
+        assert!(matches!(choose_original_dst(None, sa("10.0.0.1:15001"), 15001), Err(ProxyError::NotRedirected(_))));
     }
 }

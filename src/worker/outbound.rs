@@ -20,8 +20,7 @@ pub async fn captured(
     peer: SocketAddr,
     log: &mut ConnLog,
 ) -> Result<Established, ProxyError> {
-    let listener_port = stream.local_addr().map(|a| a.port()).unwrap_or(0);
-    let dst = original_dst(&stream, peer, |local| local.port() == listener_port)?;
+    let dst = original_dst(&stream, peer, ctx.addrs.outbound)?;
     let snap = ctx.snapshot();
     let upstream = connect(ctx, &snap, log, peer, dst).await?;
     Ok(Established { downstream: stream, upstream, early_bytes: 0 })
