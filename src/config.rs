@@ -76,6 +76,8 @@ pub struct Config {
     /// by whether the process may (CAP_NET_ADMIN).
     pub enable_orig_src: Option<bool>,
     pub socks5: bool,
+    /// Bulk connections move data with splice(2) (io_uring workers only).
+    pub splice: bool,
     pub worker_threads: usize,
     pub io_driver: IoDriver,
     #[serde(serialize_with = "ser_duration")]
@@ -147,6 +149,7 @@ pub fn usage() -> String {
         "  --help, -h\n\n\
          Other variables: XDS_ADDRESS, CLUSTER_ID, CLUSTER_DOMAIN, NETWORK, INSTANCE_IP, POD_NAME,\n\
          POD_NAMESPACE, ENABLE_ORIG_SRC, CONNECTION_TERMINATION_DEADLINE, ZTUNNEL_CONNECT_TIMEOUT,\n\
+         ZTUNNEL_SPLICE,\n\
          RUST_LOG. See README.md.\n",
     );
     s
@@ -420,6 +423,7 @@ impl Config {
             packet_mark,
             enable_orig_src: src.bool("ENABLE_ORIG_SRC")?,
             socks5: src.bool("UNSTABLE_ENABLE_SOCKS5")?.unwrap_or(false),
+            splice: src.bool("ZTUNNEL_SPLICE")?.unwrap_or(true),
             worker_threads,
             io_driver,
             termination_deadline,

@@ -103,11 +103,15 @@ fn socks5_routes_to_workloads_services_and_passthrough() {
     stop(proxy);
 }
 
-#[test]
-fn relay_moves_bulk_bytes_and_propagates_half_close() {
+/// 4 MiB each way with half-close, through a proxy that copies through buffers or (once a
+/// direction turns bulk) splices.
+fn bulk_relay(splice: bool, driver: IoDriver) {
     let a = EchoServer::start("127.0.0.2", "a");
     let dir = TestDir::new("relay");
-    let proxy = start(&dir.write_config(&mesh(a.addr, a.addr, "")));
+    let mut cfg = Config::for_tests(dir.write_config(&mesh(a.addr, a.addr, "")));
+    cfg.splice = splice;
+    cfg.io_driver = driver;
+    let proxy = start_with(cfg);
     let mut c = socks5(socks(&proxy), Dest::Addr(a.addr)).unwrap();
     assert_eq!(read_greeting(&mut c), "a");
     let payload: Vec<u8> = (0..4 * 1024 * 1024u32).map(|i| (i % 251) as u8).collect();
@@ -126,6 +130,17 @@ fn relay_moves_bulk_bytes_and_propagates_half_close() {
     assert_eq!(got.len(), expected.len());
     assert!(got == expected, "bytes arrive intact and in order");
     stop(proxy);
+}
+
+#[test]
+fn relay_moves_bulk_bytes_and_propagates_half_close() {
+    bulk_relay(true, IoDriver::Auto);
+}
+
+#[test]
+fn relay_without_splice_and_on_epoll() {
+    bulk_relay(false, IoDriver::Auto);
+    bulk_relay(true, IoDriver::Epoll); // epoll workers always copy
 }
 
 #[test]

@@ -145,3 +145,65 @@ pub fn raise_nofile_limit() -> io::Result<u64> {
     }
     Ok(lim.rlim_cur)
 }
+
+/// Waits for write readiness on the stream behind a monoio write half (see [`readable`]).
+pub async fn writable(half: &monoio::io::OwnedWriteHalf<monoio::net::TcpStream>) -> io::Result<()> {
+    // SAFETY: as in `readable`: a shared reference used only to build a poll operation on the fd.
+    let stream: &monoio::net::TcpStream = unsafe { &*half.0.get() };
+    stream.writable(true).await
+}
+
+/// Puts a socket in non-blocking mode (raw `splice` calls must never block the worker).
+pub fn set_nonblocking(fd: RawFd) -> io::Result<()> {
+    // SAFETY: fcntl on a caller-owned fd with standard commands.
+    unsafe {
+        let flags = libc::fcntl(fd, libc::F_GETFL);
+        if flags < 0 || libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// A non-blocking pipe used as the kernel-side buffer of a spliced relay direction.
+pub struct Pipe {
+    pub read: std::os::fd::OwnedFd,
+    pub write: std::os::fd::OwnedFd,
+    pub capacity: usize,
+}
+
+impl Pipe {
+    pub fn new(want: usize) -> io::Result<Pipe> {
+        use std::os::fd::FromRawFd;
+        let mut fds = [0 as libc::c_int; 2];
+        // SAFETY: pipe2 writes two fds into the array on success; we own them from then on.
+        let rc = unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: both fds were just returned by pipe2 and are owned by nobody else.
+        let (read, write) =
+            unsafe { (std::os::fd::OwnedFd::from_raw_fd(fds[0]), std::os::fd::OwnedFd::from_raw_fd(fds[1])) };
+        // A bigger pipe means fewer splice calls per byte; the kernel may cap it.
+        // SAFETY: fcntl on an fd we own.
+        let size = unsafe { libc::fcntl(write.as_raw_fd(), libc::F_SETPIPE_SZ, want as libc::c_int) };
+        let capacity = if size > 0 { size as usize } else { 64 * 1024 };
+        Ok(Pipe { read, write, capacity })
+    }
+}
+
+/// One non-blocking `splice(2)` call, moving up to `len` bytes between two fds (one a pipe).
+pub fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
+    // SAFETY: no memory is passed to the kernel (null offsets); both fds are caller-owned.
+    let n = unsafe {
+        libc::splice(
+            from,
+            std::ptr::null_mut(),
+            to,
+            std::ptr::null_mut(),
+            len,
+            libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
+        )
+    };
+    if n < 0 { Err(io::Error::last_os_error()) } else { Ok(n as usize) }
+}

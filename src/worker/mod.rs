@@ -80,6 +80,8 @@ pub struct WorkerCtx {
     pub spoof_source: bool,
     /// This worker's bound listener addresses.
     pub addrs: ListenAddrs,
+    /// Bulk relay directions switch to splice(2) (io_uring workers, unless disabled).
+    pub splice: bool,
 }
 
 impl WorkerCtx {
@@ -199,6 +201,8 @@ async fn run(spec: WorkerSpec, driver: &'static str, ready: std::sync::mpsc::Sen
         own_ports,
         spoof_source: spec.spoof_source,
         addrs,
+        // Raw splice calls rely on io_uring readiness polls; the epoll driver keeps copying.
+        splice: spec.cfg.splice && driver == "io_uring",
     });
     for (kind, listener) in listeners {
         ctx.accepting.set(ctx.accepting.get() + 1);
@@ -283,16 +287,17 @@ async fn connection(ctx: Rc<WorkerCtx>, kind: Kind, stream: TcpStream, peer: Soc
     match res {
         Ok(est) => {
             let early = est.early_bytes;
-            monoio::spawn(relay_task(guard, log, est.downstream.into(), est.upstream.into(), early));
+            let splice = ctx.splice;
+            monoio::spawn(relay_task(guard, log, est.downstream.into(), est.upstream.into(), early, splice));
         }
         Err(e) => log.finish(&RelayStats::default(), Some(&e)),
     }
 }
 
-async fn relay_task(guard: ConnGuard, log: ConnLog, down: Halves, up: Halves, early_bytes: u64) {
+async fn relay_task(guard: ConnGuard, log: ConnLog, down: Halves, up: Halves, early_bytes: u64, splice: bool) {
     let stats = RelayStats::default();
     stats.sent.set(early_bytes);
-    let res = match relay(down, up, &stats, guard.close_signal().wait()).await {
+    let res = match relay(down, up, &stats, guard.close_signal().wait(), splice).await {
         Ok(RelayEnd::Done) => Ok(()),
         Ok(RelayEnd::Closed) => Err(ProxyError::Drained),
         Err(e) => Err(ProxyError::Io(e)),
