@@ -23,6 +23,7 @@ fn quick_local_run_produces_a_complete_report() {
         progress: false,
     };
     let report = perf::run(&opts).expect("the harness runs");
+    assert!(report.failures.is_empty(), "no test failed: {:?}", report.failures);
     for f in ["report.json", "report.md", "latency.svg", "config.yaml"] {
         let meta = std::fs::metadata(dir.0.join(f)).unwrap_or_else(|_| panic!("{f} written"));
         assert!(meta.len() > 0, "{f} is not empty");

@@ -87,6 +87,11 @@ impl Topology {
             }
             t.exec(ns, "ip", &["link", "set", dev, "up"])?;
         }
+        // The client and the proxy's upstream connections share one source address and
+        // destination in node a, and the connection-rate test leaves many sockets in TIME_WAIT:
+        // give node a the whole port range and let it reuse TIME_WAIT ports.
+        t.exec(&t.a, "sysctl", &["-q", "-w", "net.ipv4.ip_local_port_range=1024 65535"])?;
+        t.exec(&t.a, "sysctl", &["-q", "-w", "net.ipv4.tcp_tw_reuse=1"])?;
         Ok(t)
     }
 

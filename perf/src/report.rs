@@ -132,6 +132,17 @@ fn markdown(report: &Report, groups: &BTreeMap<Key, Vec<&Record>>) -> String {
     for u in &report.unavailable {
         let _ = writeln!(md, "- path `{}` through `{}` unavailable: {}", u.path, u.proxy, u.reason);
     }
+    for f in &report.failures {
+        let _ = writeln!(
+            md,
+            "- FAILED: `{}` on `{}` through `{}`, repetition {}: {}",
+            f.test,
+            f.path,
+            f.proxy,
+            f.rep + 1,
+            f.error
+        );
+    }
     let _ = writeln!(md);
 
     let keys_for = |test: &'static str| groups.iter().filter(move |((t, _, _), _)| t == test);

@@ -116,6 +116,16 @@ pub struct Unavailable {
     pub reason: String,
 }
 
+/// A test that failed in one repetition; the run goes on.
+#[derive(Debug, Clone, Serialize)]
+pub struct Failure {
+    pub test: String,
+    pub path: String,
+    pub proxy: String,
+    pub rep: usize,
+    pub error: String,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct ProxyInfo {
     pub label: String,
@@ -132,6 +142,7 @@ pub struct Report {
     pub proxies: Vec<ProxyInfo>,
     pub records: Vec<Record>,
     pub unavailable: Vec<Unavailable>,
+    pub failures: Vec<Failure>,
     /// Histograms kept in memory for the plot and `.hgrm` files, not serialized twice.
     #[serde(skip)]
     pub merged: Vec<(String, String, String, hdrhistogram::Histogram<u64>)>,
@@ -183,6 +194,7 @@ pub fn run(opts: &RunOpts) -> anyhow::Result<Report> {
         proxies: proxies.clone(),
         records: Vec::new(),
         unavailable: Vec::new(),
+        failures: Vec::new(),
         merged: Vec::new(),
     };
     let direct_tests = tests.iter().filter(|t| !matches!(t.kind, Kind::Idle { .. })).count();
@@ -202,8 +214,7 @@ pub fn run(opts: &RunOpts) -> anyhow::Result<Report> {
         for path in setup.paths.iter().filter(|p| !p.proxied) {
             for t in tests.iter().filter(|t| !matches!(t.kind, Kind::Idle { .. })) {
                 progress(&format!("rep {} direct {}", rep + 1, t.name));
-                let rec = run_test(&setup, path, t, &[], "none", rep)?;
-                report.records.push(rec);
+                record(&mut report, run_test(&setup, path, t, &[], "none", rep), t, path, "none", rep);
             }
         }
         for p in &proxies {
@@ -232,8 +243,7 @@ pub fn run(opts: &RunOpts) -> anyhow::Result<Report> {
                 }
                 for t in &tests {
                     progress(&format!("rep {} {} {} {}", rep + 1, p.label, path.name, t.name));
-                    let rec = run_test(&setup, path, t, &refs, &p.label, rep)?;
-                    report.records.push(rec);
+                    record(&mut report, run_test(&setup, path, t, &refs, &p.label, rep), t, path, &p.label, rep);
                 }
             }
             for proc_ in procs {
@@ -248,6 +258,20 @@ pub fn run(opts: &RunOpts) -> anyhow::Result<Report> {
     drop(topology);
     crate::report::finish(&mut report, &opts.out)?;
     Ok(report)
+}
+
+/// Keeps a record, or notes the failure and goes on with the run.
+fn record(report: &mut Report, res: anyhow::Result<Record>, t: &Test, path: &PathDef, proxy: &str, rep: usize) {
+    match res {
+        Ok(rec) => report.records.push(rec),
+        Err(e) => report.failures.push(Failure {
+            test: t.name.into(),
+            path: path.name.into(),
+            proxy: proxy.into(),
+            rep,
+            error: format!("{e:#}"),
+        }),
+    }
 }
 
 struct Setup {
