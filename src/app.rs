@@ -12,6 +12,7 @@ use crate::config::Config;
 use crate::control::{self, ControlSpec, LocalFileWatch, ProxyAddrs};
 use crate::net::sockopt;
 use crate::snapshot::{LocalScope, Snapshot, SourceInfo};
+use crate::tls::ca::LocalCa;
 use crate::worker::{self, ListenAddrs, WorkerSpec, channel};
 
 pub struct RunOptions {
@@ -76,6 +77,9 @@ pub fn start(cfg: Config, opts: RunOptions) -> anyhow::Result<Proxy> {
         Ok(n) => tracing::debug!(limit = n, "open file limit"),
         Err(e) => tracing::warn!(error = %e, "could not raise the open file limit"),
     }
+    let (ca, root) =
+        LocalCa::from_config(&cfg.ca, &cfg.trust_domain, cfg.secret_ttl).context("starting the local CA")?;
+    tracing::info!(root = %root, ttl = ?cfg.secret_ttl, "local CA ready");
     let spoof_source = match cfg.enable_orig_src {
         Some(false) => false,
         Some(true) => {
@@ -152,6 +156,7 @@ pub fn start(cfg: Config, opts: RunOptions) -> anyhow::Result<Proxy> {
         shutdown_rx,
         shutdown_tx: shutdown_tx.clone(),
         handle_signals: opts.handle_signals,
+        ca,
     };
     let (control, ready) = control::spawn(spec).context("spawning the control thread")?;
     let addrs = ready.recv().map_err(|_| anyhow::anyhow!("control thread died during start-up"))??;

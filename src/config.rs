@@ -89,6 +89,23 @@ pub struct Config {
     pub local_config_poll: Duration,
     pub log_format: LogFormat,
     pub listeners: Listeners,
+    /// The certificate source: this build has the local CA only.
+    pub ca: LocalCaConfig,
+    /// Lifetime of workload certificates.
+    #[serde(serialize_with = "ser_duration")]
+    pub secret_ttl: Duration,
+    /// Trust domain of identities whose workload does not name one.
+    pub trust_domain: String,
+}
+
+/// The local CA: a root from `LOCAL_CA_CERT` + `LOCAL_CA_KEY`, or one generated once into (and
+/// later reused from) `dir`, so proxies on one machine share it.
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LocalCaConfig {
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    pub dir: PathBuf,
 }
 
 fn ser_duration<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
@@ -149,7 +166,8 @@ pub fn usage() -> String {
         "  --help, -h\n\n\
          Other variables: XDS_ADDRESS, CLUSTER_ID, CLUSTER_DOMAIN, NETWORK, INSTANCE_IP, POD_NAME,\n\
          POD_NAMESPACE, ENABLE_ORIG_SRC, CONNECTION_TERMINATION_DEADLINE, ZTUNNEL_CONNECT_TIMEOUT,\n\
-         ZTUNNEL_SPLICE,\n\
+         ZTUNNEL_SPLICE, FAKE_CA, CA_ADDRESS, LOCAL_CA_CERT, LOCAL_CA_KEY, ZTUNNEL_LOCAL_CA_DIR,\n\
+         SECRET_TTL, TRUST_DOMAIN,\n\
          RUST_LOG. See README.md.\n",
     );
     s
@@ -404,6 +422,38 @@ impl Config {
         if connect_timeout.is_zero() {
             return Err(invalid("ZTUNNEL_CONNECT_TIMEOUT", "0", "must be above zero"));
         }
+        // Certificates: FAKE_CA (Istio's name) or an empty CA_ADDRESS select the local CA; this
+        // build has no Istio CA client, and without xDS there is no istiod to default to.
+        let fake_ca = src.bool("FAKE_CA")?.unwrap_or(false);
+        if let Some(addr) = src.value("CA_ADDRESS").filter(|_| !fake_ca) {
+            return Err(invalid(
+                "CA_ADDRESS",
+                &addr,
+                "this build has no Istio CA client yet; use FAKE_CA=true or CA_ADDRESS= for the local CA",
+            ));
+        }
+        let ca = LocalCaConfig {
+            cert: src.value("LOCAL_CA_CERT").map(PathBuf::from),
+            key: src.value("LOCAL_CA_KEY").map(PathBuf::from),
+            dir: src
+                .value("ZTUNNEL_LOCAL_CA_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| std::env::temp_dir().join("ztunnel-local-ca")),
+        };
+        match (&ca.cert, &ca.key) {
+            (Some(_), None) => {
+                return Err(ConfigError::Missing { var: "LOCAL_CA_KEY", why: "when LOCAL_CA_CERT is set" });
+            }
+            (None, Some(_)) => {
+                return Err(ConfigError::Missing { var: "LOCAL_CA_CERT", why: "when LOCAL_CA_KEY is set" });
+            }
+            _ => {}
+        }
+        let secret_ttl = src.duration("SECRET_TTL", Duration::from_secs(24 * 3600))?;
+        if secret_ttl < Duration::from_secs(2) {
+            return Err(invalid("SECRET_TTL", &format!("{secret_ttl:?}"), "must be at least 2s"));
+        }
+        let trust_domain = src.value("TRUST_DOMAIN").unwrap_or_else(|| "cluster.local".into());
         let local_config_poll = src.duration("ZTUNNEL_LOCAL_CONFIG_POLL", Duration::from_millis(50))?;
         if local_config_poll < Duration::from_millis(1) {
             return Err(invalid("ZTUNNEL_LOCAL_CONFIG_POLL", "0", "must be at least 1ms"));
@@ -431,6 +481,9 @@ impl Config {
             local_config_poll,
             log_format,
             listeners,
+            ca,
+            secret_ttl,
+            trust_domain,
         })
     }
 
@@ -442,7 +495,10 @@ impl Config {
 
     /// A configuration for in-process tests: every listener on 127.0.0.1 port 0.
     pub fn for_tests(local_xds_path: PathBuf) -> Config {
+        // The local CA's root lives next to the config file, in the test's own directory.
+        let ca_dir = local_xds_path.parent().map(|p| p.join("ca")).unwrap_or_else(|| std::env::temp_dir().join("ca"));
         let vars: HashMap<&str, String> = [
+            ("ZTUNNEL_LOCAL_CA_DIR", ca_dir.display().to_string()),
             ("XDS_ADDRESS", String::new()),
             ("LOCAL_XDS_PATH", local_xds_path.display().to_string()),
             ("UNSTABLE_ENABLE_SOCKS5", "true".into()),
@@ -455,6 +511,7 @@ impl Config {
             ("PACKET_MARK", "0".into()),
             ("ENABLE_ORIG_SRC", "false".into()),
             ("CONNECTION_TERMINATION_DEADLINE", "1s".into()),
+            ("FAKE_CA", "true".into()),
         ]
         .into_iter()
         .collect();
@@ -550,6 +607,13 @@ mod tests {
         }
         let err = cfg(&with(&[("PROXY_MODE", "dedicated")])).unwrap_err().to_string();
         assert!(err.contains("PROXY_WORKLOAD_INFO"), "{err}");
+        let err = cfg(&with(&[("CA_ADDRESS", "https://istiod:15012")])).unwrap_err().to_string();
+        assert!(err.contains("CA_ADDRESS"), "{err}");
+        assert!(cfg(&with(&[("CA_ADDRESS", "https://istiod:15012"), ("FAKE_CA", "true")])).is_ok(), "FAKE_CA wins");
+        let err = cfg(&with(&[("LOCAL_CA_CERT", "/x.pem")])).unwrap_err().to_string();
+        assert!(err.contains("LOCAL_CA_KEY"), "{err}");
+        let err = cfg(&with(&[("SECRET_TTL", "1s")])).unwrap_err().to_string();
+        assert!(err.contains("SECRET_TTL"), "{err}");
         let err = cfg(&[("XDS_ADDRESS", "")]).unwrap_err().to_string();
         assert!(err.contains("LOCAL_XDS_PATH"), "{err}");
     }

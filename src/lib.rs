@@ -9,4 +9,5 @@ pub mod net;
 pub mod routing;
 pub mod snapshot;
 pub mod telemetry;
+pub mod tls;
 pub mod worker;

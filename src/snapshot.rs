@@ -1,13 +1,62 @@
-//! The immutable config snapshot and its indexes.
+//! The immutable snapshot: config indexes plus the certificates of this node's workloads.
 //!
-//! Built on the control thread from one complete `ConfigState`, numbered by a generation and
-//! shared read-only with every worker behind an `Arc`. A worker never mutates it; a connection
-//! takes the worker's current snapshot once, at accept, and keeps it for its life. A change of
-//! config is a new snapshot, published whole (see `worker::channel`).
+//! Built on the control thread, numbered by a generation and shared read-only with every worker
+//! behind an `Arc`. A worker never mutates it; a connection takes the worker's current snapshot
+//! once, at accept, and keeps it for its life. A change of config, or a new or renewed
+//! certificate, is a new snapshot published whole (see `worker::channel`). The config part is
+//! itself shared, so a certificate renewal does not rebuild the indexes.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
+use std::ops::Deref;
 use std::sync::Arc;
+
+use crate::model::Identity;
+use crate::tls::WorkloadCert;
+
+/// Certificates by identity, as published to workers.
+pub type CertMap = BTreeMap<Identity, Arc<WorkloadCert>>;
+
+/// One published generation: config indexes and certificates.
+#[derive(Debug)]
+pub struct Snapshot {
+    pub generation: u64,
+    pub certs: Arc<CertMap>,
+    index: Arc<ConfigIndex>,
+}
+
+impl Deref for Snapshot {
+    type Target = ConfigIndex;
+    fn deref(&self) -> &ConfigIndex {
+        &self.index
+    }
+}
+
+impl Snapshot {
+    /// An empty snapshot (generation 0), what workers hold before the first config arrives.
+    pub fn empty(scope: LocalScope) -> Snapshot {
+        Snapshot::build(0, SourceInfo { kind: "none", location: String::new() }, scope, ConfigState::default())
+    }
+
+    /// Builds the indexes of a new config, with no certificates yet.
+    pub fn build(generation: u64, source: SourceInfo, scope: LocalScope, state: ConfigState) -> Snapshot {
+        Snapshot {
+            generation,
+            certs: Arc::default(),
+            index: Arc::new(ConfigIndex::build(generation, source, scope, state)),
+        }
+    }
+
+    /// The next generation with a new config, keeping the certificates.
+    pub fn with_config(&self, index: ConfigIndex) -> Snapshot {
+        Snapshot { generation: self.generation + 1, certs: self.certs.clone(), index: Arc::new(index) }
+    }
+
+    /// The next generation with new certificates, sharing the config indexes.
+    pub fn with_certs(&self, certs: CertMap) -> Snapshot {
+        Snapshot { generation: self.generation + 1, certs: Arc::new(certs), index: self.index.clone() }
+    }
+}
 
 use crate::config::{Config, ProxyMode, WorkloadInfo};
 use crate::model::{
@@ -70,9 +119,11 @@ pub struct SourceInfo {
     pub location: String,
 }
 
+/// The config of a generation and its indexes.
 #[derive(Debug)]
-pub struct Snapshot {
-    pub generation: u64,
+pub struct ConfigIndex {
+    /// Counts accepted configs (a snapshot's `generation` also counts certificate updates).
+    pub config_generation: u64,
     pub source: SourceInfo,
     pub scope: LocalScope,
     workloads: BTreeMap<String, Arc<Workload>>,
@@ -85,15 +136,10 @@ pub struct Snapshot {
     pub warnings: Vec<String>,
 }
 
-impl Snapshot {
-    /// An empty snapshot (generation 0), what workers hold before the first config arrives.
-    pub fn empty(scope: LocalScope) -> Snapshot {
-        Snapshot::build(0, SourceInfo { kind: "none", location: String::new() }, scope, ConfigState::default())
-    }
-
+impl ConfigIndex {
     /// Builds the indexes. Never fails: the state was validated by its source; inconsistencies
     /// that can arise between valid pieces (a workload naming an unknown service) are warnings.
-    pub fn build(generation: u64, source: SourceInfo, scope: LocalScope, state: ConfigState) -> Snapshot {
+    pub fn build(config_generation: u64, source: SourceInfo, scope: LocalScope, state: ConfigState) -> ConfigIndex {
         let mut warnings = Vec::new();
         let mut workloads = BTreeMap::new();
         let mut workload_by_addr = HashMap::new();
@@ -174,8 +220,8 @@ impl Snapshot {
             }
         }
 
-        Snapshot {
-            generation,
+        ConfigIndex {
+            config_generation,
             source,
             scope,
             workloads,
@@ -221,6 +267,15 @@ impl Snapshot {
             LocalScope::Dedicated(_) => self.workloads.values().find(|wl| self.scope.contains(wl)),
             LocalScope::Node(_) => None,
         }
+    }
+
+    /// The identities this proxy needs certificates for: its HBONE workloads.
+    pub fn local_identities(&self) -> std::collections::BTreeSet<Identity> {
+        self.workloads
+            .values()
+            .filter(|wl| wl.protocol == crate::model::Protocol::HBONE && self.scope.contains(wl))
+            .map(|wl| wl.identity())
+            .collect()
     }
 
     /// The policies that apply to a destination workload: its namespace's, the global ones, and

@@ -226,12 +226,16 @@ fn config_edit_changes_routing_without_restart() {
         "the edit reaches new connections"
     );
     // Every worker runs the new generation, and new connections only see `b`.
-    assert!(eventually(|| config_dump(&proxy)["workers"]["generations"] == serde_json::json!([2, 2])));
+    assert!(eventually(|| {
+        let dump = config_dump(&proxy);
+        let g = &dump["generation"];
+        dump["configGeneration"] == 2 && dump["workers"]["generations"] == serde_json::json!([g, g])
+    }));
     for _ in 0..10 {
         let mut c = socks5(socks(&proxy), Dest::Addr(vip)).unwrap();
         assert_eq!(read_greeting(&mut c), "b");
     }
-    assert_eq!(config_dump(&proxy)["generation"], 2);
+    assert_eq!(config_dump(&proxy)["configGeneration"], 2);
     stop(proxy);
 }
 
@@ -246,13 +250,13 @@ fn broken_edit_keeps_last_good_config_and_says_why() {
         eventually(|| config_dump(&proxy)["lastRejectedConfig"].as_str().is_some_and(|e| e.contains("protocol"))),
         "the rejection names the field"
     );
-    assert_eq!(config_dump(&proxy)["generation"], 1, "no new generation from a broken file");
+    assert_eq!(config_dump(&proxy)["configGeneration"], 1, "no new generation from a broken file");
     let mut c = socks5(socks(&proxy), Dest::Addr("127.10.0.1:80".parse().unwrap())).unwrap();
     assert_eq!(read_greeting(&mut c), "a", "traffic still flows on the last good config");
     drop(c);
     // Fixing the file clears the error and publishes the next generation.
     dir.write_config(&good.replace("node: n2", "node: n3"));
-    assert!(eventually(|| config_dump(&proxy)["generation"] == 2));
+    assert!(eventually(|| config_dump(&proxy)["configGeneration"] == 2));
     assert!(config_dump(&proxy)["lastRejectedConfig"].is_null());
     stop(proxy);
 }
@@ -338,8 +342,8 @@ fn admin_config_dump_readiness_and_quit() {
     assert_eq!(svc["hostname"], "web.ns.svc.cluster.local");
     assert_eq!(svc["vips"], serde_json::json!(["/127.10.0.1"]));
     assert_eq!(svc["endpoints"].as_object().unwrap().len(), 2, "endpoints derived from the workloads");
-    assert_eq!(dump["generation"], 1);
-    assert_eq!(dump["certificates"], serde_json::json!([]));
+    assert_eq!(dump["configGeneration"], 1);
+    assert!(dump["certificates"].is_array(), "certificates listed (their content: certificates_follow_...)");
     assert_eq!(dump["config"]["terminationDeadline"], "1s");
     assert!(dump["version"]["version"].is_string());
     assert_eq!(http(proxy.addrs.admin, "GET", "/nope").unwrap().0, 404);
@@ -368,5 +372,35 @@ fn inbound_plaintext_refuses_connections_that_were_not_redirected() {
     c.set_read_timeout(Some(PATIENCE)).unwrap();
     let _ = c.read_to_end(&mut buf);
     assert!(buf.is_empty(), "the outbound listener refuses the same way");
+    stop(proxy);
+}
+
+#[test]
+fn certificates_follow_the_local_hbone_workloads() {
+    let a = EchoServer::start("127.0.0.2", "a");
+    let dir = TestDir::new("certs");
+    let yaml = mesh(a.addr, a.addr, "");
+    let proxy = start(&dir.write_config(&yaml));
+    let meshed = "spiffe://cluster.local/ns/ns/sa/default";
+    // The HBONE workload served here gets a certificate ahead of any traffic.
+    assert!(
+        eventually(|| config_dump(&proxy)["certificates"]
+            .as_array()
+            .is_some_and(|c| c.iter().any(|c| c["identity"] == meshed && c["state"] == "Available"))),
+        "certificate issued"
+    );
+    let dump = config_dump(&proxy);
+    let cert = &dump["certificates"].as_array().unwrap()[0];
+    assert_eq!(dump["certificates"].as_array().unwrap().len(), 1, "TCP workloads get none");
+    let leaf = &cert["certChain"][0];
+    assert!(!leaf["serialNumber"].as_str().unwrap().is_empty());
+    assert!(
+        leaf["validFrom"].as_str().unwrap().ends_with('Z') && leaf["expirationTime"].as_str().unwrap().ends_with('Z')
+    );
+    assert_eq!(cert["rootCerts"].as_array().unwrap().len(), 1);
+    assert!(dir.0.join("ca/root-cert.pem").exists(), "the generated root is written where configured");
+    // When the workload leaves the mesh its certificate is forgotten.
+    dir.write_config(&yaml.replace("protocol: HBONE", "protocol: TCP"));
+    assert!(eventually(|| config_dump(&proxy)["certificates"].as_array().is_some_and(|c| c.is_empty())));
     stop(proxy);
 }

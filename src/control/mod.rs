@@ -4,6 +4,7 @@
 //!
 //! Nothing here is on the data path. State is `Rc`/`RefCell` on this one thread.
 
+pub mod certs;
 pub mod http;
 pub mod local;
 
@@ -20,8 +21,10 @@ use serde_json::json;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::config::Config;
-use crate::snapshot::{Snapshot, SourceInfo};
+use crate::snapshot::{CertMap, ConfigIndex, Snapshot, SourceInfo};
+use crate::tls::ca::LocalCa;
 use crate::worker::channel::{WorkerMsg, WorkerTx};
+use certs::CertManager;
 use http::{Request, Response};
 use local::FileStamp;
 
@@ -57,6 +60,8 @@ pub struct ControlSpec {
     pub shutdown_rx: mpsc::UnboundedReceiver<()>,
     pub shutdown_tx: mpsc::UnboundedSender<()>,
     pub handle_signals: bool,
+    /// Where workload certificates come from.
+    pub ca: LocalCa,
 }
 
 struct ControlState {
@@ -71,6 +76,7 @@ struct ControlState {
     /// The last rejected config, shown in `config_dump` until a good one replaces it.
     last_error: RefCell<Option<String>>,
     shutdown_tx: mpsc::UnboundedSender<()>,
+    certs: Rc<CertManager>,
 }
 
 impl ControlState {
@@ -79,6 +85,21 @@ impl ControlState {
         *self.current.borrow_mut() = snap.clone();
         for w in &self.workers {
             w.send(WorkerMsg::Snapshot(snap.clone()));
+        }
+    }
+
+    /// Publishes the next generation with a new certificate map (same config).
+    fn publish_certs(&self, certs: CertMap) {
+        let next = Arc::new(self.current.borrow().with_certs(certs));
+        tracing::debug!(generation = next.generation, certificates = next.certs.len(), "publishing certificates");
+        self.publish(next);
+    }
+
+    /// Points the certificate manager at the identities of the current config.
+    fn track_identities(&self) {
+        let wanted = self.current.borrow().local_identities();
+        if self.certs.want(wanted) {
+            self.publish_certs(self.certs.certs());
         }
     }
 
@@ -138,6 +159,7 @@ async fn run(mut spec: ControlSpec, ready: std::sync::mpsc::Sender<io::Result<Pr
         started: Instant::now(),
         last_error: RefCell::new(None),
         shutdown_tx: spec.shutdown_tx,
+        certs: CertManager::new(Rc::new(spec.ca)),
     });
     let addrs = ProxyAddrs {
         outbound: spec.worker_addrs.outbound,
@@ -153,6 +175,9 @@ async fn run(mut spec: ControlSpec, ready: std::sync::mpsc::Sender<io::Result<Pr
     tokio::task::spawn_local(http::serve(admin, Rc::new(move |req| admin_handler(s.clone(), req))));
     let s = state.clone();
     tokio::task::spawn_local(http::serve(readiness, Rc::new(move |req| readiness_handler(s.clone(), req))));
+    state.track_identities();
+    let s = state.clone();
+    tokio::task::spawn_local(state.certs.clone().run(move |certs| s.publish_certs(certs)));
     if let Some(watch) = spec.local_file.take() {
         tokio::task::spawn_local(watch_local_file(state.clone(), watch));
     }
@@ -217,13 +242,15 @@ async fn watch_local_file(state: Rc<ControlState>, mut watch: LocalFileWatch) {
         match local::parse(&text) {
             Ok(cfg_state) => {
                 let source = SourceInfo { kind: "file", location: watch.path.display().to_string() };
-                let scope = state.current.borrow().scope.clone();
-                let snap = Snapshot::build(generation + 1, source, scope, cfg_state);
+                let current = state.current.borrow().clone();
+                let index = ConfigIndex::build(current.config_generation + 1, source, current.scope.clone(), cfg_state);
+                let snap = current.with_config(index);
                 for w in &snap.warnings {
                     tracing::warn!(generation = snap.generation, "config: {w}");
                 }
                 tracing::info!(path = %watch.path.display(), generation = snap.generation, "config file changed; publishing new generation");
                 state.publish(Arc::new(snap));
+                state.track_identities();
                 *state.last_error.borrow_mut() = None;
                 watch.text = text;
             }
@@ -275,13 +302,14 @@ fn config_dump(state: &ControlState) -> String {
         "workloads": workloads,
         "services": services,
         "policies": policies,
-        "certificates": [],
+        "certificates": state.certs.dump(),
         "config": &*state.cfg,
         "version": {
             "name": env!("CARGO_PKG_NAME"),
             "version": env!("CARGO_PKG_VERSION"),
         },
         "generation": snap.generation,
+        "configGeneration": snap.config_generation,
         "source": &snap.source,
         "warnings": &snap.warnings,
         "lastRejectedConfig": &*state.last_error.borrow(),

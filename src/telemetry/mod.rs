@@ -21,3 +21,29 @@ pub fn init_logging(format: LogFormat) -> anyhow::Result<()> {
     };
     res.map_err(|e| anyhow::anyhow!("installing the log subscriber: {e}"))
 }
+
+/// `YYYY-MM-DDTHH:MM:SSZ` (UTC, whole seconds), as `config_dump` prints times.
+pub fn rfc3339(t: std::time::SystemTime) -> String {
+    let secs = t.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
+    match time::OffsetDateTime::from_unix_timestamp(secs) {
+        Ok(dt) => format!(
+            "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}Z",
+            dt.year(),
+            u8::from(dt.month()),
+            dt.day(),
+            dt.hour(),
+            dt.minute(),
+            dt.second()
+        ),
+        Err(_) => String::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn rfc3339() {
+        let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000);
+        assert_eq!(super::rfc3339(t), "2023-11-14T22:13:20Z");
+    }
+}
