@@ -8,33 +8,14 @@ mod common;
 
 use std::io::Read;
 use std::net::TcpStream;
-use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use common::*;
 use ztunnel::config::Config;
 
+/// Runs a command, turning a failure into its stderr (the harness's helper, shared).
 fn run(cmd: &str, args: &[&str]) -> Result<(), String> {
-    let out = Command::new(cmd).args(args).output().map_err(|e| format!("{cmd}: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!("{cmd} {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim()))
-    }
-}
-
-/// Why this machine cannot run the test, if it cannot.
-fn cannot_run() -> Option<String> {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    if unsafe { libc::geteuid() } != 0 {
-        return Some("not running as root".into());
-    }
-    for tool in ["ip", "iptables"] {
-        if Command::new(tool).arg("-V").output().is_err() {
-            return Some(format!("`{tool}` not found (install iproute2 / iptables)"));
-        }
-    }
-    None
+    perf::netns::sh(cmd, args).map_err(|e| format!("{e:#}"))
 }
 
 /// A network namespace, deleted on drop.
@@ -55,16 +36,6 @@ impl Netns {
         full.extend_from_slice(args);
         run("ip", &full)
     }
-
-    /// Moves the calling thread (and the threads it spawns later) into the namespace.
-    fn enter(&self) -> Result<(), String> {
-        let f = std::fs::File::open(format!("/var/run/netns/{}", self.0)).map_err(|e| e.to_string())?;
-        use std::os::fd::AsRawFd;
-        // SAFETY: `f` is an open namespace file for the duration of the call; setns only
-        // changes this thread's network namespace.
-        let rc = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
-        if rc == 0 { Ok(()) } else { Err(std::io::Error::last_os_error().to_string()) }
-    }
 }
 
 impl Drop for Netns {
@@ -75,7 +46,7 @@ impl Drop for Netns {
 
 #[test]
 fn redirect_capture_uses_original_destination() {
-    if let Some(why) = cannot_run() {
+    if let Some(why) = perf::netns::unavailable() {
         println!("SKIPPED redirect_capture_uses_original_destination: {why}");
         return;
     }
@@ -99,7 +70,7 @@ fn redirect_capture_uses_original_destination() {
 }
 
 fn scenario(ns: &Netns) -> Result<(), String> {
-    ns.enter()?;
+    perf::netns::enter(&ns.0).map_err(|e| e.to_string())?;
     let server = EchoServer::start("127.0.0.2", "server");
     let pod = EchoServer::start("127.0.0.3", "pod");
     let remote = EchoServer::start("127.0.0.5", "remote-pod");

@@ -89,8 +89,10 @@ impl Topology {
         }
         // The client and the proxy's upstream connections share one source address and
         // destination in node a, and the connection-rate test leaves many sockets in TIME_WAIT:
-        // give node a the whole port range and let it reuse TIME_WAIT ports.
+        // give node a the whole port range and let it reuse TIME_WAIT ports, keeping clients off
+        // the proxy's own ports.
         t.exec(&t.a, "sysctl", &["-q", "-w", "net.ipv4.ip_local_port_range=1024 65535"])?;
+        t.exec(&t.a, "sysctl", &["-q", "-w", "net.ipv4.ip_local_reserved_ports=15000-15100"])?;
         t.exec(&t.a, "sysctl", &["-q", "-w", "net.ipv4.tcp_tw_reuse=1"])?;
         Ok(t)
     }
