@@ -10,6 +10,7 @@
 //! must be in our trust domain, and is then the source identity ([`peer_identity`]).
 
 pub mod ca;
+pub mod stream;
 mod verify;
 
 use std::sync::{Arc, OnceLock};
