@@ -95,6 +95,7 @@ pub fn start(cfg: Config, opts: RunOptions) -> anyhow::Result<Proxy> {
     let mut addrs = ListenAddrs {
         outbound: cfg.listeners.outbound,
         inbound_plain: cfg.listeners.inbound_plain,
+        inbound: cfg.listeners.inbound,
         socks5: cfg.socks5.then_some(cfg.listeners.socks5),
     };
     let mut txs = Vec::new();

@@ -51,6 +51,8 @@ pub enum LogFormat {
 pub struct Listeners {
     pub outbound: SocketAddr,
     pub inbound_plain: SocketAddr,
+    /// Inbound HBONE (mTLS + HTTP/2 CONNECT).
+    pub inbound: SocketAddr,
     pub socks5: SocketAddr,
     pub admin: SocketAddr,
     pub readiness: SocketAddr,
@@ -145,6 +147,7 @@ const FLAGS: &[(&str, &str, &str)] = &[
     ("--packet-mark", "PACKET_MARK", "MARK  SO_MARK of upstream sockets, 0 disables (default 1337)"),
     ("--outbound-addr", "ZTUNNEL_OUTBOUND_ADDR", "ADDR  outbound capture listener (default [::]:15001)"),
     ("--inbound-plain-addr", "ZTUNNEL_INBOUND_PLAINTEXT_ADDR", "ADDR  inbound plaintext listener (default [::]:15006)"),
+    ("--inbound-addr", "ZTUNNEL_INBOUND_ADDR", "ADDR  inbound HBONE listener (default [::]:15008)"),
     ("--socks5-addr", "ZTUNNEL_SOCKS5_ADDR", "ADDR  SOCKS5 listener (default 127.0.0.1:15080)"),
     ("--admin-addr", "ZTUNNEL_ADMIN_ADDR", "ADDR  admin listener (default 127.0.0.1:15000)"),
     ("--readiness-addr", "ZTUNNEL_READINESS_ADDR", "ADDR  readiness listener (default [::]:15021)"),
@@ -413,6 +416,7 @@ impl Config {
         let listeners = Listeners {
             outbound: src.addr("ZTUNNEL_OUTBOUND_ADDR", SocketAddr::new(wildcard, 15001))?,
             inbound_plain: src.addr("ZTUNNEL_INBOUND_PLAINTEXT_ADDR", SocketAddr::new(wildcard, 15006))?,
+            inbound: src.addr("ZTUNNEL_INBOUND_ADDR", SocketAddr::new(wildcard, 15008))?,
             socks5: src.addr("ZTUNNEL_SOCKS5_ADDR", SocketAddr::new(localhost, 15080))?,
             admin: src.addr("ZTUNNEL_ADMIN_ADDR", SocketAddr::new(localhost, 15000))?,
             readiness: src.addr("ZTUNNEL_READINESS_ADDR", SocketAddr::new(wildcard, 15021))?,
@@ -505,6 +509,8 @@ impl Config {
             ("ZTUNNEL_WORKER_THREADS", "2".into()),
             ("ZTUNNEL_OUTBOUND_ADDR", "127.0.0.1:0".into()),
             ("ZTUNNEL_INBOUND_PLAINTEXT_ADDR", "127.0.0.1:0".into()),
+            // Wildcard: HBONE finds the destination workload by the address a client dialed.
+            ("ZTUNNEL_INBOUND_ADDR", "0.0.0.0:0".into()),
             ("ZTUNNEL_SOCKS5_ADDR", "127.0.0.1:0".into()),
             ("ZTUNNEL_ADMIN_ADDR", "127.0.0.1:0".into()),
             ("ZTUNNEL_READINESS_ADDR", "127.0.0.1:0".into()),

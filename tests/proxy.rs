@@ -54,11 +54,6 @@ fn socks(proxy: &ztunnel::app::Proxy) -> SocketAddr {
     proxy.addrs.socks5.expect("socks5 enabled in tests")
 }
 
-fn stop(proxy: ztunnel::app::Proxy) {
-    proxy.shutdown();
-    proxy.wait().expect("clean shutdown");
-}
-
 #[test]
 fn socks5_routes_to_workloads_services_and_passthrough() {
     let a = EchoServer::start("127.0.0.2", "a");

@@ -34,6 +34,7 @@ use local::FileStamp;
 pub struct ProxyAddrs {
     pub outbound: SocketAddr,
     pub inbound_plain: SocketAddr,
+    pub inbound: SocketAddr,
     pub socks5: Option<SocketAddr>,
     pub admin: SocketAddr,
     pub readiness: SocketAddr,
@@ -164,6 +165,7 @@ async fn run(mut spec: ControlSpec, ready: std::sync::mpsc::Sender<io::Result<Pr
     let addrs = ProxyAddrs {
         outbound: spec.worker_addrs.outbound,
         inbound_plain: spec.worker_addrs.inbound_plain,
+        inbound: spec.worker_addrs.inbound,
         socks5: spec.worker_addrs.socks5,
         admin: admin.local_addr().unwrap_or(spec.cfg.listeners.admin),
         readiness: readiness.local_addr().unwrap_or(spec.cfg.listeners.readiness),

@@ -9,6 +9,8 @@
 pub mod channel;
 pub mod conns;
 pub mod error;
+mod hbone_relay;
+mod inbound_hbone;
 mod inbound_plain;
 mod outbound;
 pub mod socks5;
@@ -37,6 +39,7 @@ use error::ProxyError;
 pub struct ListenAddrs {
     pub outbound: SocketAddr,
     pub inbound_plain: SocketAddr,
+    pub inbound: SocketAddr,
     pub socks5: Option<SocketAddr>,
 }
 
@@ -99,6 +102,7 @@ impl WorkerCtx {
 enum Kind {
     Outbound,
     InboundPlain,
+    InboundHbone,
     Socks5,
 }
 
@@ -160,8 +164,11 @@ fn bind_all(addrs: &ListenAddrs) -> io::Result<Vec<(Kind, TcpListener)>> {
             .map(|l| (kind, l))
             .map_err(|e| io::Error::new(e.kind(), format!("binding {kind:?} listener on {addr}: {e}")))
     };
-    let mut out =
-        vec![bind(Kind::Outbound, addrs.outbound, captured)?, bind(Kind::InboundPlain, addrs.inbound_plain, captured)?];
+    let mut out = vec![
+        bind(Kind::Outbound, addrs.outbound, captured)?,
+        bind(Kind::InboundPlain, addrs.inbound_plain, captured)?,
+        bind(Kind::InboundHbone, addrs.inbound, captured)?,
+    ];
     if let Some(socks) = addrs.socks5 {
         out.push(bind(Kind::Socks5, socks, ListenOpts { transparent: false, backlog: 1024 })?);
     }
@@ -181,12 +188,13 @@ async fn run(spec: WorkerSpec, driver: &'static str, ready: std::sync::mpsc::Sen
     let addrs = ListenAddrs {
         outbound: addr_of(Kind::Outbound).unwrap_or(spec.addrs.outbound),
         inbound_plain: addr_of(Kind::InboundPlain).unwrap_or(spec.addrs.inbound_plain),
+        inbound: addr_of(Kind::InboundHbone).unwrap_or(spec.addrs.inbound),
         socks5: addr_of(Kind::Socks5),
     };
     let mut own_ports: Vec<u16> = crate::net::PROXY_PORTS.to_vec();
-    own_ports.extend([addrs.outbound.port(), addrs.inbound_plain.port()]);
+    own_ports.extend([addrs.outbound.port(), addrs.inbound_plain.port(), addrs.inbound.port()]);
     own_ports.extend(addrs.socks5.map(|a| a.port()));
-    tracing::info!(worker = spec.id, driver, outbound = %addrs.outbound, inbound_plain = %addrs.inbound_plain,
+    tracing::info!(worker = spec.id, driver, outbound = %addrs.outbound, inbound_plain = %addrs.inbound_plain, inbound = %addrs.inbound,
         socks5 = ?addrs.socks5, "worker listening");
     let _ = ready.send(Ok(Bound { addrs, driver }));
 
@@ -231,7 +239,14 @@ async fn accept_loop(ctx: Rc<WorkerCtx>, kind: Kind, listener: TcpListener) {
         match accepted {
             Ok((stream, peer)) => {
                 crate::net::prepare_accepted(&stream);
-                monoio::spawn(connection(ctx.clone(), kind, stream, canonical(peer)));
+                let peer = canonical(peer);
+                match kind {
+                    // An HBONE connection carries many streams for its whole life: one task.
+                    Kind::InboundHbone => monoio::spawn(inbound_hbone::serve(ctx.clone(), stream, peer)),
+                    Kind::Outbound => monoio::spawn(connection(ctx.clone(), Setup::Outbound, stream, peer)),
+                    Kind::InboundPlain => monoio::spawn(connection(ctx.clone(), Setup::InboundPlain, stream, peer)),
+                    Kind::Socks5 => monoio::spawn(connection(ctx.clone(), Setup::Socks5, stream, peer)),
+                };
             }
             Err(e) => {
                 tracing::warn!(worker = ctx.id, listener = ?kind, error = %e, "accept failed");
@@ -259,24 +274,32 @@ const SETUP_TIMEOUT: Duration = Duration::from_secs(10);
 /// Sets a connection up, then hands it to a task of its own for the relay. The setup future is
 /// as large as its largest state (handshake buffers, routing); ending it frees that memory, so
 /// a long-lived idle connection only keeps the small relay task.
-async fn connection(ctx: Rc<WorkerCtx>, kind: Kind, stream: TcpStream, peer: SocketAddr) {
+/// The connections whose setup ends in a plain TCP relay.
+#[derive(Debug, Clone, Copy)]
+enum Setup {
+    Outbound,
+    InboundPlain,
+    Socks5,
+}
+
+async fn connection(ctx: Rc<WorkerCtx>, kind: Setup, stream: TcpStream, peer: SocketAddr) {
     let (direction, name) = match kind {
-        Kind::InboundPlain => (Direction::Inbound, "inbound"),
-        Kind::Outbound | Kind::Socks5 => (Direction::Outbound, "outbound"),
+        Setup::InboundPlain => (Direction::Inbound, "inbound"),
+        Setup::Outbound | Setup::Socks5 => (Direction::Outbound, "outbound"),
     };
     let guard = ctx.conns.register(direction, peer);
     let mut log = ConnLog::new(name, peer);
     let setup = async {
         match kind {
-            Kind::Outbound => outbound::captured(&ctx, stream, peer, &mut log).await,
-            Kind::Socks5 => {
+            Setup::Outbound => outbound::captured(&ctx, stream, peer, &mut log).await,
+            Setup::Socks5 => {
                 // The client's handshake plus our dial (which has its own timeout too).
                 let limit = ctx.cfg.connect_timeout + SETUP_TIMEOUT;
                 monoio::time::timeout(limit, socks5::handle(&ctx, stream, peer, &mut log))
                     .await
                     .unwrap_or(Err(ProxyError::SetupTimeout(limit)))
             }
-            Kind::InboundPlain => inbound_plain::handle(&ctx, stream, peer, &mut log).await,
+            Setup::InboundPlain => inbound_plain::handle(&ctx, stream, peer, &mut log).await,
         }
     };
     let close = guard.close_signal().clone();

@@ -62,6 +62,12 @@ pub fn start_with(cfg: Config) -> Proxy {
     ztunnel::app::start(cfg, RunOptions { handle_signals: false }).expect("proxy starts")
 }
 
+/// Drains the proxy and waits for it to exit cleanly.
+pub fn stop(proxy: Proxy) {
+    proxy.shutdown();
+    proxy.wait().expect("clean shutdown");
+}
+
 /// A TCP server on `ip`: sends `name\n` first (so a client sees which endpoint it reached), then
 /// echoes everything until the client half-closes, then half-closes itself.
 pub struct EchoServer {

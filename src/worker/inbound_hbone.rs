@@ -1,0 +1,191 @@
+//! Inbound HBONE (15008): mutual TLS presenting the certificate of the workload the connection
+//! is for (known from the address the client dialed, before the handshake), then HTTP/2 with
+//! Istio's settings. Each CONNECT stream is a task on this worker: checks in COMPAT.md order,
+//! connect to the pod, `200`, then bytes both ways. Drain sends GOAWAY and lets streams finish.
+
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Response, StatusCode};
+use monoio::net::TcpStream;
+use rustls::ServerConnection;
+
+use super::WorkerCtx;
+use super::conns::Direction;
+use super::error::ProxyError;
+use crate::model::{Identity, Workload};
+use crate::net::relay::RelayStats;
+use crate::net::{DialOpts, canonical, dial};
+use crate::snapshot::Snapshot;
+use crate::telemetry::access::ConnLog;
+use crate::tls::stream::TlsStream;
+
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Serves one HBONE connection until the peer closes it or drain ends it.
+pub async fn serve(ctx: Rc<WorkerCtx>, stream: TcpStream, peer: SocketAddr) {
+    let guard = ctx.conns.register(Direction::Inbound, peer);
+    let snap: Arc<Snapshot> = Arc::clone(&ctx.snapshot());
+    let dst = match stream.local_addr() {
+        Ok(a) => canonical(a),
+        Err(e) => return tracing::warn!(%peer, error = %e, "HBONE: no local address"),
+    };
+    let network = ctx.cfg.network.as_str();
+    let Some(workload) = snap.local_workload_by_ip(network, dst.ip()).cloned() else {
+        return tracing::warn!(%peer, %dst, "HBONE connection for an address that is not a local workload; closing");
+    };
+    let identity = workload.identity();
+    let Some(cert) = snap.certs.get(&identity).cloned() else {
+        return tracing::warn!(%peer, %identity, "HBONE connection before the workload's certificate is ready; closing");
+    };
+    let conn = match ServerConnection::new(cert.server_config()) {
+        Ok(c) => c,
+        Err(e) => return tracing::error!(error = %e, "HBONE: TLS server setup failed"),
+    };
+    let tls = match monoio::time::timeout(HANDSHAKE_TIMEOUT, TlsStream::handshake(stream, conn)).await {
+        Ok(Ok(t)) => t,
+        Ok(Err(e)) => return tracing::info!(%peer, error = %e, "HBONE TLS handshake failed"),
+        Err(_) => return tracing::info!(%peer, "HBONE TLS handshake timed out"),
+    };
+    let peer_id = crate::tls::peer_identity(tls.conn().peer_certificates());
+    let mut h2 = match h2::server::Builder::new()
+        .initial_window_size(4 * 1024 * 1024)
+        .initial_connection_window_size(16 * 1024 * 1024)
+        .max_frame_size(1024 * 1024)
+        .max_header_list_size(64 * 1024)
+        .max_concurrent_streams(200)
+        .handshake::<_, Bytes>(tls)
+        .await
+    {
+        Ok(h) => h,
+        Err(e) => return tracing::info!(%peer, error = %e, "HBONE HTTP/2 handshake failed"),
+    };
+    let close = guard.close_signal().clone();
+    let mut closing = false;
+    loop {
+        let next = if closing {
+            h2.accept().await
+        } else {
+            monoio::select! {
+                r = h2.accept() => r,
+                _ = close.wait() => {
+                    // Drain: GOAWAY, let open streams finish, refuse new ones.
+                    h2.graceful_shutdown();
+                    closing = true;
+                    continue;
+                }
+            }
+        };
+        match next {
+            Some(Ok((request, respond))) => {
+                let stream = Stream {
+                    ctx: ctx.clone(),
+                    snap: snap.clone(),
+                    dst,
+                    peer,
+                    peer_id: peer_id.clone(),
+                    workload: workload.clone(),
+                };
+                monoio::spawn(stream.run(request, respond));
+            }
+            Some(Err(e)) => {
+                tracing::debug!(%peer, error = %e, "HBONE connection ended");
+                break;
+            }
+            None => break,
+        }
+    }
+    drop(guard);
+}
+
+/// One CONNECT stream.
+struct Stream {
+    ctx: Rc<WorkerCtx>,
+    snap: Arc<Snapshot>,
+    /// The address the client dialed (a local workload's IP, port 15008).
+    dst: SocketAddr,
+    peer: SocketAddr,
+    peer_id: Option<Identity>,
+    workload: Arc<Workload>,
+}
+
+/// Why a CONNECT is answered with an error status.
+fn refuse(respond: &mut h2::server::SendResponse<Bytes>, status: StatusCode) {
+    let _ = respond.send_response(status_only(status), true);
+}
+
+fn status_only(status: StatusCode) -> Response<()> {
+    let mut resp = Response::new(());
+    *resp.status_mut() = status;
+    resp
+}
+
+impl Stream {
+    async fn run(self, request: http::Request<h2::RecvStream>, mut respond: h2::server::SendResponse<Bytes>) {
+        let mut log = ConnLog::new("inbound", self.peer);
+        log.dst_hbone_addr = Some(self.dst);
+        log.src_workload = self
+            .peer_id
+            .as_ref()
+            .and_then(|_| self.snap.workload_by_ip(&self.ctx.cfg.network, self.peer.ip()).cloned());
+        let target = match self.check(&request) {
+            Ok(t) => t,
+            Err((status, why)) => {
+                tracing::info!(peer = %self.peer, status = status.as_u16(), "HBONE CONNECT refused: {why}");
+                return refuse(&mut respond, status);
+            }
+        };
+        tracing::info!(
+            peer_ip = %self.peer.ip(),
+            peer_id = self.peer_id.as_ref().map(|i| i.to_string()).as_deref().unwrap_or("unknown"),
+            "got CONNECT request to {target}"
+        );
+        log.dst_addr = Some(target);
+        log.dst_workload = Some(self.workload.clone());
+        let spoof_source = (self.ctx.spoof_source && self.peer.ip() != target.ip()).then_some(self.peer.ip());
+        let opts = DialOpts { mark: self.ctx.cfg.packet_mark, spoof_source, timeout: self.ctx.cfg.connect_timeout };
+        let upstream = match dial(target, opts).await {
+            Ok(u) => u,
+            Err(e) => {
+                refuse(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
+                return log.finish(&RelayStats::default(), Some(&ProxyError::Dial(e)));
+            }
+        };
+        let send = match respond.send_response(status_only(StatusCode::OK), false) {
+            Ok(s) => s,
+            Err(e) => return log.finish(&RelayStats::default(), Some(&ProxyError::Io(std::io::Error::other(e)))),
+        };
+        let stats = RelayStats::default();
+        let res = super::hbone_relay::relay(upstream, send, request.into_body(), &stats).await;
+        log.finish(&stats, res.as_ref().err().map(|e| e as &dyn std::fmt::Display));
+    }
+
+    /// The checks of COMPAT.md, in its order. Returns the target or the status to answer.
+    fn check(&self, request: &http::Request<h2::RecvStream>) -> Result<SocketAddr, (StatusCode, String)> {
+        if request.method() != Method::CONNECT {
+            return Err((StatusCode::BAD_REQUEST, format!("method {} is not CONNECT", request.method())));
+        }
+        let authority = request.uri().authority().map(|a| a.as_str()).unwrap_or("");
+        let target: SocketAddr = authority
+            .parse()
+            .map(canonical)
+            .map_err(|_| (StatusCode::BAD_REQUEST, format!("authority {authority:?} is not ip:port")))?;
+        let network = self.ctx.cfg.network.as_str();
+        if self.snap.local_workload_by_ip(network, target.ip()).is_none() {
+            return Err((StatusCode::SERVICE_UNAVAILABLE, format!("{target} is not a workload served here")));
+        }
+        if target.ip() != self.dst.ip() {
+            return Err((
+                StatusCode::BAD_REQUEST,
+                format!("target {target} is not the workload this connection is for ({})", self.dst.ip()),
+            ));
+        }
+        if self.ctx.own_ports.contains(&target.port()) || target.port() == 0 {
+            return Err((StatusCode::SERVICE_UNAVAILABLE, format!("port {} is not allowed", target.port())));
+        }
+        Ok(target)
+    }
+}
