@@ -98,6 +98,8 @@ pub struct Config {
     pub secret_ttl: Duration,
     /// Trust domain of identities whose workload does not name one.
     pub trust_domain: String,
+    /// The port peers accept HBONE on (15008 in every Istio mesh; tests move it).
+    pub hbone_port: u16,
 }
 
 /// The local CA: a root from `LOCAL_CA_CERT` + `LOCAL_CA_KEY`, or one generated once into (and
@@ -488,6 +490,11 @@ impl Config {
             ca,
             secret_ttl,
             trust_domain,
+            hbone_port: src
+                .parse("ZTUNNEL_HBONE_PORT", |v| {
+                    v.parse::<u16>().ok().filter(|p| *p != 0).ok_or_else(|| "expected a port number".to_string())
+                })?
+                .unwrap_or(15008),
         })
     }
 

@@ -143,3 +143,67 @@ fn inbound_hbone_and_a_client_of_another_mesh_do_not_connect() {
     assert!(refused);
     stop(proxy);
 }
+
+/// A free port on the wildcard address (for a proxy that must dial its own HBONE port).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("0.0.0.0:0").unwrap().local_addr().unwrap().port()
+}
+
+#[test]
+fn outbound_hbone_end_to_end_through_one_proxy() {
+    let pod = EchoServer::start("127.0.0.3", "pod");
+    let dir = TestDir::new("hbone-e2e");
+    let yaml = format!(
+        r#"
+workloads:
+- {{uid: sleep, name: sleep, namespace: ns, serviceAccount: sleep, workloadIps: [127.0.0.1], protocol: HBONE}}
+- uid: pod
+  name: pod
+  namespace: ns
+  serviceAccount: httpbin
+  workloadIps: [127.0.0.3]
+  protocol: HBONE
+  services: {{"ns/httpbin.ns.svc.cluster.local": {{8000: {port}}}}}
+services:
+- {{name: httpbin, namespace: ns, hostname: httpbin.ns.svc.cluster.local, vips: ["/127.10.0.8"], ports: {{8000: {port}}}}}
+"#,
+        port = pod.addr.port()
+    );
+    let mut cfg = Config::for_tests(dir.write_config(&yaml));
+    // One proxy is both ends: it dials HBONE to its own inbound port.
+    let port = free_port();
+    cfg.listeners.inbound = SocketAddr::new("0.0.0.0".parse().unwrap(), port);
+    cfg.hbone_port = port;
+    let proxy = start_with(cfg);
+    assert!(eventually(|| config_dump(&proxy)["certificates"].as_array().is_some_and(|c| c
+        .iter()
+        .filter(|c| c["state"] == "Available")
+        .count()
+        == 2)));
+    let s5 = proxy.addrs.socks5.unwrap();
+    for dest in [
+        Dest::Addr(pod.addr),
+        Dest::Addr("127.10.0.8:8000".parse().unwrap()),
+        Dest::Name("httpbin.ns.svc.cluster.local", 8000),
+    ] {
+        let mut c = socks5(s5, dest).expect("HBONE destination reached");
+        assert_eq!(read_greeting(&mut c), "pod");
+        echo_roundtrip(&mut c, b"through mTLS and HTTP/2 CONNECT");
+    }
+    // Bulk both ways with half-close, through the HTTP/2 stream.
+    let mut c = socks5(s5, Dest::Addr(pod.addr)).unwrap();
+    assert_eq!(read_greeting(&mut c), "pod");
+    let payload: Vec<u8> = (0..2 * 1024 * 1024u32).map(|i| (i % 253) as u8).collect();
+    let mut reader = c.try_clone().unwrap();
+    let read = std::thread::spawn(move || {
+        use std::io::Read;
+        let mut got = Vec::new();
+        reader.read_to_end(&mut got).unwrap();
+        got
+    });
+    use std::io::Write;
+    c.write_all(&payload).unwrap();
+    c.shutdown(std::net::Shutdown::Write).unwrap();
+    assert!(read.join().unwrap() == payload, "2 MiB intact through HBONE, both half-closes delivered");
+    stop(proxy);
+}

@@ -90,7 +90,7 @@ fn socks5_routes_to_workloads_services_and_passthrough() {
     assert_eq!(
         socks5(s5, Dest::Addr("127.0.0.4:80".parse().unwrap())).unwrap_err(),
         2,
-        "HBONE is refused, not sent in clear"
+        "HBONE without a source certificate is refused, never sent in clear"
     );
     assert_eq!(socks5(s5, Dest::Addr(s5)).unwrap_err(), 2, "the proxy's own port is a loop");
     assert_eq!(socks5(s5, Dest::Addr("127.0.0.1:1".parse().unwrap())).unwrap_err(), 5, "connection refused");

@@ -27,6 +27,10 @@ pub enum ProxyError {
     WaypointUnavailable(String),
     #[error(transparent)]
     Dial(#[from] DialError),
+    #[error("no certificate for {0} yet (is the local CA reachable?)")]
+    NoCertificate(String),
+    #[error("HBONE: {0}")]
+    Hbone(String),
     #[error("SOCKS5: {0}")]
     Socks5(String),
     #[error("relay: {0}")]

@@ -13,8 +13,7 @@ use bytes::Bytes;
 use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, OwnedReadHalf, OwnedWriteHalf, Splitable};
 use monoio::net::TcpStream;
 
-use super::error::ProxyError;
-use crate::net::relay::RelayStats;
+use crate::net::relay::RelayEnd;
 use crate::net::sockopt;
 
 /// Read size on the TCP side: a whole HTTP/2 frame's worth at Istio's 1 MiB frames would pin
@@ -25,34 +24,40 @@ fn h2_err(e: h2::Error) -> io::Error {
     io::Error::other(e)
 }
 
-/// `stats.sent`: HTTP/2 -> TCP; `stats.received`: TCP -> HTTP/2.
+/// Copies until both directions ended, one failed, or `close` completes. `to_tcp` and `to_h2`
+/// count the bytes moved each way, as they move.
 pub async fn relay(
     tcp: TcpStream,
     send: h2::SendStream<Bytes>,
     recv: h2::RecvStream,
-    stats: &RelayStats,
-) -> Result<(), ProxyError> {
+    to_tcp: &Cell<u64>,
+    to_h2: &Cell<u64>,
+    close: impl Future<Output = ()>,
+) -> io::Result<RelayEnd> {
     let (r, w) = tcp.into_split();
-    let mut to_tcp = pin!(h2_to_tcp(recv, w, &stats.sent));
-    let mut to_h2 = pin!(tcp_to_h2(r, send, &stats.received));
+    let mut a = pin!(h2_to_tcp(recv, w, to_tcp));
+    let mut b = pin!(tcp_to_h2(r, send, to_h2));
+    let mut close = pin!(close);
     let (mut a_done, mut b_done) = (false, false);
     poll_fn(|cx| {
+        if close.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Ok(RelayEnd::Closed));
+        }
         if !a_done {
-            if let Poll::Ready(r) = to_tcp.as_mut().poll(cx) {
+            if let Poll::Ready(r) = a.as_mut().poll(cx) {
                 r?;
                 a_done = true;
             }
         }
         if !b_done {
-            if let Poll::Ready(r) = to_h2.as_mut().poll(cx) {
+            if let Poll::Ready(r) = b.as_mut().poll(cx) {
                 r?;
                 b_done = true;
             }
         }
-        if a_done && b_done { Poll::Ready(Ok(())) } else { Poll::Pending }
+        if a_done && b_done { Poll::Ready(Ok(RelayEnd::Done)) } else { Poll::Pending }
     })
     .await
-    .map_err(ProxyError::Io)
 }
 
 async fn h2_to_tcp(mut recv: h2::RecvStream, mut w: OwnedWriteHalf<TcpStream>, counter: &Cell<u64>) -> io::Result<()> {

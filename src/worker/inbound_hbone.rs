@@ -17,7 +17,7 @@ use super::WorkerCtx;
 use super::conns::Direction;
 use super::error::ProxyError;
 use crate::model::{Identity, Workload};
-use crate::net::relay::RelayStats;
+use crate::net::relay::{RelayEnd, RelayStats};
 use crate::net::{DialOpts, canonical, dial};
 use crate::snapshot::Snapshot;
 use crate::telemetry::access::ConnLog;
@@ -64,17 +64,21 @@ pub async fn serve(ctx: Rc<WorkerCtx>, stream: TcpStream, peer: SocketAddr) {
         Err(e) => return tracing::info!(%peer, error = %e, "HBONE HTTP/2 handshake failed"),
     };
     let close = guard.close_signal().clone();
-    let mut closing = false;
+    let mut goaway_sent = false;
     loop {
-        let next = if closing {
-            h2.accept().await
+        let next = if goaway_sent {
+            monoio::select! {
+                r = h2.accept() => r,
+                // The drain deadline: whatever is still open is closed.
+                _ = close.wait() => break,
+            }
         } else {
             monoio::select! {
                 r = h2.accept() => r,
-                _ = close.wait() => {
-                    // Drain: GOAWAY, let open streams finish, refuse new ones.
+                _ = ctx.draining.wait() => {
+                    // Drain starts: GOAWAY, open streams may finish, new ones are refused.
                     h2.graceful_shutdown();
-                    closing = true;
+                    goaway_sent = true;
                     continue;
                 }
             }
@@ -88,6 +92,7 @@ pub async fn serve(ctx: Rc<WorkerCtx>, stream: TcpStream, peer: SocketAddr) {
                     peer,
                     peer_id: peer_id.clone(),
                     workload: workload.clone(),
+                    close: close.clone(),
                 };
                 monoio::spawn(stream.run(request, respond));
             }
@@ -110,6 +115,8 @@ struct Stream {
     peer: SocketAddr,
     peer_id: Option<Identity>,
     workload: Arc<Workload>,
+    /// The HBONE connection's close signal (drain deadline).
+    close: super::conns::Signal,
 }
 
 /// Why a CONNECT is answered with an error status.
@@ -159,7 +166,21 @@ impl Stream {
             Err(e) => return log.finish(&RelayStats::default(), Some(&ProxyError::Io(std::io::Error::other(e)))),
         };
         let stats = RelayStats::default();
-        let res = super::hbone_relay::relay(upstream, send, request.into_body(), &stats).await;
+        // Downstream is the HTTP/2 side here: what the peer sends goes to the pod.
+        let res = super::hbone_relay::relay(
+            upstream,
+            send,
+            request.into_body(),
+            &stats.sent,
+            &stats.received,
+            self.close.wait(),
+        )
+        .await;
+        let res = match res {
+            Ok(RelayEnd::Done) => Ok(()),
+            Ok(RelayEnd::Closed) => Err(ProxyError::Drained),
+            Err(e) => Err(ProxyError::Io(e)),
+        };
         log.finish(&stats, res.as_ref().err().map(|e| e as &dyn std::fmt::Display));
     }
 

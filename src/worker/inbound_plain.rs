@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use monoio::net::TcpStream;
 
 use super::error::ProxyError;
-use super::{Established, WorkerCtx, original_dst};
+use super::{Established, Upstream, WorkerCtx, original_dst};
 use crate::net::{DialOpts, dial};
 use crate::routing::RouteError;
 use crate::telemetry::access::ConnLog;
@@ -31,5 +31,5 @@ pub async fn handle(
     let spoof_source = (ctx.spoof_source && peer.ip() != dst.ip()).then_some(peer.ip());
     let opts = DialOpts { mark: ctx.cfg.packet_mark, spoof_source, timeout: ctx.cfg.connect_timeout };
     let upstream = dial(dst, opts).await?;
-    Ok(Established { downstream: stream, upstream, early_bytes: 0 })
+    Ok(Established { downstream: stream, upstream: Upstream::Tcp(upstream), early_bytes: 0 })
 }

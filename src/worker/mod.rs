@@ -9,6 +9,7 @@
 pub mod channel;
 pub mod conns;
 pub mod error;
+mod hbone_client;
 mod hbone_relay;
 mod inbound_hbone;
 mod inbound_plain;
@@ -261,9 +262,15 @@ async fn accept_loop(ctx: Rc<WorkerCtx>, kind: Kind, listener: TcpListener) {
 }
 
 /// A connection whose setup is done: both ends connected, ready to relay.
+/// Where a connection's bytes go once set up.
+pub enum Upstream {
+    Tcp(TcpStream),
+    Hbone(hbone_client::HboneStream),
+}
+
 pub struct Established {
     pub downstream: TcpStream,
-    pub upstream: TcpStream,
+    pub upstream: Upstream,
     /// Bytes already sent upstream during setup (SOCKS5 clients may send data early).
     pub early_bytes: u64,
 }
@@ -311,7 +318,14 @@ async fn connection(ctx: Rc<WorkerCtx>, kind: Setup, stream: TcpStream, peer: So
         Ok(est) => {
             let early = est.early_bytes;
             let splice = ctx.splice;
-            monoio::spawn(relay_task(guard, log, est.downstream.into(), est.upstream.into(), early, splice));
+            match est.upstream {
+                Upstream::Tcp(up) => {
+                    monoio::spawn(relay_task(guard, log, est.downstream.into(), up.into(), early, splice));
+                }
+                Upstream::Hbone(h) => {
+                    monoio::spawn(hbone_relay_task(guard, log, est.downstream, h, early));
+                }
+            }
         }
         Err(e) => log.finish(&RelayStats::default(), Some(&e)),
     }
@@ -325,6 +339,28 @@ async fn relay_task(guard: ConnGuard, log: ConnLog, down: Halves, up: Halves, ea
         Ok(RelayEnd::Closed) => Err(ProxyError::Drained),
         Err(e) => Err(ProxyError::Io(e)),
     };
+    log.finish(&stats, res.as_ref().err().map(|e| e as &dyn std::fmt::Display));
+    drop(guard);
+}
+
+async fn hbone_relay_task(
+    guard: ConnGuard,
+    log: ConnLog,
+    down: TcpStream,
+    up: hbone_client::HboneStream,
+    early_bytes: u64,
+) {
+    let stats = RelayStats::default();
+    stats.sent.set(early_bytes);
+    // Downstream is the TCP side: what it sends goes into the HTTP/2 stream.
+    let res =
+        match hbone_relay::relay(down, up.send, up.recv, &stats.received, &stats.sent, guard.close_signal().wait())
+            .await
+        {
+            Ok(RelayEnd::Done) => Ok(()),
+            Ok(RelayEnd::Closed) => Err(ProxyError::Drained),
+            Err(e) => Err(ProxyError::Io(e)),
+        };
     log.finish(&stats, res.as_ref().err().map(|e| e as &dyn std::fmt::Display));
     drop(guard);
 }

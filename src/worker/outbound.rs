@@ -6,7 +6,8 @@ use std::net::SocketAddr;
 use monoio::net::TcpStream;
 
 use super::error::ProxyError;
-use super::{Established, WorkerCtx, original_dst};
+use super::hbone_client;
+use super::{Established, Upstream, WorkerCtx, original_dst};
 use crate::config::ProxyMode;
 use crate::net::{DialOpts, dial};
 use crate::routing::{self, Transport};
@@ -33,7 +34,7 @@ pub async fn connect(
     log: &mut ConnLog,
     peer: SocketAddr,
     dst: SocketAddr,
-) -> Result<TcpStream, ProxyError> {
+) -> Result<Upstream, ProxyError> {
     let source = match ctx.cfg.proxy_mode {
         ProxyMode::Dedicated => snap.dedicated_workload(),
         ProxyMode::Shared => snap.local_workload_by_ip(&ctx.cfg.network, peer.ip()),
@@ -59,10 +60,21 @@ pub async fn connect(
         return Err(ProxyError::WaypointUnavailable(format!("{dst} (waypoint {})", wp.destination)));
     }
     if route.transport == Transport::Hbone {
-        let uid = route.workload.as_ref().map(|w| w.uid.clone()).unwrap_or_default();
-        return Err(ProxyError::HboneUnavailable(uid));
+        let Some(dst_wl) = route.workload.as_ref() else {
+            return Err(ProxyError::HboneUnavailable(dst.to_string()));
+        };
+        let hbone_addr = SocketAddr::new(route.upstream.ip(), ctx.cfg.hbone_port);
+        // The destination workload's identity, or any the service names.
+        let mut expected = vec![dst_wl.identity()];
+        if let Some(svc) = &route.service {
+            expected.extend(svc.service.subject_alt_names.iter().filter_map(|s| s.parse().ok()));
+        }
+        log.dst_hbone_addr = Some(hbone_addr);
+        tracing::info!(src = %peer, "proxy to {} using HBONE via {hbone_addr} type Direct", route.upstream);
+        let stream = hbone_client::connect(ctx, snap, source, &expected, hbone_addr, route.upstream, peer).await?;
+        return Ok(Upstream::Hbone(stream));
     }
     tracing::debug!(src = %peer, %dst, upstream = %route.upstream, transport = ?route.transport, "proxying outbound");
     let opts = DialOpts { mark: ctx.cfg.packet_mark, spoof_source: None, timeout: ctx.cfg.connect_timeout };
-    Ok(dial(route.upstream, opts).await?)
+    Ok(Upstream::Tcp(dial(route.upstream, opts).await?))
 }

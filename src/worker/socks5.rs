@@ -12,7 +12,7 @@ use monoio::net::TcpStream;
 
 use super::error::ProxyError;
 use super::outbound::connect;
-use super::{Established, WorkerCtx};
+use super::{Established, Upstream, WorkerCtx};
 use crate::net::DialError;
 use crate::routing::RouteError;
 use crate::snapshot::Snapshot;
@@ -158,6 +158,7 @@ pub fn resolve(snap: &Snapshot, name: &str, port: u16, network: &str, namespace:
 fn reply_code(e: &ProxyError) -> u8 {
     match e {
         ProxyError::UnknownSource(_)
+        | ProxyError::NoCertificate(_)
         | ProxyError::HboneUnavailable(_)
         | ProxyError::WaypointUnavailable(_)
         | ProxyError::Route(RouteError::Loop(_)) => REPLY_NOT_ALLOWED,
@@ -247,11 +248,18 @@ pub async fn handle(
             return Err(e);
         }
     };
-    write(&mut stream, reply(REPLY_OK, upstream.local_addr().ok())).await?;
+    let bound = match &upstream {
+        Upstream::Tcp(t) => t.local_addr().ok(),
+        Upstream::Hbone(_) => None,
+    };
+    write(&mut stream, reply(REPLY_OK, bound)).await?;
     let early_bytes = acc.len() as u64;
     if !acc.is_empty() {
         // Bytes the client sent right behind its request belong to the stream.
-        write(&mut upstream, acc).await?;
+        match &mut upstream {
+            Upstream::Tcp(t) => write(t, acc).await?,
+            Upstream::Hbone(h) => h.send.send_data(acc.into(), false).map_err(|e| ProxyError::Hbone(e.to_string()))?,
+        }
     }
     Ok(Established { downstream: stream, upstream, early_bytes })
 }
