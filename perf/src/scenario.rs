@@ -321,6 +321,9 @@ workloads:
     y
 }
 
+/// Istio's standalone environment for one proxy. Original source (`ENABLE_ORIG_SRC`) is off:
+/// the scenarios' pods share a namespace with their proxy and have none of the node rules that
+/// route replies to a spoofed source back to the proxy, so a spoofed connection would stall.
 fn standalone_env(config: &Path, workload: &str, node: &str, socks5: bool) -> Vec<(String, String)> {
     let mut env: Vec<(String, String)> = [
         ("FAKE_CA", "true"),
@@ -329,6 +332,7 @@ fn standalone_env(config: &Path, workload: &str, node: &str, socks5: bool) -> Ve
         ("PROXY_WORKLOAD_INFO", workload),
         ("NODE_NAME", node),
         ("PACKET_MARK", &MARK.to_string()),
+        ("ENABLE_ORIG_SRC", "false"),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v.to_string()))
