@@ -35,6 +35,9 @@ pub async fn relay(
     close: impl Future<Output = ()>,
 ) -> io::Result<RelayEnd> {
     let (r, w) = tcp.into_split();
+    // The same join as net::relay's, written out again on purpose: a shared async helper taking
+    // the two direction futures by value stores them twice (arguments, then pinned locals),
+    // measured at +560 B per idle connection.
     let mut a = pin!(h2_to_tcp(recv, w, to_tcp));
     let mut b = pin!(tcp_to_h2(r, send, to_h2));
     let mut close = pin!(close);
