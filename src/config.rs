@@ -100,6 +100,11 @@ pub struct Config {
     pub trust_domain: String,
     /// The port peers accept HBONE on (15008 in every Istio mesh; tests move it).
     pub hbone_port: u16,
+    /// `POOL_MAX_STREAMS_PER_CONNECTION`: HBONE streams per pooled connection.
+    pub pool_max_streams: usize,
+    /// `POOL_UNUSED_RELEASE_TIMEOUT`: an unused pooled connection is closed after this long.
+    #[serde(serialize_with = "ser_duration")]
+    pub pool_idle_timeout: Duration,
 }
 
 /// The local CA: a root from `LOCAL_CA_CERT` + `LOCAL_CA_KEY`, or one generated once into (and
@@ -172,7 +177,7 @@ pub fn usage() -> String {
          Other variables: XDS_ADDRESS, CLUSTER_ID, CLUSTER_DOMAIN, NETWORK, INSTANCE_IP, POD_NAME,\n\
          POD_NAMESPACE, ENABLE_ORIG_SRC, CONNECTION_TERMINATION_DEADLINE, ZTUNNEL_CONNECT_TIMEOUT,\n\
          ZTUNNEL_SPLICE, FAKE_CA, CA_ADDRESS, LOCAL_CA_CERT, LOCAL_CA_KEY, ZTUNNEL_LOCAL_CA_DIR,\n\
-         SECRET_TTL, TRUST_DOMAIN,\n\
+         SECRET_TTL, TRUST_DOMAIN, POOL_MAX_STREAMS_PER_CONNECTION, POOL_UNUSED_RELEASE_TIMEOUT,\n\
          RUST_LOG. See README.md.\n",
     );
     s
@@ -495,6 +500,15 @@ impl Config {
                     v.parse::<u16>().ok().filter(|p| *p != 0).ok_or_else(|| "expected a port number".to_string())
                 })?
                 .unwrap_or(15008),
+            pool_max_streams: src
+                .parse("POOL_MAX_STREAMS_PER_CONNECTION", |v| {
+                    v.parse::<usize>()
+                        .ok()
+                        .filter(|n| (1..=10_000).contains(n))
+                        .ok_or_else(|| "expected 1..=10000".to_string())
+                })?
+                .unwrap_or(100),
+            pool_idle_timeout: src.duration("POOL_UNUSED_RELEASE_TIMEOUT", Duration::from_secs(300))?,
         })
     }
 

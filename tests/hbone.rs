@@ -144,9 +144,17 @@ fn inbound_hbone_and_a_client_of_another_mesh_do_not_connect() {
     stop(proxy);
 }
 
-/// A free port on the wildcard address (for a proxy that must dial its own HBONE port).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("0.0.0.0:0").unwrap().local_addr().unwrap().port()
+/// A port for a proxy that must dial its own HBONE port, held by a bound (not listening)
+/// SO_REUSEPORT socket until the proxy has bound it: released early, another test's proxy
+/// binding port 0 could be given it, and SO_REUSEPORT would then split connections between the
+/// two proxies.
+fn reserve_port() -> (socket2::Socket, u16) {
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    s.set_reuse_address(true).unwrap();
+    s.set_reuse_port(true).unwrap();
+    s.bind(&"0.0.0.0:0".parse::<SocketAddr>().unwrap().into()).unwrap();
+    let port = s.local_addr().unwrap().as_socket().unwrap().port();
+    (s, port)
 }
 
 #[test]
@@ -171,10 +179,11 @@ services:
     );
     let mut cfg = Config::for_tests(dir.write_config(&yaml));
     // One proxy is both ends: it dials HBONE to its own inbound port.
-    let port = free_port();
+    let (hold, port) = reserve_port();
     cfg.listeners.inbound = SocketAddr::new("0.0.0.0".parse().unwrap(), port);
     cfg.hbone_port = port;
     let proxy = start_with(cfg);
+    drop(hold);
     assert!(eventually(|| config_dump(&proxy)["certificates"].as_array().is_some_and(|c| c
         .iter()
         .filter(|c| c["state"] == "Available")
@@ -205,5 +214,63 @@ services:
     c.write_all(&payload).unwrap();
     c.shutdown(std::net::Shutdown::Write).unwrap();
     assert!(read.join().unwrap() == payload, "2 MiB intact through HBONE, both half-closes delivered");
+    stop(proxy);
+}
+
+/// Established sockets whose local port is `port` (the server side of HBONE connections).
+fn established_on(port: u16) -> usize {
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+    table
+        .lines()
+        .skip(1)
+        .filter(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.len() > 3
+                && f[3] == "01"
+                && f[1].rsplit(':').next().and_then(|p| u16::from_str_radix(p, 16).ok()) == Some(port)
+        })
+        .count()
+}
+
+#[test]
+fn pooled_connections_carry_100_streams_then_open_another() {
+    let pod = EchoServer::start("127.0.0.3", "pod");
+    let dir = TestDir::new("hbone-pool");
+    let yaml = r#"
+workloads:
+- {uid: sleep, name: sleep, namespace: ns, serviceAccount: sleep, workloadIps: [127.0.0.1], protocol: HBONE}
+- {uid: pod, name: pod, namespace: ns, serviceAccount: httpbin, workloadIps: [127.0.0.3], protocol: HBONE}
+"#;
+    let mut cfg = Config::for_tests(dir.write_config(yaml));
+    let (hold, port) = reserve_port();
+    cfg.listeners.inbound = SocketAddr::new("0.0.0.0".parse().unwrap(), port);
+    cfg.hbone_port = port;
+    cfg.worker_threads = 1; // one worker, one pool
+    cfg.pool_idle_timeout = Duration::from_secs(1);
+    let proxy = start_with(cfg);
+    drop(hold);
+    assert!(eventually(|| config_dump(&proxy)["certificates"].as_array().is_some_and(|c| c
+        .iter()
+        .filter(|c| c["state"] == "Available")
+        .count()
+        == 2)));
+    let s5 = proxy.addrs.socks5.unwrap();
+    let mut open = Vec::new();
+    for _ in 0..100 {
+        let mut c = socks5(s5, Dest::Addr(pod.addr)).unwrap();
+        assert_eq!(read_greeting(&mut c), "pod");
+        open.push(c);
+    }
+    assert_eq!(established_on(port), 1, "100 streams share one HBONE connection");
+    let mut c = socks5(s5, Dest::Addr(pod.addr)).unwrap();
+    assert_eq!(read_greeting(&mut c), "pod");
+    open.push(c);
+    assert_eq!(established_on(port), 2, "the 101st stream opens a second connection");
+    for c in open.iter_mut() {
+        echo_roundtrip(c, b"still flowing");
+    }
+    drop(open);
+    // Unused connections are released after POOL_UNUSED_RELEASE_TIMEOUT.
+    assert!(eventually(|| established_on(port) == 0), "idle pooled connections released");
     stop(proxy);
 }

@@ -2,10 +2,11 @@
 //! certificate, the server checked to be the destination's identity, HTTP/2 with Istio's
 //! settings, then `CONNECT ip:targetPort`.
 //!
-//! One HBONE connection per proxied connection for now; the per-worker pool (streams sharing a
-//! connection per source/destination key) is the next step.
+//! Streams share connections through the worker's pool (`hbone_pool`).
 
+use std::cell::Cell;
 use std::net::SocketAddr;
+use std::rc::Rc;
 
 use bytes::Bytes;
 use http::{Method, Request, StatusCode};
@@ -14,6 +15,7 @@ use rustls::pki_types::ServerName;
 
 use super::WorkerCtx;
 use super::error::ProxyError;
+use super::hbone_pool::{Checkout, HbonePool, PoolKey, PooledConn, StreamSlot};
 use crate::model::{Identity, Workload};
 use crate::net::{DialOpts, dial};
 use crate::snapshot::Snapshot;
@@ -23,6 +25,23 @@ use crate::tls::stream::TlsStream;
 pub struct HboneStream {
     pub send: h2::SendStream<Bytes>,
     pub recv: h2::RecvStream,
+    /// The stream's place on its pooled connection, given back when the stream ends.
+    pub _slot: StreamSlot,
+}
+
+/// Releases a key's dial if the dialing request goes away before it finishes.
+struct DialGuard<'a> {
+    pool: &'a HbonePool,
+    key: &'a PoolKey,
+    done: bool,
+}
+
+impl Drop for DialGuard<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            self.pool.dial_failed(self.key);
+        }
+    }
 }
 
 fn hbone_err(what: &str, e: impl std::fmt::Display) -> ProxyError {
@@ -45,7 +64,53 @@ pub async fn connect(
     client: SocketAddr,
 ) -> Result<HboneStream, ProxyError> {
     let identity = source.identity();
-    let cert = snap.certs.get(&identity).cloned().ok_or_else(|| ProxyError::NoCertificate(identity.to_string()))?;
+    let mut dst_ids = expected.to_vec();
+    dst_ids.sort();
+    dst_ids.dedup();
+    let key = PoolKey { src_id: identity.clone(), dst_ids, dst: hbone_addr, src_ip: client.ip() };
+    let (send_request, slot) = loop {
+        match ctx.pool.checkout(&key) {
+            Checkout::Ready(send, slot) => break (send, slot),
+            Checkout::Wait(dial) => {
+                // One dial per key: wait for it, then take a stream on what it made.
+                monoio::time::timeout(ctx.cfg.connect_timeout, dial.wait())
+                    .await
+                    .map_err(|_| hbone_err("waiting for a pooled connection", format!("to {hbone_addr} timed out")))?;
+            }
+            Checkout::Dial(_) => {
+                let mut guard = DialGuard { pool: &ctx.pool, key: &key, done: false };
+                let conn = dial_connection(ctx, snap, &identity, expected, hbone_addr).await?;
+                guard.done = true;
+                tracing::debug!(src = %identity, dst = %hbone_addr, "new pooled HBONE connection");
+                break ctx.pool.dialed(&key, conn);
+            }
+        }
+    };
+    let request = Request::builder()
+        .method(Method::CONNECT)
+        .uri(target.to_string())
+        .header("forwarded", format!("for=\"{client}\""))
+        .header("traceparent", traceparent())
+        .body(())
+        .map_err(|e| hbone_err("building CONNECT", e))?;
+    let mut ready = send_request.ready().await.map_err(|e| hbone_err("HTTP/2 connection", e))?;
+    let (response, send) = ready.send_request(request, false).map_err(|e| hbone_err("sending CONNECT", e))?;
+    let response = response.await.map_err(|e| hbone_err("CONNECT response", e))?;
+    if response.status() != StatusCode::OK {
+        return Err(ProxyError::Hbone(format!("{hbone_addr} answered CONNECT {target} with {}", response.status())));
+    }
+    Ok(HboneStream { send, recv: response.into_body(), _slot: slot })
+}
+
+/// A new mTLS + HTTP/2 connection to `hbone_addr`, with its driver task running.
+async fn dial_connection(
+    ctx: &WorkerCtx,
+    snap: &Snapshot,
+    identity: &Identity,
+    expected: &[Identity],
+    hbone_addr: SocketAddr,
+) -> Result<Rc<PooledConn>, ProxyError> {
+    let cert = snap.certs.get(identity).cloned().ok_or_else(|| ProxyError::NoCertificate(identity.to_string()))?;
     let opts = DialOpts { mark: ctx.cfg.packet_mark, spoof_source: None, timeout: ctx.cfg.connect_timeout };
     let tcp = dial(hbone_addr, opts).await?;
     let conn = ClientConnection::new(cert.client_config(), ServerName::IpAddress(hbone_addr.ip().into()))
@@ -65,24 +130,14 @@ pub async fn connect(
         .handshake::<_, Bytes>(tls)
         .await
         .map_err(|e| hbone_err("HTTP/2 handshake", e))?;
-    // The connection task drives the socket for the stream; it ends with the stream.
+    let dead = Rc::new(Cell::new(false));
+    let flag = dead.clone();
+    // The driver moves the connection's bytes; when it ends the pool drops the connection.
     monoio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::debug!(error = %e, "HBONE client connection ended");
         }
+        flag.set(true);
     });
-    let request = Request::builder()
-        .method(Method::CONNECT)
-        .uri(target.to_string())
-        .header("forwarded", format!("for=\"{client}\""))
-        .header("traceparent", traceparent())
-        .body(())
-        .map_err(|e| hbone_err("building CONNECT", e))?;
-    let mut ready = send_request.ready().await.map_err(|e| hbone_err("HTTP/2 connection", e))?;
-    let (response, send) = ready.send_request(request, false).map_err(|e| hbone_err("sending CONNECT", e))?;
-    let response = response.await.map_err(|e| hbone_err("CONNECT response", e))?;
-    if response.status() != StatusCode::OK {
-        return Err(ProxyError::Hbone(format!("{hbone_addr} answered CONNECT {target} with {}", response.status())));
-    }
-    Ok(HboneStream { send, recv: response.into_body() })
+    Ok(PooledConn::new(send_request, dead))
 }

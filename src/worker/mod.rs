@@ -10,6 +10,7 @@ pub mod channel;
 pub mod conns;
 pub mod error;
 mod hbone_client;
+pub mod hbone_pool;
 mod hbone_relay;
 mod inbound_hbone;
 mod inbound_plain;
@@ -86,6 +87,8 @@ pub struct WorkerCtx {
     pub addrs: ListenAddrs,
     /// Bulk relay directions switch to splice(2) (io_uring workers, unless disabled).
     pub splice: bool,
+    /// Outbound HBONE connections shared by this worker's streams.
+    pub pool: hbone_pool::HbonePool,
 }
 
 impl WorkerCtx {
@@ -212,11 +215,13 @@ async fn run(spec: WorkerSpec, driver: &'static str, ready: std::sync::mpsc::Sen
         addrs,
         // Raw splice calls rely on io_uring readiness polls; the epoll driver keeps copying.
         splice: spec.cfg.splice && driver == "io_uring",
+        pool: hbone_pool::HbonePool::new(spec.cfg.pool_max_streams, spec.cfg.pool_idle_timeout),
     });
     for (kind, listener) in listeners {
         ctx.accepting.set(ctx.accepting.get() + 1);
         monoio::spawn(accept_loop(ctx.clone(), kind, listener));
     }
+    monoio::spawn(sweep_pool(ctx.clone()));
     let deadline = loop {
         match spec.rx.recv().await {
             Some(WorkerMsg::Snapshot(s)) => {
@@ -229,6 +234,17 @@ async fn run(spec: WorkerSpec, driver: &'static str, ready: std::sync::mpsc::Sen
         }
     };
     drain(&ctx, deadline).await;
+}
+
+/// Releases idle and dead pooled HBONE connections now and then, until drain.
+async fn sweep_pool(ctx: Rc<WorkerCtx>) {
+    let every = (ctx.cfg.pool_idle_timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(30));
+    loop {
+        monoio::select! {
+            _ = monoio::time::sleep(every) => ctx.pool.sweep(Instant::now()),
+            _ = ctx.draining.wait() => return,
+        }
+    }
 }
 
 async fn accept_loop(ctx: Rc<WorkerCtx>, kind: Kind, listener: TcpListener) {
