@@ -13,13 +13,12 @@ use http::{Method, Response, StatusCode};
 use monoio::net::TcpStream;
 use rustls::ServerConnection;
 
-use super::WorkerCtx;
+use super::{LocalSnapshot, WorkerCtx};
 use super::conns::Direction;
 use super::error::ProxyError;
 use crate::model::{Identity, Workload};
 use crate::net::relay::{RelayEnd, RelayStats};
 use crate::net::{DialOpts, canonical, dial};
-use crate::snapshot::Snapshot;
 use crate::telemetry::access::ConnLog;
 use crate::tls::stream::TlsStream;
 
@@ -28,7 +27,8 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Serves one HBONE connection until the peer closes it or drain ends it.
 pub async fn serve(ctx: Rc<WorkerCtx>, stream: TcpStream, peer: SocketAddr) {
     let guard = ctx.conns.register(Direction::Inbound, peer);
-    let snap: Arc<Snapshot> = Arc::clone(&ctx.snapshot());
+    // The worker-local handle: cloning it per stream is not atomic.
+    let snap: LocalSnapshot = ctx.snapshot();
     let dst = match stream.local_addr() {
         Ok(a) => canonical(a),
         Err(e) => return tracing::warn!(%peer, error = %e, "HBONE: no local address"),
@@ -109,7 +109,7 @@ pub async fn serve(ctx: Rc<WorkerCtx>, stream: TcpStream, peer: SocketAddr) {
 /// One CONNECT stream.
 struct Stream {
     ctx: Rc<WorkerCtx>,
-    snap: Arc<Snapshot>,
+    snap: LocalSnapshot,
     /// The address the client dialed (a local workload's IP, port 15008).
     dst: SocketAddr,
     peer: SocketAddr,
