@@ -157,6 +157,28 @@ fn reserve_port() -> (socket2::Socket, u16) {
     (s, port)
 }
 
+/// Starts a proxy that is both ends of its HBONE connections: it dials its own inbound port.
+fn start_both_ends(mut cfg: Config) -> ztunnel::app::Proxy {
+    let (hold, port) = reserve_port();
+    cfg.listeners.inbound = SocketAddr::new("0.0.0.0".parse().unwrap(), port);
+    cfg.hbone_port = port;
+    let proxy = start_with(cfg);
+    drop(hold);
+    proxy
+}
+
+/// Waits until `n` certificates are available (the local HBONE workloads').
+fn wait_for_certificates(proxy: &ztunnel::app::Proxy, n: usize) {
+    assert!(
+        eventually(|| config_dump(proxy)["certificates"].as_array().is_some_and(|c| c
+            .iter()
+            .filter(|c| c["state"] == "Available")
+            .count()
+            == n)),
+        "{n} certificates issued"
+    );
+}
+
 #[test]
 fn outbound_hbone_end_to_end_through_one_proxy() {
     let pod = EchoServer::start("127.0.0.3", "pod");
@@ -177,18 +199,9 @@ services:
 "#,
         port = pod.addr.port()
     );
-    let mut cfg = Config::for_tests(dir.write_config(&yaml));
-    // One proxy is both ends: it dials HBONE to its own inbound port.
-    let (hold, port) = reserve_port();
-    cfg.listeners.inbound = SocketAddr::new("0.0.0.0".parse().unwrap(), port);
-    cfg.hbone_port = port;
-    let proxy = start_with(cfg);
-    drop(hold);
-    assert!(eventually(|| config_dump(&proxy)["certificates"].as_array().is_some_and(|c| c
-        .iter()
-        .filter(|c| c["state"] == "Available")
-        .count()
-        == 2)));
+    let cfg = Config::for_tests(dir.write_config(&yaml));
+    let proxy = start_both_ends(cfg);
+    wait_for_certificates(&proxy, 2);
     let s5 = proxy.addrs.socks5.unwrap();
     for dest in [
         Dest::Addr(pod.addr),
@@ -242,18 +255,11 @@ workloads:
 - {uid: pod, name: pod, namespace: ns, serviceAccount: httpbin, workloadIps: [127.0.0.3], protocol: HBONE}
 "#;
     let mut cfg = Config::for_tests(dir.write_config(yaml));
-    let (hold, port) = reserve_port();
-    cfg.listeners.inbound = SocketAddr::new("0.0.0.0".parse().unwrap(), port);
-    cfg.hbone_port = port;
     cfg.worker_threads = 1; // one worker, one pool
     cfg.pool_idle_timeout = Duration::from_secs(1);
-    let proxy = start_with(cfg);
-    drop(hold);
-    assert!(eventually(|| config_dump(&proxy)["certificates"].as_array().is_some_and(|c| c
-        .iter()
-        .filter(|c| c["state"] == "Available")
-        .count()
-        == 2)));
+    let proxy = start_both_ends(cfg);
+    let port = proxy.addrs.inbound.port();
+    wait_for_certificates(&proxy, 2);
     let s5 = proxy.addrs.socks5.unwrap();
     let mut open = Vec::new();
     for _ in 0..100 {

@@ -13,9 +13,9 @@ use http::{Method, Response, StatusCode};
 use monoio::net::TcpStream;
 use rustls::ServerConnection;
 
-use super::{LocalSnapshot, WorkerCtx};
 use super::conns::Direction;
 use super::error::ProxyError;
+use super::{LocalSnapshot, WorkerCtx};
 use crate::model::{Identity, Workload};
 use crate::net::relay::{RelayEnd, RelayStats};
 use crate::net::{DialOpts, canonical, dial};
