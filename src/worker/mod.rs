@@ -200,9 +200,11 @@ async fn run(spec: WorkerSpec, driver: &'static str, ready: std::sync::mpsc::Sen
     own_ports.extend(addrs.socks5.map(|a| a.port()));
     tracing::info!(worker = spec.id, driver, outbound = %addrs.outbound, inbound_plain = %addrs.inbound_plain, inbound = %addrs.inbound,
         socks5 = ?addrs.socks5, "worker listening");
+    // Acknowledge the initial generation before reporting start-up: once `start` returns,
+    // readiness must not see a worker without config.
+    spec.generation.store(spec.initial.generation, Ordering::Release);
     let _ = ready.send(Ok(Bound { addrs, driver }));
 
-    spec.generation.store(spec.initial.generation, Ordering::Release);
     let ctx = Rc::new(WorkerCtx {
         id: spec.id,
         cfg: spec.cfg.clone(),
