@@ -56,7 +56,19 @@ pub struct TlsStream<C> {
     conn: C,
     reader: Reader,
     writer: Writer,
+    /// Decrypted bytes rustls holds for the application (from the last `process_new_packets`,
+    /// less what was read since): `poll_read` initializes only that much of the caller's buffer.
+    plaintext: usize,
+    /// Plaintext accepted since the last write was started: writes start early only once this
+    /// is large, so h2's frames coalesce into few records and few socket writes.
+    unsent: usize,
 }
+
+/// rustls' limit on queued TLS output (its default is 64 KiB, less than one h2 window update
+/// burst; a full limit makes `poll_write` wait for the socket).
+const SEND_BUFFER: usize = 512 * 1024;
+/// Queued plaintext that starts a write before h2 asks for a flush.
+const EAGER_WRITE: usize = 128 * 1024;
 
 fn tls_error(e: rustls::Error) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, e)
@@ -74,10 +86,14 @@ where
     /// Runs the handshake on `stream` and returns the established stream.
     pub async fn handshake(stream: TcpStream, conn: C) -> io::Result<TlsStream<C>> {
         let (r, w) = stream.into_split();
+        let mut conn = conn;
+        conn.set_buffer_limit(Some(SEND_BUFFER));
         let mut tls = TlsStream {
             conn,
             reader: Reader::Idle { half: r, buf: Vec::with_capacity(READ_BUF), start: 0, end: 0 },
             writer: Writer::Idle { half: w, buf: Vec::new() },
+            plaintext: 0,
+            unsent: 0,
         };
         poll_fn(|cx| tls.poll_handshake(cx)).await?;
         Ok(tls)
@@ -169,10 +185,13 @@ where
                     return Poll::Ready(Err(e));
                 }
             };
-            if let Err(e) = self.conn.process_new_packets() {
-                self.send_alert_best_effort(cx);
-                self.reader = Reader::Failed;
-                return Poll::Ready(Err(tls_error(e)));
+            match self.conn.process_new_packets() {
+                Ok(state) => self.plaintext = state.plaintext_bytes_to_read(),
+                Err(e) => {
+                    self.send_alert_best_effort(cx);
+                    self.reader = Reader::Failed;
+                    return Poll::Ready(Err(tls_error(e)));
+                }
             }
             return Poll::Ready(Ok(fed));
         }
@@ -188,6 +207,7 @@ where
                         unreachable!("matched Idle above")
                     };
                     buf.clear();
+                    self.unsent = 0;
                     while self.conn.wants_write() && buf.len() < MAX_WRITE {
                         if let Err(e) = self.conn.write_tls(&mut buf) {
                             return Poll::Ready(Err(e));
@@ -225,6 +245,12 @@ where
         }
     }
 
+    /// How much of a caller's buffer with `room` bytes to hand to rustls: what it holds, or one
+    /// byte when it should hold nothing (enough to tell "no data yet" from close_notify).
+    fn read_size(&self, room: usize) -> usize {
+        self.plaintext.max(1).min(room)
+    }
+
     /// After a protocol error rustls queues an alert; start sending it without waiting.
     fn send_alert_best_effort(&mut self, cx: &mut Context<'_>) {
         if self.conn.wants_write() {
@@ -245,13 +271,18 @@ where
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
         loop {
-            match this.conn.reader().read(out.initialize_unfilled()) {
+            // Zeroing the caller's whole buffer on every read (h2 hands in its spare capacity)
+            // showed up in profiles; only what rustls can hand over needs initializing.
+            let room = this.read_size(out.remaining());
+            match this.conn.reader().read(out.initialize_unfilled_to(room)) {
                 Ok(n) => {
-                    // n == 0: the peer sent close_notify (a clean end of stream).
+                    // n == 0: the peer sent close_notify (a clean end of stream), or the
+                    // caller's buffer is full.
+                    this.plaintext = this.plaintext.saturating_sub(n);
                     out.advance(n);
                     return Poll::Ready(Ok(()));
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => this.plaintext = 0,
                 Err(e) => return Poll::Ready(Err(e)),
             }
             // Keep queued output (key updates, alerts) moving while we wait for input.
@@ -262,7 +293,8 @@ where
             }
             if ready!(this.poll_fill(cx))? == 0 {
                 // End of stream: rustls reports whether it was clean on the next read.
-                match this.conn.reader().read(out.initialize_unfilled()) {
+                let room = this.read_size(out.remaining());
+                match this.conn.reader().read(out.initialize_unfilled_to(room)) {
                     Ok(n) => {
                         out.advance(n);
                         return Poll::Ready(Ok(()));
@@ -280,20 +312,39 @@ where
     C: DerefMut + Deref<Target = ConnectionCommon<S>> + Unpin,
     S: SideData,
 {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+        self.poll_write_vectored(cx, &[io::IoSlice::new(data)])
+    }
+
+    /// h2 hands a DATA frame over as header + payload: written together they become one TLS
+    /// record instead of a 9-byte record and a payload record.
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
         let this = &mut *self;
+        let total: usize = bufs.iter().map(|b| b.len()).sum();
         loop {
-            let n = this.conn.writer().write(data)?;
-            if n > 0 || data.is_empty() {
-                // Start sending now, without waiting: more writes may be coalesced meanwhile.
-                if let Poll::Ready(Err(e)) = this.poll_write_tls(cx) {
-                    return Poll::Ready(Err(e));
+            let n = this.conn.writer().write_vectored(bufs)?;
+            if n > 0 || total == 0 {
+                this.unsent += n;
+                // Writes start at h2's flush; a large backlog starts one early so the socket
+                // stays busy while h2 encodes more.
+                if this.unsent >= EAGER_WRITE {
+                    if let Poll::Ready(Err(e)) = this.poll_write_tls(cx) {
+                        return Poll::Ready(Err(e));
+                    }
                 }
                 return Poll::Ready(Ok(n));
             }
             // rustls' send buffer is full: wait until it drains.
             ready!(this.poll_flush_tls(cx))?;
         }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
