@@ -105,6 +105,15 @@ pub struct Config {
     /// `POOL_UNUSED_RELEASE_TIMEOUT`: an unused pooled connection is closed after this long.
     #[serde(serialize_with = "ser_duration")]
     pub pool_idle_timeout: Duration,
+    /// `ENABLE_NODE_LOCAL_FAST_PATH`: a destination served by this proxy skips TLS and HTTP/2;
+    /// the inbound checks run in-process and the pod is dialed directly.
+    pub node_local_fast_path: bool,
+    /// HTTP/2 PING interval on HBONE connections, and how long a PONG may take before the
+    /// connection is dropped (Istio: 10 s and 20 s).
+    #[serde(serialize_with = "ser_duration")]
+    pub hbone_keepalive_interval: Duration,
+    #[serde(serialize_with = "ser_duration")]
+    pub hbone_keepalive_timeout: Duration,
 }
 
 /// The local CA: a root from `LOCAL_CA_CERT` + `LOCAL_CA_KEY`, or one generated once into (and
@@ -178,7 +187,7 @@ pub fn usage() -> String {
          POD_NAMESPACE, ENABLE_ORIG_SRC, CONNECTION_TERMINATION_DEADLINE, ZTUNNEL_CONNECT_TIMEOUT,\n\
          ZTUNNEL_SPLICE, FAKE_CA, CA_ADDRESS, LOCAL_CA_CERT, LOCAL_CA_KEY, ZTUNNEL_LOCAL_CA_DIR,\n\
          SECRET_TTL, TRUST_DOMAIN, POOL_MAX_STREAMS_PER_CONNECTION, POOL_UNUSED_RELEASE_TIMEOUT,\n\
-         RUST_LOG. See README.md.\n",
+         ENABLE_NODE_LOCAL_FAST_PATH, RUST_LOG. See README.md.\n",
     );
     s
 }
@@ -509,6 +518,9 @@ impl Config {
                 })?
                 .unwrap_or(100),
             pool_idle_timeout: src.duration("POOL_UNUSED_RELEASE_TIMEOUT", Duration::from_secs(300))?,
+            node_local_fast_path: src.bool("ENABLE_NODE_LOCAL_FAST_PATH")?.unwrap_or(true),
+            hbone_keepalive_interval: Duration::from_secs(10),
+            hbone_keepalive_timeout: Duration::from_secs(20),
         })
     }
 

@@ -4,7 +4,9 @@
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
-use crate::model::{HealthPolicy, HealthStatus, LoadBalancerMode, Protocol, RoutingPreference, Workload};
+use crate::model::{
+    GatewayDestination, HealthPolicy, HealthStatus, Identity, LoadBalancerMode, Protocol, RoutingPreference, Workload,
+};
 use crate::snapshot::{ServiceEndpoint, ServiceEntry, Snapshot};
 
 /// How the connection leaves the proxy.
@@ -37,6 +39,57 @@ pub enum RouteError {
     NoHealthyEndpoint(String),
     #[error("workload {0} has no IP address to connect to")]
     NoWorkloadAddress(String),
+    #[error("waypoint {0} is not a known workload or service with a usable endpoint")]
+    WaypointUnresolved(String),
+}
+
+/// The waypoint a connection must go through: HBONE to `hbone_addr`, the server being one of
+/// `identities`, with the original destination as the CONNECT authority.
+#[derive(Debug, Clone)]
+pub struct WaypointRoute {
+    pub workload: Arc<Workload>,
+    pub hbone_addr: SocketAddr,
+    pub identities: Vec<Identity>,
+}
+
+/// The waypoint for `route`, if one applies: the service's waypoint for traffic to a service,
+/// the workload's for traffic addressed to a workload. None when the source is that waypoint
+/// itself (its own outbound goes to the destination, never back to itself).
+pub fn waypoint(
+    snap: &Snapshot,
+    source: &Workload,
+    route: &Route,
+    rand: &mut dyn FnMut(u64) -> u64,
+) -> Result<Option<WaypointRoute>, RouteError> {
+    let gateway = match (&route.service, &route.workload) {
+        (Some(svc), _) => svc.service.waypoint.as_ref(),
+        (None, Some(wl)) => wl.waypoint.as_ref(),
+        (None, None) => None,
+    };
+    let Some(gateway) = gateway else { return Ok(None) };
+    let port = if gateway.hbone_mtls_port == 0 { 15008 } else { gateway.hbone_mtls_port };
+    let unresolved = || RouteError::WaypointUnresolved(gateway.destination.to_string());
+    let (workload, mut identities) = match &gateway.destination {
+        GatewayDestination::Address(addr) => {
+            let wl = snap.workload_by_ip(&addr.network, addr.address).ok_or_else(unresolved)?;
+            if wl.uid == source.uid {
+                return Ok(None);
+            }
+            (wl.clone(), Vec::new())
+        }
+        GatewayDestination::Hostname(name) => {
+            let svc = snap.service(name).ok_or_else(unresolved)?;
+            if svc.endpoints.iter().any(|ep| ep.workload.uid == source.uid) {
+                return Ok(None);
+            }
+            let ep = pick_endpoint(svc, source, port, port, rand).ok_or_else(unresolved)?;
+            let sans = svc.service.subject_alt_names.iter().filter_map(|s| s.parse().ok()).collect();
+            (ep.workload.clone(), sans)
+        }
+    };
+    let ip = pick_ip(&workload, route.upstream.ip()).ok_or_else(unresolved)?;
+    identities.insert(0, workload.identity());
+    Ok(Some(WaypointRoute { workload, hbone_addr: SocketAddr::new(ip, port), identities }))
 }
 
 /// Resolves where a connection from `source` to the original destination `dst` goes.
@@ -304,5 +357,48 @@ services:
         );
         let r = outbound(&empty, &src, "10.96.0.1:80".parse().unwrap(), &mut |_| 0).unwrap();
         assert_eq!(r.transport, Transport::Passthrough);
+    }
+
+    #[test]
+    fn waypoints_for_services_and_workloads_and_never_to_itself() {
+        let yaml = r#"
+workloads:
+- {uid: src, name: src, namespace: ns, workloadIps: [10.0.0.1], protocol: HBONE}
+- {uid: wp, name: wp, namespace: ns, serviceAccount: waypoint, workloadIps: [10.0.5.5], protocol: HBONE, services: {"ns/waypoint.ns.svc": {15008: 15008}}}
+- uid: pod
+  name: pod
+  namespace: ns
+  workloadIps: [10.0.1.1]
+  protocol: HBONE
+  waypoint: {destination: "/10.0.5.5", hboneMtlsPort: 15008}
+  services: {"ns/web": {80: 8080}}
+services:
+- {name: web, namespace: ns, hostname: web, vips: ["/10.96.0.1"], ports: {80: 8080}, waypoint: {destination: "ns/waypoint.ns.svc", hboneMtlsPort: 0}, subjectAltNames: ["spiffe://cluster.local/ns/ns/sa/extra"]}
+- {name: waypoint, namespace: ns, hostname: waypoint.ns.svc, vips: [], ports: {15008: 15008}}
+"#;
+        let snap = snapshot(yaml);
+        let src = snap.workload_by_uid("src").unwrap().clone();
+        let wp_wl = snap.workload_by_uid("wp").unwrap().clone();
+        let via = |from: &Workload, dst: &str| {
+            let route = outbound(&snap, from, dst.parse().unwrap(), &mut |_| 0).unwrap();
+            waypoint(&snap, from, &route, &mut |_| 0).unwrap()
+        };
+        // Service traffic: the service's waypoint (by hostname; port 0 means 15008), expected
+        // to present the waypoint's identity (web's own SANs are not the waypoint's).
+        let wp = via(&src, "10.96.0.1:80").expect("service waypoint");
+        assert_eq!(wp.hbone_addr, "10.0.5.5:15008".parse().unwrap());
+        assert_eq!(wp.workload.uid, "wp");
+        assert_eq!(wp.identities, vec!["spiffe://cluster.local/ns/ns/sa/waypoint".parse::<Identity>().unwrap()]);
+        // Traffic addressed to the pod: the workload's waypoint (by address).
+        assert_eq!(via(&src, "10.0.1.1:8080").unwrap().hbone_addr, "10.0.5.5:15008".parse().unwrap());
+        // The waypoint's own outbound goes straight on.
+        assert!(via(&wp_wl, "10.96.0.1:80").is_none());
+        assert!(via(&wp_wl, "10.0.1.1:8080").is_none());
+        // No waypoint configured: none.
+        assert!(via(&src, "10.0.5.5:15008").is_none());
+        // A waypoint nobody can resolve is an error, not a silent bypass.
+        let broken = snapshot(&yaml.replace("ns/waypoint.ns.svc\", hbone", "ns/nowhere.ns.svc\", hbone"));
+        let route = outbound(&broken, &src, "10.96.0.1:80".parse().unwrap(), &mut |_| 0).unwrap();
+        assert!(matches!(waypoint(&broken, &src, &route, &mut |_| 0), Err(RouteError::WaypointUnresolved(_))));
     }
 }

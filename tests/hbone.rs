@@ -157,8 +157,10 @@ fn reserve_port() -> (socket2::Socket, u16) {
     (s, port)
 }
 
-/// Starts a proxy that is both ends of its HBONE connections: it dials its own inbound port.
+/// Starts a proxy that is both ends of its HBONE connections: it dials its own inbound port
+/// (two logical nodes in one process, so the node-local fast path is off).
 fn start_both_ends(mut cfg: Config) -> ztunnel::app::Proxy {
+    cfg.node_local_fast_path = false;
     let (hold, port) = reserve_port();
     cfg.listeners.inbound = SocketAddr::new("0.0.0.0".parse().unwrap(), port);
     cfg.hbone_port = port;
@@ -278,5 +280,200 @@ workloads:
     drop(open);
     // Unused connections are released after POOL_UNUSED_RELEASE_TIMEOUT.
     assert!(eventually(|| established_on(port) == 0), "idle pooled connections released");
+    stop(proxy);
+}
+
+#[test]
+fn node_local_fast_path_on_and_off_both_deliver() {
+    let pod = EchoServer::start("127.0.0.3", "pod");
+    let dir = TestDir::new("hbone-fast");
+    let yaml = r#"
+workloads:
+- {uid: sleep, name: sleep, namespace: ns, serviceAccount: sleep, workloadIps: [127.0.0.1], protocol: HBONE}
+- {uid: pod, name: pod, namespace: ns, serviceAccount: httpbin, workloadIps: [127.0.0.3], protocol: HBONE}
+"#;
+    let path = dir.write_config(yaml);
+    for fast in [true, false] {
+        let mut cfg = Config::for_tests(path.clone());
+        let (hold, port) = reserve_port();
+        cfg.listeners.inbound = SocketAddr::new("0.0.0.0".parse().unwrap(), port);
+        cfg.hbone_port = port;
+        cfg.node_local_fast_path = fast;
+        let proxy = start_with(cfg);
+        drop(hold);
+        wait_for_certificates(&proxy, 2);
+        let mut c = socks5(proxy.addrs.socks5.unwrap(), Dest::Addr(pod.addr)).expect("pod reached");
+        assert_eq!(read_greeting(&mut c), "pod");
+        echo_roundtrip(&mut c, b"same bytes either way");
+        let hbone_conns = established_on(port);
+        if fast {
+            assert_eq!(hbone_conns, 0, "fast path: no TLS connection to our own HBONE port");
+        } else {
+            assert_eq!(hbone_conns, 1, "fast path off: the stream goes over HBONE");
+        }
+        drop(c);
+        stop(proxy);
+    }
+}
+
+/// What a test HBONE peer saw in a CONNECT request.
+#[derive(Debug)]
+struct SeenConnect {
+    authority: String,
+    headers: http::HeaderMap,
+    client: Option<Identity>,
+}
+
+/// A stand-in waypoint: an HBONE server on `addr` presenting `cert`, answering every CONNECT
+/// with 200, greeting `wp\n` and echoing; each request's details go to the returned channel.
+fn fake_waypoint(
+    addr: SocketAddr,
+    cert: std::sync::Arc<ztunnel::tls::WorkloadCert>,
+) -> std::sync::mpsc::Receiver<SeenConnect> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let listener = std::net::TcpListener::bind(addr).unwrap();
+    std::thread::spawn(move || {
+        block_on(async move {
+            let listener = monoio::net::TcpListener::from_std(listener).unwrap();
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else { return };
+                let conn = rustls::ServerConnection::new(cert.server_config()).unwrap();
+                let tx = tx.clone();
+                monoio::spawn(async move {
+                    let Ok(tls) = TlsStream::handshake(tcp, conn).await else { return };
+                    let client = ztunnel::tls::peer_identity(tls.conn().peer_certificates());
+                    let Ok(mut h2) = h2::server::handshake(tls).await else { return };
+                    while let Some(Ok((req, mut respond))) = h2.accept().await {
+                        let authority = req.uri().authority().map(|a| a.to_string()).unwrap_or_default();
+                        let _ =
+                            tx.send(SeenConnect { authority, headers: req.headers().clone(), client: client.clone() });
+                        let mut body = req.into_body();
+                        let mut send = respond.send_response(http::Response::new(()), false).unwrap();
+                        send.send_data(Bytes::from_static(b"wp\n"), false).unwrap();
+                        monoio::spawn(async move {
+                            while let Some(Ok(chunk)) = body.data().await {
+                                let _ = body.flow_control().release_capacity(chunk.len());
+                                if send.send_data(chunk, false).is_err() {
+                                    break;
+                                }
+                            }
+                            let _ = send.send_data(Bytes::new(), true);
+                        });
+                    }
+                });
+            }
+        })
+    });
+    rx
+}
+
+#[test]
+fn service_waypoint_gets_the_original_destination_and_headers() {
+    let pod = EchoServer::start("127.0.0.3", "pod");
+    let dir = TestDir::new("hbone-waypoint");
+    let (hold, wp_port) = reserve_port();
+    drop(hold);
+    let yaml = format!(
+        r#"
+workloads:
+- {{uid: sleep, name: sleep, namespace: ns, serviceAccount: sleep, workloadIps: [127.0.0.1], protocol: HBONE, canonicalName: sleep, canonicalRevision: v1, workloadName: sleep, workloadType: deployment}}
+- {{uid: wp, name: waypoint, namespace: ns, serviceAccount: waypoint, workloadIps: [127.0.0.5], protocol: HBONE, node: elsewhere}}
+- uid: pod
+  name: pod
+  namespace: ns
+  serviceAccount: httpbin
+  workloadIps: [127.0.0.3]
+  protocol: HBONE
+  services: {{"ns/httpbin.ns.svc.cluster.local": {{8000: {port}}}}}
+services:
+- name: httpbin
+  namespace: ns
+  hostname: httpbin.ns.svc.cluster.local
+  vips: ["/127.10.0.8"]
+  ports: {{8000: {port}}}
+  waypoint: {{destination: "/127.0.0.5", hboneMtlsPort: {wp_port}}}
+"#,
+        port = pod.addr.port()
+    );
+    let cfg = Config::for_tests(dir.write_config(&yaml));
+    let ca_cfg = cfg.ca.clone();
+    let proxy = start_with(cfg);
+    let (ca, _) = LocalCa::from_config(&ca_cfg, "cluster.local", Duration::from_secs(3600)).unwrap();
+    let wp_id: Identity = "spiffe://cluster.local/ns/ns/sa/waypoint".parse().unwrap();
+    let wp_cert = std::sync::Arc::new(ca.issue(&wp_id, SystemTime::now()).unwrap());
+    let seen = fake_waypoint(SocketAddr::new("127.0.0.5".parse().unwrap(), wp_port), wp_cert);
+    assert!(eventually(|| config_dump(&proxy)["certificates"].as_array().is_some_and(|c| c
+        .iter()
+        .any(|c| c["identity"] == "spiffe://cluster.local/ns/ns/sa/sleep" && c["state"] == "Available"))));
+    let s5 = proxy.addrs.socks5.unwrap();
+    let mut c = socks5(s5, Dest::Addr("127.10.0.8:8000".parse().unwrap())).expect("waypoint reached");
+    assert_eq!(read_greeting(&mut c), "wp", "the service's traffic goes to its waypoint");
+    echo_roundtrip(&mut c, b"via the waypoint");
+    let req = seen.recv_timeout(PATIENCE).unwrap();
+    assert_eq!(req.authority, "127.10.0.8:8000", "the original VIP:port, not translated");
+    assert_eq!(req.client.as_ref().map(|i| i.to_string()).as_deref(), Some("spiffe://cluster.local/ns/ns/sa/sleep"));
+    let header = |name: &str| req.headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+    let forwarded = header("forwarded");
+    assert!(forwarded.starts_with("for=\"127.0.0.1:"), "{forwarded}");
+    assert!(forwarded.ends_with(";host=httpbin.ns.svc.cluster.local"), "{forwarded}");
+    let baggage = header("baggage");
+    for kv in ["k8s.namespace.name=ns", "k8s.deployment.name=sleep", "service.name=sleep", "service.version=v1"] {
+        assert!(baggage.split(',').any(|p| p == kv), "{kv} in {baggage}");
+    }
+    let traceparent = header("traceparent");
+    let parts: Vec<&str> = traceparent.split('-').collect();
+    assert!(parts.len() == 4 && parts[0] == "00" && parts[1].len() == 32 && parts[2].len() == 16, "{traceparent}");
+    // Traffic addressed to the pod itself has no waypoint: straight to the pod (fast path).
+    let mut direct = socks5(s5, Dest::Addr(pod.addr)).unwrap();
+    assert_eq!(read_greeting(&mut direct), "pod");
+    stop(proxy);
+}
+
+#[test]
+fn certificate_renewal_under_an_open_connection_loses_no_bytes() {
+    let pod = EchoServer::start("127.0.0.3", "pod");
+    let dir = TestDir::new("hbone-renew");
+    let yaml = r#"
+workloads:
+- {uid: sleep, name: sleep, namespace: ns, serviceAccount: sleep, workloadIps: [127.0.0.1], protocol: HBONE}
+- {uid: pod, name: pod, namespace: ns, serviceAccount: httpbin, workloadIps: [127.0.0.3], protocol: HBONE}
+"#;
+    let mut cfg = Config::for_tests(dir.write_config(yaml));
+    cfg.secret_ttl = Duration::from_secs(3); // renewed about every 1.5 s
+    let proxy = start_both_ends(cfg);
+    wait_for_certificates(&proxy, 2);
+    let serials = |proxy: &ztunnel::app::Proxy| -> Vec<String> {
+        let dump = config_dump(proxy);
+        let mut s: Vec<String> = dump["certificates"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["certChain"][0]["serialNumber"].to_string())
+            .collect();
+        s.sort();
+        s
+    };
+    let before = serials(&proxy);
+    assert!(before.iter().all(|s| s.len() > 10), "serials listed: {before:?}");
+    let s5 = proxy.addrs.socks5.unwrap();
+    let mut c = socks5(s5, Dest::Addr(pod.addr)).unwrap();
+    assert_eq!(read_greeting(&mut c), "pod");
+    // Keep bytes flowing on the one connection while certificates are replaced under it.
+    let started = std::time::Instant::now();
+    let mut renewed = false;
+    let mut i = 0u32;
+    while started.elapsed() < PATIENCE && !(renewed && i >= 50) {
+        let msg: Vec<u8> = (0..16 * 1024).map(|b| ((b as u32 + i) % 251) as u8).collect();
+        echo_roundtrip(&mut c, &msg);
+        i += 1;
+        renewed = renewed || serials(&proxy).iter().all(|s| !before.contains(s));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(renewed, "both certificates were renewed while the connection was open");
+    echo_roundtrip(&mut c, b"still the same connection");
+    // And a new stream after renewal works.
+    let mut fresh = socks5(s5, Dest::Addr(pod.addr)).unwrap();
+    assert_eq!(read_greeting(&mut fresh), "pod");
+    echo_roundtrip(&mut fresh, b"after renewal");
     stop(proxy);
 }

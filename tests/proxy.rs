@@ -60,7 +60,10 @@ fn socks5_routes_to_workloads_services_and_passthrough() {
     let b = EchoServer::start("127.0.0.3", "b");
     let outside = EchoServer::start("127.0.0.9", "outside");
     let dir = TestDir::new("routes");
-    let proxy = start(&dir.write_config(&mesh(a.addr, b.addr, "")));
+    let mut cfg = Config::for_tests(dir.write_config(&mesh(a.addr, b.addr, "")));
+    // The HBONE workload counts as remote here (with the fast path it would be dialed directly).
+    cfg.node_local_fast_path = false;
+    let proxy = start_with(cfg);
     let s5 = socks(&proxy);
 
     // A workload by IP.

@@ -19,18 +19,18 @@ pub enum ProxyError {
     UnknownLocalDestination(SocketAddr),
     #[error(transparent)]
     Route(#[from] RouteError),
-    #[error(
-        "destination workload {0} speaks HBONE, which this build cannot send yet; refusing rather than sending in clear"
-    )]
+    #[error("HBONE destination {0} has no workload identity to verify; refusing rather than sending in clear")]
     HboneUnavailable(String),
-    #[error("destination {0} is behind a waypoint, which needs HBONE; this build cannot send it yet")]
-    WaypointUnavailable(String),
+    #[error("refused by the destination's inbound checks: {0}")]
+    Refused(String),
     #[error(transparent)]
     Dial(#[from] DialError),
     #[error("no certificate for {0} yet (is the local CA reachable?)")]
     NoCertificate(String),
     #[error("HBONE: {0}")]
     Hbone(String),
+    #[error("HBONE: {peer} answered CONNECT {target} with {status}")]
+    HboneRefused { peer: SocketAddr, target: SocketAddr, status: u16 },
     #[error("SOCKS5: {0}")]
     Socks5(String),
     #[error("relay: {0}")]

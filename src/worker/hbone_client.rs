@@ -7,6 +7,7 @@
 use std::cell::Cell;
 use std::net::SocketAddr;
 use std::rc::Rc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Method, Request, StatusCode};
@@ -53,7 +54,45 @@ fn traceparent() -> String {
     format!("00-{:016x}{:016x}-{:016x}-01", fastrand::u64(..), fastrand::u64(..), fastrand::u64(1..))
 }
 
-/// Opens a CONNECT stream to `target` (the workload's `ip:targetPort`) through `hbone_addr`.
+/// The `baggage` header describing the source workload, for the peer's telemetry: Istio's keys,
+/// empty values left out.
+pub fn baggage(source: &Workload, default_cluster: &str) -> String {
+    let cluster = if source.cluster_id.is_empty() { default_cluster } else { source.cluster_id.as_str() };
+    let kind = if source.workload_type.is_empty() { "pod" } else { source.workload_type.as_str() };
+    let locality = source.locality.as_ref();
+    let kind_key = format!("k8s.{kind}.name");
+    let pairs = [
+        ("k8s.cluster.name", cluster),
+        ("k8s.namespace.name", source.namespace.as_str()),
+        (kind_key.as_str(), if source.workload_name.is_empty() { source.name.as_str() } else { &source.workload_name }),
+        ("service.name", source.canonical_name.as_str()),
+        ("service.version", source.canonical_revision.as_str()),
+        ("cloud.region", locality.map(|l| l.region.as_str()).unwrap_or("")),
+        ("cloud.availability_zone", locality.map(|l| l.zone.as_str()).unwrap_or("")),
+    ];
+    let mut out = String::new();
+    for (k, v) in pairs.iter().filter(|(_, v)| !v.is_empty()) {
+        if !out.is_empty() {
+            out.push(',');
+        }
+        out.push_str(k);
+        out.push('=');
+        out.push_str(v);
+    }
+    out
+}
+
+/// The `forwarded` header: the client's address, and the service hostname when there is one.
+fn forwarded(client: SocketAddr, service_host: Option<&str>) -> String {
+    match service_host {
+        Some(host) => format!("for=\"{client}\";host={host}"),
+        None => format!("for=\"{client}\""),
+    }
+}
+
+/// Opens a CONNECT stream to `target` through `hbone_addr`: the workload's `ip:targetPort`, or
+/// for a waypoint the original destination.
+#[allow(clippy::too_many_arguments)]
 pub async fn connect(
     ctx: &WorkerCtx,
     snap: &Snapshot,
@@ -62,6 +101,7 @@ pub async fn connect(
     hbone_addr: SocketAddr,
     target: SocketAddr,
     client: SocketAddr,
+    service_host: Option<&str>,
 ) -> Result<HboneStream, ProxyError> {
     let identity = source.identity();
     let mut dst_ids = expected.to_vec();
@@ -89,7 +129,8 @@ pub async fn connect(
     let request = Request::builder()
         .method(Method::CONNECT)
         .uri(target.to_string())
-        .header("forwarded", format!("for=\"{client}\""))
+        .header("forwarded", forwarded(client, service_host))
+        .header("baggage", baggage(source, &ctx.cfg.cluster_id))
         .header("traceparent", traceparent())
         .body(())
         .map_err(|e| hbone_err("building CONNECT", e))?;
@@ -97,7 +138,7 @@ pub async fn connect(
     let (response, send) = ready.send_request(request, false).map_err(|e| hbone_err("sending CONNECT", e))?;
     let response = response.await.map_err(|e| hbone_err("CONNECT response", e))?;
     if response.status() != StatusCode::OK {
-        return Err(ProxyError::Hbone(format!("{hbone_addr} answered CONNECT {target} with {}", response.status())));
+        return Err(ProxyError::HboneRefused { peer: hbone_addr, target, status: response.status().as_u16() });
     }
     Ok(HboneStream { send, recv: response.into_body(), _slot: slot })
 }
@@ -130,14 +171,80 @@ async fn dial_connection(
         .handshake::<_, Bytes>(tls)
         .await
         .map_err(|e| hbone_err("HTTP/2 handshake", e))?;
+    let mut connection = connection;
+    let pings = connection.ping_pong();
     let dead = Rc::new(Cell::new(false));
     let flag = dead.clone();
-    // The driver moves the connection's bytes; when it ends the pool drops the connection.
+    let (interval, timeout) = (ctx.cfg.hbone_keepalive_interval, ctx.cfg.hbone_keepalive_timeout);
+    // The driver moves the connection's bytes; when it ends (or the peer stops answering PINGs)
+    // the pool drops the connection.
     monoio::spawn(async move {
-        if let Err(e) = connection.await {
-            tracing::debug!(error = %e, "HBONE client connection ended");
+        monoio::select! {
+            r = connection => if let Err(e) = r {
+                tracing::debug!(error = %e, "HBONE client connection ended");
+            },
+            _ = keepalive(pings, interval, timeout) => {
+                tracing::info!(peer = %hbone_addr, "HBONE peer did not answer PING within {timeout:?}; dropping the connection");
+            }
         }
         flag.set(true);
     });
     Ok(PooledConn::new(send_request, dead))
+}
+
+/// Sends a PING every `interval` and returns when one goes unanswered for `timeout` (or the
+/// connection is gone): the caller then drops the connection. Never returns on a healthy one.
+pub async fn keepalive(pings: Option<h2::PingPong>, interval: Duration, timeout: Duration) {
+    let Some(mut pings) = pings else {
+        // Taken already: nothing to watch, so never end the connection from here.
+        return std::future::pending().await;
+    };
+    loop {
+        monoio::time::sleep(interval).await;
+        match monoio::time::timeout(timeout, pings.ping(h2::Ping::opaque())).await {
+            Ok(Ok(_pong)) => {}
+            Ok(Err(_)) | Err(_) => return,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn block_on<F: std::future::Future>(f: F) -> F::Output {
+        monoio::RuntimeBuilder::<monoio::FusionDriver>::new().enable_timer().build().unwrap().block_on(f)
+    }
+
+    #[test]
+    fn keepalive_ends_only_when_pings_go_unanswered() {
+        block_on(async {
+            let (a, b) = tokio::io::duplex(64 * 1024);
+            // A server that is polled answers PINGs; once `stop` is set it is held unpolled.
+            let stop = Rc::new(Cell::new(false));
+            let stopped = stop.clone();
+            monoio::spawn(async move {
+                let mut server = h2::server::handshake(b).await.unwrap();
+                while !stopped.get() {
+                    monoio::select! {
+                        _ = server.accept() => {}
+                        _ = monoio::time::sleep(Duration::from_millis(10)) => {}
+                    }
+                }
+                monoio::time::sleep(Duration::from_secs(30)).await;
+                drop(server);
+            });
+            let (_send, mut conn) = h2::client::handshake(a).await.unwrap();
+            let pings = conn.ping_pong();
+            monoio::spawn(async move {
+                let _ = conn.await;
+            });
+            let mut watch = std::pin::pin!(keepalive(pings, Duration::from_millis(20), Duration::from_millis(200)));
+            let early = monoio::time::timeout(Duration::from_millis(400), watch.as_mut()).await;
+            assert!(early.is_err(), "a connection whose peer answers is kept");
+            stop.set(true);
+            let late = monoio::time::timeout(Duration::from_secs(20), watch.as_mut()).await;
+            assert!(late.is_ok(), "an unanswered PING ends the connection");
+        });
+    }
 }

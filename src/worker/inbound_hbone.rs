@@ -3,7 +3,7 @@
 //! Istio's settings. Each CONNECT stream is a task on this worker: checks in COMPAT.md order,
 //! connect to the pod, `200`, then bytes both ways. Drain sends GOAWAY and lets streams finish.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,6 +19,7 @@ use super::{LocalSnapshot, WorkerCtx};
 use crate::model::{Identity, Workload};
 use crate::net::relay::{RelayEnd, RelayStats};
 use crate::net::{DialOpts, canonical, dial};
+use crate::snapshot::Snapshot;
 use crate::telemetry::access::ConnLog;
 use crate::tls::stream::TlsStream;
 
@@ -65,16 +66,26 @@ pub async fn serve(ctx: Rc<WorkerCtx>, stream: TcpStream, peer: SocketAddr) {
     };
     let close = guard.close_signal().clone();
     let mut goaway_sent = false;
+    let (interval, timeout) = (ctx.cfg.hbone_keepalive_interval, ctx.cfg.hbone_keepalive_timeout);
+    let mut keepalive = std::pin::pin!(super::hbone_client::keepalive(h2.ping_pong(), interval, timeout));
     loop {
         let next = if goaway_sent {
             monoio::select! {
                 r = h2.accept() => r,
                 // The drain deadline: whatever is still open is closed.
                 _ = close.wait() => break,
+                _ = keepalive.as_mut() => {
+                    tracing::info!(%peer, "HBONE peer did not answer PING within {timeout:?}; closing");
+                    break;
+                }
             }
         } else {
             monoio::select! {
                 r = h2.accept() => r,
+                _ = keepalive.as_mut() => {
+                    tracing::info!(%peer, "HBONE peer did not answer PING within {timeout:?}; closing");
+                    break;
+                }
                 _ = ctx.draining.wait() => {
                     // Drain starts: GOAWAY, open streams may finish, new ones are refused.
                     h2.graceful_shutdown();
@@ -87,7 +98,8 @@ pub async fn serve(ctx: Rc<WorkerCtx>, stream: TcpStream, peer: SocketAddr) {
             Some(Ok((request, respond))) => {
                 let stream = Stream {
                     ctx: ctx.clone(),
-                    snap: snap.clone(),
+                    // The current config for each stream: pooled connections outlive generations.
+                    snap: ctx.snapshot(),
                     dst,
                     peer,
                     peer_id: peer_id.clone(),
@@ -194,19 +206,32 @@ impl Stream {
             .parse()
             .map(canonical)
             .map_err(|_| (StatusCode::BAD_REQUEST, format!("authority {authority:?} is not ip:port")))?;
-        let network = self.ctx.cfg.network.as_str();
-        if self.snap.local_workload_by_ip(network, target.ip()).is_none() {
-            return Err((StatusCode::SERVICE_UNAVAILABLE, format!("{target} is not a workload served here")));
-        }
-        if target.ip() != self.dst.ip() {
-            return Err((
-                StatusCode::BAD_REQUEST,
-                format!("target {target} is not the workload this connection is for ({})", self.dst.ip()),
-            ));
-        }
-        if self.ctx.own_ports.contains(&target.port()) || target.port() == 0 {
-            return Err((StatusCode::SERVICE_UNAVAILABLE, format!("port {} is not allowed", target.port())));
-        }
+        check_target(&self.ctx, &self.snap, self.dst.ip(), target)?;
         Ok(target)
     }
+}
+
+/// The checks on a CONNECT target after its syntax, in COMPAT.md's order: a workload served
+/// here, the one this connection is for (`conn_dst`), a port that is not the proxy's own. Shared
+/// with the node-local fast path, where `conn_dst` is the target itself.
+pub fn check_target(
+    ctx: &WorkerCtx,
+    snap: &Snapshot,
+    conn_dst: IpAddr,
+    target: SocketAddr,
+) -> Result<(), (StatusCode, String)> {
+    let network = ctx.cfg.network.as_str();
+    if snap.local_workload_by_ip(network, target.ip()).is_none() {
+        return Err((StatusCode::SERVICE_UNAVAILABLE, format!("{target} is not a workload served here")));
+    }
+    if target.ip() != conn_dst {
+        return Err((
+            StatusCode::BAD_REQUEST,
+            format!("target {target} is not the workload this connection is for ({conn_dst})"),
+        ));
+    }
+    if ctx.own_ports.contains(&target.port()) || target.port() == 0 {
+        return Err((StatusCode::SERVICE_UNAVAILABLE, format!("port {} is not allowed", target.port())));
+    }
+    Ok(())
 }

@@ -51,18 +51,32 @@ pub async fn connect(
     if ctx.is_own_port(route.upstream) {
         return Err(routing::RouteError::Loop(route.upstream).into());
     }
-    let waypoint = route
-        .service
-        .as_ref()
-        .and_then(|s| s.service.waypoint.as_ref())
-        .or(route.workload.as_ref().and_then(|w| w.waypoint.as_ref()));
-    if let Some(wp) = waypoint {
-        return Err(ProxyError::WaypointUnavailable(format!("{dst} (waypoint {})", wp.destination)));
+    if let Some(wp) = routing::waypoint(snap, source, &route, &mut |n| fastrand::u64(..n))? {
+        // Through the waypoint: its identity on the wire, the original destination (VIP:port,
+        // untranslated) as the CONNECT authority.
+        if ctx.is_own_port(wp.hbone_addr) && wp.hbone_addr.ip().is_loopback() {
+            return Err(routing::RouteError::Loop(wp.hbone_addr).into());
+        }
+        log.dst_hbone_addr = Some(wp.hbone_addr);
+        tracing::info!(src = %peer, "proxy to {dst} using HBONE via {} type ToServerWaypoint", wp.hbone_addr);
+        let host = route.service.as_ref().map(|s| s.service.hostname.as_str());
+        let stream = hbone_client::connect(ctx, snap, source, &wp.identities, wp.hbone_addr, dst, peer, host).await?;
+        return Ok(Upstream::Hbone(stream));
     }
     if route.transport == Transport::Hbone {
         let Some(dst_wl) = route.workload.as_ref() else {
             return Err(ProxyError::HboneUnavailable(dst.to_string()));
         };
+        let network = ctx.cfg.network.as_str();
+        if ctx.cfg.node_local_fast_path && snap.local_workload_by_ip(network, route.upstream.ip()).is_some() {
+            // Served by this proxy: no TLS, no HTTP/2; the inbound checks run here.
+            super::inbound_hbone::check_target(ctx, snap, route.upstream.ip(), route.upstream)
+                .map_err(|(_, why)| ProxyError::Refused(why))?;
+            tracing::info!(src = %peer, "proxy to {} using node local fast path", route.upstream);
+            let spoof_source = (ctx.spoof_source && peer.ip() != route.upstream.ip()).then_some(peer.ip());
+            let opts = DialOpts { mark: ctx.cfg.packet_mark, spoof_source, timeout: ctx.cfg.connect_timeout };
+            return Ok(Upstream::Tcp(dial(route.upstream, opts).await?));
+        }
         let hbone_addr = SocketAddr::new(route.upstream.ip(), ctx.cfg.hbone_port);
         // The destination workload's identity, or any the service names.
         let mut expected = vec![dst_wl.identity()];
@@ -71,7 +85,9 @@ pub async fn connect(
         }
         log.dst_hbone_addr = Some(hbone_addr);
         tracing::info!(src = %peer, "proxy to {} using HBONE via {hbone_addr} type Direct", route.upstream);
-        let stream = hbone_client::connect(ctx, snap, source, &expected, hbone_addr, route.upstream, peer).await?;
+        let host = route.service.as_ref().map(|s| s.service.hostname.as_str());
+        let stream =
+            hbone_client::connect(ctx, snap, source, &expected, hbone_addr, route.upstream, peer, host).await?;
         return Ok(Upstream::Hbone(stream));
     }
     tracing::debug!(src = %peer, %dst, upstream = %route.upstream, transport = ?route.transport, "proxying outbound");

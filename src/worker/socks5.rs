@@ -160,7 +160,8 @@ fn reply_code(e: &ProxyError) -> u8 {
         ProxyError::UnknownSource(_)
         | ProxyError::NoCertificate(_)
         | ProxyError::HboneUnavailable(_)
-        | ProxyError::WaypointUnavailable(_)
+        | ProxyError::Refused(_)
+        | ProxyError::HboneRefused { status: 401 | 403, .. }
         | ProxyError::Route(RouteError::Loop(_)) => REPLY_NOT_ALLOWED,
         ProxyError::Route(_) | ProxyError::Dial(DialError::Timeout(..)) => REPLY_HOST_UNREACHABLE,
         ProxyError::Dial(DialError::Connect(_, io)) => match io.raw_os_error() {
