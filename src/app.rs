@@ -103,6 +103,7 @@ pub fn start(cfg: Config, opts: RunOptions) -> anyhow::Result<Proxy> {
     let mut done_rxs = Vec::new();
     let mut handles = Vec::new();
     let mut driver = "";
+    let (cert_tx, cert_rx) = mpsc::unbounded_channel();
     for id in 0..cfg.worker_threads {
         let (tx, rx) = channel::channel();
         let generation = Arc::new(AtomicU64::new(0));
@@ -116,6 +117,7 @@ pub fn start(cfg: Config, opts: RunOptions) -> anyhow::Result<Proxy> {
             core: (!cores.is_empty()).then(|| cores[id % cores.len()]),
             spoof_source,
             generation: generation.clone(),
+            cert_requests: cert_tx.clone(),
         };
         let (handle, ready) = worker::spawn(spec).context("spawning a worker thread")?;
         // The worker owns `done_tx` by being alive: move it into a thread-exit guard.
@@ -158,6 +160,7 @@ pub fn start(cfg: Config, opts: RunOptions) -> anyhow::Result<Proxy> {
         shutdown_tx: shutdown_tx.clone(),
         handle_signals: opts.handle_signals,
         ca,
+        cert_requests: cert_rx,
     };
     let (control, ready) = control::spawn(spec).context("spawning the control thread")?;
     let addrs = ready.recv().map_err(|_| anyhow::anyhow!("control thread died during start-up"))??;

@@ -477,3 +477,25 @@ workloads:
     echo_roundtrip(&mut fresh, b"after renewal");
     stop(proxy);
 }
+
+#[test]
+fn a_source_without_a_prefetched_certificate_gets_one_on_demand() {
+    let pod = EchoServer::start("127.0.0.3", "pod");
+    let dir = TestDir::new("hbone-on-demand");
+    // The client is a plain TCP workload: nobody fetches its certificate ahead of time.
+    let yaml = r#"
+workloads:
+- {uid: sleep, name: sleep, namespace: ns, serviceAccount: sleep, workloadIps: [127.0.0.1], protocol: TCP}
+- {uid: pod, name: pod, namespace: ns, serviceAccount: httpbin, workloadIps: [127.0.0.3], protocol: HBONE}
+"#;
+    let proxy = start_both_ends(Config::for_tests(dir.write_config(yaml)));
+    wait_for_certificates(&proxy, 1);
+    let mut c = socks5(proxy.addrs.socks5.unwrap(), Dest::Addr(pod.addr)).expect("reached once the certificate came");
+    assert_eq!(read_greeting(&mut c), "pod");
+    echo_roundtrip(&mut c, b"with a certificate fetched on demand");
+    let dump = config_dump(&proxy);
+    let ids: Vec<&str> =
+        dump["certificates"].as_array().unwrap().iter().filter_map(|c| c["identity"].as_str()).collect();
+    assert!(ids.contains(&"spiffe://cluster.local/ns/ns/sa/sleep"), "{ids:?}");
+    stop(proxy);
+}

@@ -9,6 +9,7 @@ pub mod http;
 pub mod local;
 
 use std::cell::{Cell, RefCell};
+use std::collections::BTreeSet;
 use std::io;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -21,6 +22,7 @@ use serde_json::json;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::config::Config;
+use crate::model::Identity;
 use crate::snapshot::{CertMap, ConfigIndex, Snapshot, SourceInfo};
 use crate::tls::ca::LocalCa;
 use crate::worker::channel::{WorkerMsg, WorkerTx};
@@ -63,6 +65,8 @@ pub struct ControlSpec {
     pub handle_signals: bool,
     /// Where workload certificates come from.
     pub ca: LocalCa,
+    /// Identities workers need and nobody fetched ahead (sources that are not HBONE workloads).
+    pub cert_requests: mpsc::UnboundedReceiver<Identity>,
 }
 
 struct ControlState {
@@ -78,6 +82,8 @@ struct ControlState {
     last_error: RefCell<Option<String>>,
     shutdown_tx: mpsc::UnboundedSender<()>,
     certs: Rc<CertManager>,
+    /// Identities asked for on demand; kept while a local workload has them.
+    requested: RefCell<BTreeSet<Identity>>,
 }
 
 impl ControlState {
@@ -96,9 +102,17 @@ impl ControlState {
         self.publish(next);
     }
 
-    /// Points the certificate manager at the identities of the current config.
+    /// Points the certificate manager at the identities of the current config: the local HBONE
+    /// workloads', and those asked for on demand that a local workload still has.
     fn track_identities(&self) {
-        let wanted = self.current.borrow().local_identities();
+        let current = self.current.borrow().clone();
+        let mut wanted = current.local_identities();
+        let mut requested = self.requested.borrow_mut();
+        let local_ids: BTreeSet<Identity> =
+            current.workloads().filter(|w| current.scope.contains(w)).map(|w| w.identity()).collect();
+        requested.retain(|id| local_ids.contains(id));
+        wanted.extend(requested.iter().cloned());
+        drop(requested);
         if self.certs.want(wanted) {
             self.publish_certs(self.certs.certs());
         }
@@ -161,6 +175,7 @@ async fn run(mut spec: ControlSpec, ready: std::sync::mpsc::Sender<io::Result<Pr
         last_error: RefCell::new(None),
         shutdown_tx: spec.shutdown_tx,
         certs: CertManager::new(Rc::new(spec.ca)),
+        requested: RefCell::new(BTreeSet::new()),
     });
     let addrs = ProxyAddrs {
         outbound: spec.worker_addrs.outbound,
@@ -183,6 +198,18 @@ async fn run(mut spec: ControlSpec, ready: std::sync::mpsc::Sender<io::Result<Pr
     if let Some(watch) = spec.local_file.take() {
         tokio::task::spawn_local(watch_local_file(state.clone(), watch));
     }
+    let s = state.clone();
+    let mut requests = std::mem::replace(&mut spec.cert_requests, mpsc::unbounded_channel().1);
+    tokio::task::spawn_local(async move {
+        while let Some(id) = requests.recv().await {
+            if s.requested.borrow().contains(&id) {
+                continue;
+            }
+            tracing::info!(identity = %id, "certificate requested on demand");
+            s.requested.borrow_mut().insert(id);
+            s.track_identities();
+        }
+    });
     let _ = ready.send(Ok(addrs));
 
     wait_for_shutdown(&mut spec.shutdown_rx, spec.handle_signals).await;

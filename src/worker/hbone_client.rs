@@ -19,7 +19,6 @@ use super::error::ProxyError;
 use super::hbone_pool::{Checkout, HbonePool, PoolKey, PooledConn, StreamSlot};
 use crate::model::{Identity, Workload};
 use crate::net::{DialOpts, dial};
-use crate::snapshot::Snapshot;
 use crate::tls::stream::TlsStream;
 
 /// An established CONNECT stream.
@@ -92,10 +91,8 @@ fn forwarded(client: SocketAddr, service_host: Option<&str>) -> String {
 
 /// Opens a CONNECT stream to `target` through `hbone_addr`: the workload's `ip:targetPort`, or
 /// for a waypoint the original destination.
-#[allow(clippy::too_many_arguments)]
 pub async fn connect(
     ctx: &WorkerCtx,
-    snap: &Snapshot,
     source: &Workload,
     expected: &[Identity],
     hbone_addr: SocketAddr,
@@ -119,7 +116,7 @@ pub async fn connect(
             }
             Checkout::Dial(_) => {
                 let mut guard = DialGuard { pool: &ctx.pool, key: &key, done: false };
-                let conn = dial_connection(ctx, snap, &identity, expected, hbone_addr).await?;
+                let conn = dial_connection(ctx, &identity, expected, hbone_addr).await?;
                 guard.done = true;
                 tracing::debug!(src = %identity, dst = %hbone_addr, "new pooled HBONE connection");
                 break ctx.pool.dialed(&key, conn);
@@ -146,12 +143,11 @@ pub async fn connect(
 /// A new mTLS + HTTP/2 connection to `hbone_addr`, with its driver task running.
 async fn dial_connection(
     ctx: &WorkerCtx,
-    snap: &Snapshot,
     identity: &Identity,
     expected: &[Identity],
     hbone_addr: SocketAddr,
 ) -> Result<Rc<PooledConn>, ProxyError> {
-    let cert = snap.certs.get(identity).cloned().ok_or_else(|| ProxyError::NoCertificate(identity.to_string()))?;
+    let cert = ctx.certificate(identity, ctx.cfg.connect_timeout).await?;
     let opts = DialOpts { mark: ctx.cfg.packet_mark, spoof_source: None, timeout: ctx.cfg.connect_timeout };
     let tcp = dial(hbone_addr, opts).await?;
     let conn = ClientConnection::new(cert.client_config(), ServerName::IpAddress(hbone_addr.ip().into()))

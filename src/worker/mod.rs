@@ -18,20 +18,24 @@ mod outbound;
 pub mod socks5;
 
 use std::cell::{Cell, RefCell};
+use std::future::poll_fn;
 use std::io;
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
 
 use monoio::net::{TcpListener, TcpStream};
 
 use crate::config::{Config, IoDriver};
+use crate::model::Identity;
 use crate::net::relay::{Halves, RelayEnd, RelayStats, relay};
 use crate::net::{ListenOpts, bind_listener, canonical, sockopt};
 use crate::snapshot::Snapshot;
 use crate::telemetry::access::ConnLog;
+use crate::tls::WorkloadCert;
 use channel::{WorkerMsg, WorkerRx};
 use conns::{ConnGuard, ConnTable, Direction, Signal};
 use error::ProxyError;
@@ -63,6 +67,8 @@ pub struct WorkerSpec {
     pub spoof_source: bool,
     /// The generation this worker applied last, for readiness and `config_dump`.
     pub generation: Arc<AtomicU64>,
+    /// Asks the control thread for a certificate nobody fetched ahead of time.
+    pub cert_requests: tokio::sync::mpsc::UnboundedSender<Identity>,
 }
 
 /// The worker's handle on a snapshot. The extra `Rc` is the point: every worker shares the
@@ -89,9 +95,47 @@ pub struct WorkerCtx {
     pub splice: bool,
     /// Outbound HBONE connections shared by this worker's streams.
     pub pool: hbone_pool::HbonePool,
+    cert_requests: tokio::sync::mpsc::UnboundedSender<Identity>,
+    /// Tasks waiting for the next snapshot (an on-demand certificate arriving).
+    snapshot_waiters: RefCell<Vec<Waker>>,
 }
 
 impl WorkerCtx {
+    /// Replaces the snapshot and wakes whoever waits for one.
+    fn apply(&self, snap: Arc<Snapshot>) {
+        *self.snapshot.borrow_mut() = Rc::new(snap);
+        for w in self.snapshot_waiters.borrow_mut().drain(..) {
+            w.wake();
+        }
+    }
+
+    /// The certificate for `id`: from the current snapshot, or asked of the control thread and
+    /// waited for (a source that is not a prefetched HBONE workload), at most `timeout`.
+    pub async fn certificate(&self, id: &Identity, timeout: Duration) -> Result<Arc<WorkloadCert>, ProxyError> {
+        if let Some(c) = self.snapshot.borrow().certs.get(id) {
+            return Ok(c.clone());
+        }
+        let _ = self.cert_requests.send(id.clone());
+        tracing::debug!(worker = self.id, identity = %id, "asking for a certificate on demand");
+        let wait = async {
+            loop {
+                let seen = self.snapshot.borrow().generation;
+                poll_fn(|cx| {
+                    if self.snapshot.borrow().generation != seen {
+                        return Poll::Ready(());
+                    }
+                    self.snapshot_waiters.borrow_mut().push(cx.waker().clone());
+                    Poll::Pending
+                })
+                .await;
+                if let Some(c) = self.snapshot.borrow().certs.get(id) {
+                    return c.clone();
+                }
+            }
+        };
+        monoio::time::timeout(timeout, wait).await.map_err(|_| ProxyError::NoCertificate(id.to_string()))
+    }
+
     /// The current snapshot; a connection takes it once and keeps it.
     pub fn snapshot(&self) -> LocalSnapshot {
         self.snapshot.borrow().clone()
@@ -218,6 +262,8 @@ async fn run(spec: WorkerSpec, driver: &'static str, ready: std::sync::mpsc::Sen
         // Raw splice calls rely on io_uring readiness polls; the epoll driver keeps copying.
         splice: spec.cfg.splice && driver == "io_uring",
         pool: hbone_pool::HbonePool::new(spec.cfg.pool_max_streams, spec.cfg.pool_idle_timeout),
+        cert_requests: spec.cert_requests.clone(),
+        snapshot_waiters: RefCell::new(Vec::new()),
     });
     for (kind, listener) in listeners {
         ctx.accepting.set(ctx.accepting.get() + 1);
@@ -229,7 +275,7 @@ async fn run(spec: WorkerSpec, driver: &'static str, ready: std::sync::mpsc::Sen
             Some(WorkerMsg::Snapshot(s)) => {
                 tracing::debug!(worker = ctx.id, generation = s.generation, "applied new config snapshot");
                 spec.generation.store(s.generation, Ordering::Release);
-                *ctx.snapshot.borrow_mut() = Rc::new(s);
+                ctx.apply(s);
             }
             Some(WorkerMsg::Drain { deadline }) => break deadline,
             None => break Instant::now() + ctx.cfg.termination_deadline,

@@ -60,7 +60,7 @@ pub async fn connect(
         log.dst_hbone_addr = Some(wp.hbone_addr);
         tracing::info!(src = %peer, "proxy to {dst} using HBONE via {} type ToServerWaypoint", wp.hbone_addr);
         let host = route.service.as_ref().map(|s| s.service.hostname.as_str());
-        let stream = hbone_client::connect(ctx, snap, source, &wp.identities, wp.hbone_addr, dst, peer, host).await?;
+        let stream = hbone_client::connect(ctx, source, &wp.identities, wp.hbone_addr, dst, peer, host).await?;
         return Ok(Upstream::Hbone(stream));
     }
     if route.transport == Transport::Hbone {
@@ -86,8 +86,7 @@ pub async fn connect(
         log.dst_hbone_addr = Some(hbone_addr);
         tracing::info!(src = %peer, "proxy to {} using HBONE via {hbone_addr} type Direct", route.upstream);
         let host = route.service.as_ref().map(|s| s.service.hostname.as_str());
-        let stream =
-            hbone_client::connect(ctx, snap, source, &expected, hbone_addr, route.upstream, peer, host).await?;
+        let stream = hbone_client::connect(ctx, source, &expected, hbone_addr, route.upstream, peer, host).await?;
         return Ok(Upstream::Hbone(stream));
     }
     tracing::debug!(src = %peer, %dst, upstream = %route.upstream, transport = ?route.transport, "proxying outbound");
