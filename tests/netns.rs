@@ -1,5 +1,7 @@
 //! Root-only: the proxy inside a fresh network namespace with real iptables REDIRECT capture,
-//! proving SO_ORIGINAL_DST routing on 15001 and 15006 and SO_MARK loop avoidance.
+//! proving SO_ORIGINAL_DST routing on 15001 and 15006 and SO_MARK loop avoidance; and two
+//! proxies on two "nodes" (namespaces joined by a veth pair) carrying a captured connection over
+//! HBONE.
 //!
 //! Skipped, with the reason printed, where it cannot run (not root, no `ip`/`iptables`). The
 //! namespace, and with it every rule, is deleted when the test ends, also when it fails.
@@ -141,4 +143,79 @@ services:
     proxy.shutdown();
     proxy.wait().map_err(|e| e.to_string())?;
     Ok(())
+}
+
+/// Established TCP sockets with local port `port` in the calling thread's network namespace.
+fn established_on(port: u16) -> usize {
+    let table = std::fs::read_to_string("/proc/thread-self/net/tcp").unwrap_or_default();
+    table
+        .lines()
+        .skip(1)
+        .filter(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.len() > 3
+                && f[3] == "01"
+                && f[1].rsplit(':').next().and_then(|p| u16::from_str_radix(p, 16).ok()) == Some(port)
+        })
+        .count()
+}
+
+#[test]
+fn two_nodes_carry_a_captured_connection_over_hbone() {
+    use perf::netns::{HBONE_WORKLOAD_IP, NODE_A_IP, Topology, run_in};
+    if let Some(why) = perf::netns::unavailable() {
+        println!("SKIPPED two_nodes_carry_a_captured_connection_over_hbone: {why}");
+        return;
+    }
+    let topo = Topology::create().expect("two namespaces joined by veth");
+    let (a, b) = (Some(topo.a.as_str()), Some(topo.b.as_str()));
+    let pod = run_in(b, || EchoServer::start(HBONE_WORKLOAD_IP, "pod")).unwrap();
+    let dir = TestDir::new("netns-hbone");
+    let yaml = format!(
+        r#"
+workloads:
+- {{uid: client, name: client, namespace: ns, serviceAccount: sleep, workloadIps: [{NODE_A_IP}], protocol: HBONE, node: a}}
+- {{uid: pod, name: pod, namespace: ns, serviceAccount: httpbin, workloadIps: [{HBONE_WORKLOAD_IP}], protocol: HBONE, node: b}}
+"#
+    );
+    let path = dir.write_config(&yaml);
+    let node = |name: &str| {
+        let mut cfg = Config::for_tests(path.clone());
+        cfg.node_name = Some(name.into());
+        cfg.packet_mark = Some(1337);
+        cfg
+    };
+    let mut cfg_a = node("a");
+    cfg_a.listeners.outbound = "0.0.0.0:0".parse().unwrap();
+    let mut cfg_b = node("b");
+    cfg_b.listeners.inbound = "0.0.0.0:15008".parse().unwrap();
+    let proxy_a = run_in(a, || start_with(cfg_a)).unwrap();
+    let proxy_b = run_in(b, || start_with(cfg_b)).unwrap();
+    let outcome = (|| -> Result<(), String> {
+        topo.capture_outbound(1337, proxy_a.addrs.outbound.port()).map_err(|e| format!("{e:#}"))?;
+        for (ns, proxy) in [(a, &proxy_a), (b, &proxy_b)] {
+            let ready = run_in(ns, || eventually(|| config_dump(proxy)["certificates"][0]["state"] == "Available"));
+            if !ready.unwrap_or(false) {
+                return Err("each proxy has its workload's certificate".into());
+            }
+        }
+        run_in(a, || -> Result<(), String> {
+            // The client knows nothing of the mesh: it connects to the pod, capture does the rest.
+            let mut c = TcpStream::connect(pod.addr).map_err(|e| e.to_string())?;
+            if read_greeting(&mut c) != "pod" {
+                return Err("the captured connection reaches the pod on the other node".into());
+            }
+            echo_roundtrip(&mut c, b"over HBONE between two nodes");
+            let on_b = run_in(b, || established_on(15008)).unwrap_or(0);
+            if on_b != 1 {
+                return Err(format!("one HBONE connection into node b's 15008, found {on_b}"));
+            }
+            Ok(())
+        })
+        .map_err(|e| format!("{e:#}"))?
+    })();
+    stop(proxy_a);
+    stop(proxy_b);
+    drop(topo);
+    outcome.unwrap();
 }
