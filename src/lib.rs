@@ -6,6 +6,7 @@ pub mod config;
 pub mod control;
 pub mod model;
 pub mod net;
+pub mod rbac;
 pub mod routing;
 pub mod snapshot;
 pub mod telemetry;

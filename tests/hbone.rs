@@ -144,19 +144,6 @@ fn inbound_hbone_and_a_client_of_another_mesh_do_not_connect() {
     stop(proxy);
 }
 
-/// A port for a proxy that must dial its own HBONE port, held by a bound (not listening)
-/// SO_REUSEPORT socket until the proxy has bound it: released early, another test's proxy
-/// binding port 0 could be given it, and SO_REUSEPORT would then split connections between the
-/// two proxies.
-fn reserve_port() -> (socket2::Socket, u16) {
-    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    s.set_reuse_address(true).unwrap();
-    s.set_reuse_port(true).unwrap();
-    s.bind(&"0.0.0.0:0".parse::<SocketAddr>().unwrap().into()).unwrap();
-    let port = s.local_addr().unwrap().as_socket().unwrap().port();
-    (s, port)
-}
-
 /// Starts a proxy that is both ends of its HBONE connections: it dials its own inbound port
 /// (two logical nodes in one process, so the node-local fast path is off).
 fn start_both_ends(mut cfg: Config) -> ztunnel::app::Proxy {

@@ -219,3 +219,65 @@ workloads:
     drop(topo);
     outcome.unwrap();
 }
+
+#[test]
+fn plaintext_inbound_permissive_then_strict() {
+    if let Some(why) = perf::netns::unavailable() {
+        println!("SKIPPED plaintext_inbound_permissive_then_strict: {why}");
+        return;
+    }
+    let ns = Netns::new().expect("create network namespace");
+    let name = ns.0.clone();
+    let result = std::thread::spawn(move || {
+        let ns = Netns(name);
+        let res = strict_scenario(&ns);
+        std::mem::forget(ns);
+        res
+    })
+    .join();
+    drop(ns);
+    match result {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => panic!("{e}"),
+        Err(p) => std::panic::resume_unwind(p),
+    }
+}
+
+/// SCENARIOS.md 8: a client outside the mesh reaches a pod through 15006 (PERMISSIVE); STRICT
+/// (a DENY for connections without a principal) refuses new connections and closes open ones.
+fn strict_scenario(ns: &Netns) -> Result<(), String> {
+    perf::netns::enter(&ns.0).map_err(|e| e.to_string())?;
+    let pod = EchoServer::start("127.0.0.3", "pod");
+    let dir = TestDir::new("netns-strict");
+    let workloads = "workloads:\n- {uid: pod, name: pod, namespace: ns, workloadIps: [127.0.0.3], node: n1}\n";
+    let strict = "policies:\n- {name: strict, namespace: ns, scope: Namespace, action: Deny, rules: [[[{notPrincipals: [!Presence []]}]]]}\n";
+    let mut cfg = Config::for_tests(dir.write_config(workloads));
+    cfg.node_name = Some("n1".into());
+    cfg.packet_mark = Some(1337);
+    let proxy = start_with(cfg);
+    let in_port = proxy.addrs.inbound_plain.port().to_string();
+    let ipt = |args: &[&str]| -> Result<(), String> {
+        let mut full = vec!["-t", "nat", "-A", "OUTPUT", "-p", "tcp"];
+        full.extend_from_slice(args);
+        ns.exec("iptables", &full)
+    };
+    ipt(&["-m", "mark", "--mark", "1337", "-j", "RETURN"])?;
+    ipt(&["-d", "127.0.0.3", "-j", "REDIRECT", "--to-ports", &in_port])?;
+    let check = |cond: bool, what: &str| if cond { Ok(()) } else { Err(what.to_string()) };
+    let mut open = TcpStream::connect(pod.addr).map_err(|e| e.to_string())?;
+    check(read_greeting(&mut open) == "pod", "PERMISSIVE: plaintext reaches the pod")?;
+    echo_roundtrip(&mut open, b"plaintext");
+    dir.write_config(&format!("{workloads}{strict}"));
+    // The open connection is closed by the re-check, new ones are refused.
+    let mut rest = Vec::new();
+    let _ = open.read_to_end(&mut rest);
+    check(rest.is_empty(), "STRICT closes the open plaintext connection")?;
+    let mut c = TcpStream::connect(pod.addr).map_err(|e| e.to_string())?;
+    c.set_read_timeout(Some(PATIENCE)).unwrap();
+    let mut buf = Vec::new();
+    let _ = c.read_to_end(&mut buf);
+    check(buf.is_empty(), "STRICT refuses new plaintext connections")?;
+    proxy.shutdown();
+    proxy.wait().map_err(|e| e.to_string())?;
+    Ok(())
+}

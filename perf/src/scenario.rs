@@ -369,7 +369,13 @@ impl Setup {
                     ],
                     client_ns: None,
                     instances: vec![Instance {
-                        env: standalone_env(&config, "perf/client/client", "local", true),
+                        env: {
+                            // One proxy is both ends of the hbone path here: without this its
+                            // node-local fast path would skip HBONE altogether.
+                            let mut env = standalone_env(&config, "perf/client/client", "local", true);
+                            env.push(("ENABLE_NODE_LOCAL_FAST_PATH".into(), "false".into()));
+                            env
+                        },
                         ns: None,
                         readiness: "127.0.0.1:15021".parse().unwrap(),
                         tag: "local",

@@ -106,10 +106,20 @@ pub enum Direction {
 
 struct Entry {
     close: Signal,
-    #[allow(dead_code)] // read by re-authorization and dumps
+    #[allow(dead_code)] // for dumps
     direction: Direction,
     #[allow(dead_code)]
     peer: SocketAddr,
+    /// Set when the connection was authorized: what to re-check when policies change.
+    authz: Option<AuthzInfo>,
+}
+
+/// What an authorized inbound connection was allowed as.
+#[derive(Debug, Clone)]
+pub struct AuthzInfo {
+    pub conn: crate::rbac::Conn,
+    /// The destination workload (its policies are looked up again in each new config).
+    pub workload_uid: String,
 }
 
 #[derive(Default)]
@@ -126,9 +136,17 @@ pub struct ConnGuard {
 }
 
 impl ConnGuard {
-    /// Fires when the connection must be closed (drain deadline, later: policy).
+    /// Fires when the connection must be closed (drain deadline, or a policy now denying it).
     pub fn close_signal(&self) -> &Signal {
         &self.close
+    }
+
+    /// Records what the connection was authorized as, for re-checks when policies change. Call
+    /// it in the same synchronous step as the decision, so no config can slip in between.
+    pub fn set_authz(&self, info: AuthzInfo) {
+        if let Some(e) = self.table.entries.borrow_mut().get_mut(&self.id) {
+            e.authz = Some(info);
+        }
     }
 }
 
@@ -143,7 +161,7 @@ impl ConnTable {
         let id = self.next.get();
         self.next.set(id + 1);
         let close = Signal::default();
-        self.entries.borrow_mut().insert(id, Entry { close: close.clone(), direction, peer });
+        self.entries.borrow_mut().insert(id, Entry { close: close.clone(), direction, peer, authz: None });
         ConnGuard { table: self.clone(), id, close }
     }
 
@@ -153,6 +171,27 @@ impl ConnTable {
 
     pub fn is_empty(&self) -> bool {
         self.entries.borrow().is_empty()
+    }
+
+    /// Re-checks every authorized connection against `snap` and closes the ones it now denies.
+    /// Returns how many were closed.
+    pub fn reauthorize(&self, snap: &crate::snapshot::Snapshot) -> usize {
+        let denied: Vec<Signal> = self
+            .entries
+            .borrow()
+            .values()
+            .filter(|e| !e.close.fired())
+            .filter_map(|e| {
+                let info = e.authz.as_ref()?;
+                let wl = snap.workload_by_uid(&info.workload_uid)?;
+                super::authz::check(snap, wl, &info.conn, "re-check after a config change").err()?;
+                Some(e.close.clone())
+            })
+            .collect();
+        for s in &denied {
+            s.fire();
+        }
+        denied.len()
     }
 
     /// Asks every open connection to close now.

@@ -116,7 +116,7 @@ pub async fn connect(
             }
             Checkout::Dial(_) => {
                 let mut guard = DialGuard { pool: &ctx.pool, key: &key, done: false };
-                let conn = dial_connection(ctx, &identity, expected, hbone_addr).await?;
+                let conn = dial_connection(ctx, &identity, expected, hbone_addr, client.ip()).await?;
                 guard.done = true;
                 tracing::debug!(src = %identity, dst = %hbone_addr, "new pooled HBONE connection");
                 break ctx.pool.dialed(&key, conn);
@@ -146,9 +146,13 @@ async fn dial_connection(
     identity: &Identity,
     expected: &[Identity],
     hbone_addr: SocketAddr,
+    client_ip: std::net::IpAddr,
 ) -> Result<Rc<PooledConn>, ProxyError> {
     let cert = ctx.certificate(identity, ctx.cfg.connect_timeout).await?;
-    let opts = DialOpts { mark: ctx.cfg.packet_mark, spoof_source: None, timeout: ctx.cfg.connect_timeout };
+    // From the client's own address when allowed (as Istio's node proxy does): the destination
+    // then sees, and authorizes, the real source IP. That is why the pool key has the source IP.
+    let spoof_source = (ctx.spoof_source && client_ip != hbone_addr.ip()).then_some(client_ip);
+    let opts = DialOpts { mark: ctx.cfg.packet_mark, spoof_source, timeout: ctx.cfg.connect_timeout };
     let tcp = dial(hbone_addr, opts).await?;
     let conn = ClientConnection::new(cert.client_config(), ServerName::IpAddress(hbone_addr.ip().into()))
         .map_err(|e| hbone_err("TLS client setup", e))?;

@@ -13,12 +13,14 @@ use http::{Method, Response, StatusCode};
 use monoio::net::TcpStream;
 use rustls::ServerConnection;
 
-use super::conns::Direction;
+use super::authz;
+use super::conns::{AuthzInfo, Direction};
 use super::error::ProxyError;
 use super::{LocalSnapshot, WorkerCtx};
 use crate::model::{Identity, Workload};
 use crate::net::relay::{RelayEnd, RelayStats};
 use crate::net::{DialOpts, canonical, dial};
+use crate::rbac;
 use crate::snapshot::Snapshot;
 use crate::telemetry::access::ConnLog;
 use crate::tls::stream::TlsStream;
@@ -104,7 +106,6 @@ pub async fn serve(ctx: Rc<WorkerCtx>, stream: TcpStream, peer: SocketAddr) {
                     peer,
                     peer_id: peer_id.clone(),
                     workload: workload.clone(),
-                    close: close.clone(),
                 };
                 monoio::spawn(stream.run(request, respond));
             }
@@ -127,8 +128,6 @@ struct Stream {
     peer: SocketAddr,
     peer_id: Option<Identity>,
     workload: Arc<Workload>,
-    /// The HBONE connection's close signal (drain deadline).
-    close: super::conns::Signal,
 }
 
 /// Why a CONNECT is answered with an error status.
@@ -164,6 +163,17 @@ impl Stream {
         );
         log.dst_addr = Some(target);
         log.dst_workload = Some(self.workload.clone());
+        // Registered, then authorized against the current config in the same step: a policy
+        // change after this re-checks it (and the drain deadline closes it).
+        let guard = self.ctx.conns.register(Direction::Inbound, self.peer);
+        let current = self.ctx.snapshot();
+        let workload = current.workload_by_uid(&self.workload.uid).unwrap_or(&self.workload);
+        let conn = rbac::Conn { src_ip: self.peer.ip(), identity: self.peer_id.clone(), dst: target };
+        if let Err(denied) = authz::check(&current, workload, &conn, "HBONE") {
+            refuse(&mut respond, StatusCode::UNAUTHORIZED);
+            return log.finish(&RelayStats::default(), Some(&ProxyError::Refused(format!("RBAC: {denied}"))));
+        }
+        guard.set_authz(AuthzInfo { conn, workload_uid: workload.uid.clone() });
         let spoof_source = (self.ctx.spoof_source && self.peer.ip() != target.ip()).then_some(self.peer.ip());
         let opts = DialOpts { mark: self.ctx.cfg.packet_mark, spoof_source, timeout: self.ctx.cfg.connect_timeout };
         let upstream = match dial(target, opts).await {
@@ -185,7 +195,7 @@ impl Stream {
             request.into_body(),
             &stats.sent,
             &stats.received,
-            self.close.wait(),
+            guard.close_signal().wait(),
         )
         .await;
         let res = match res {

@@ -6,14 +6,18 @@ use std::net::SocketAddr;
 
 use monoio::net::TcpStream;
 
+use super::authz;
+use super::conns::{AuthzInfo, ConnGuard};
 use super::error::ProxyError;
 use super::{Established, Upstream, WorkerCtx, original_dst};
 use crate::net::{DialOpts, dial};
+use crate::rbac;
 use crate::routing::RouteError;
 use crate::telemetry::access::ConnLog;
 
 pub async fn handle(
     ctx: &WorkerCtx,
+    guard: &ConnGuard,
     stream: TcpStream,
     peer: SocketAddr,
     log: &mut ConnLog,
@@ -28,6 +32,10 @@ pub async fn handle(
     log.dst_workload = Some(target.clone());
     log.src_workload = snap.workload_by_ip(network, peer.ip()).cloned();
     log.dst_addr = Some(dst);
+    // No identity in plaintext: STRICT mode (a DENY for connections without a principal) refuses.
+    let conn = rbac::Conn { src_ip: peer.ip(), identity: None, dst };
+    authz::check(&snap, target, &conn, "plaintext inbound").map_err(|d| ProxyError::Refused(format!("RBAC: {d}")))?;
+    guard.set_authz(AuthzInfo { conn, workload_uid: target.uid.clone() });
     let spoof_source = (ctx.spoof_source && peer.ip() != dst.ip()).then_some(peer.ip());
     let opts = DialOpts { mark: ctx.cfg.packet_mark, spoof_source, timeout: ctx.cfg.connect_timeout };
     let upstream = dial(dst, opts).await?;

@@ -6,6 +6,7 @@
 //! not atomic). Nothing here is `Send` and nothing takes a lock; the only cross-thread input is
 //! the worker's message channel from the control thread.
 
+mod authz;
 pub mod channel;
 pub mod conns;
 pub mod error;
@@ -275,7 +276,15 @@ async fn run(spec: WorkerSpec, driver: &'static str, ready: std::sync::mpsc::Sen
             Some(WorkerMsg::Snapshot(s)) => {
                 tracing::debug!(worker = ctx.id, generation = s.generation, "applied new config snapshot");
                 spec.generation.store(s.generation, Ordering::Release);
+                let policies_may_differ = s.config_generation != ctx.snapshot.borrow().config_generation;
                 ctx.apply(s);
+                if policies_may_differ {
+                    let snap = ctx.snapshot();
+                    let closed = ctx.conns.reauthorize(&snap);
+                    if closed > 0 {
+                        tracing::info!(worker = ctx.id, closed, "closed connections the new config denies");
+                    }
+                }
             }
             Some(WorkerMsg::Drain { deadline }) => break deadline,
             None => break Instant::now() + ctx.cfg.termination_deadline,
@@ -362,15 +371,15 @@ async fn connection(ctx: Rc<WorkerCtx>, kind: Setup, stream: TcpStream, peer: So
     let mut log = ConnLog::new(name, peer);
     let setup = async {
         match kind {
-            Setup::Outbound => outbound::captured(&ctx, stream, peer, &mut log).await,
+            Setup::Outbound => outbound::captured(&ctx, &guard, stream, peer, &mut log).await,
             Setup::Socks5 => {
                 // The client's handshake plus our dial (which has its own timeout too).
                 let limit = ctx.cfg.connect_timeout + SETUP_TIMEOUT;
-                monoio::time::timeout(limit, socks5::handle(&ctx, stream, peer, &mut log))
+                monoio::time::timeout(limit, socks5::handle(&ctx, &guard, stream, peer, &mut log))
                     .await
                     .unwrap_or(Err(ProxyError::SetupTimeout(limit)))
             }
-            Setup::InboundPlain => inbound_plain::handle(&ctx, stream, peer, &mut log).await,
+            Setup::InboundPlain => inbound_plain::handle(&ctx, &guard, stream, peer, &mut log).await,
         }
     };
     let close = guard.close_signal().clone();

@@ -5,11 +5,14 @@ use std::net::SocketAddr;
 
 use monoio::net::TcpStream;
 
+use super::authz;
+use super::conns::{AuthzInfo, ConnGuard};
 use super::error::ProxyError;
 use super::hbone_client;
 use super::{Established, Upstream, WorkerCtx, original_dst};
 use crate::config::ProxyMode;
 use crate::net::{DialOpts, dial};
+use crate::rbac;
 use crate::routing::{self, Transport};
 use crate::snapshot::Snapshot;
 use crate::telemetry::access::ConnLog;
@@ -17,19 +20,21 @@ use crate::telemetry::access::ConnLog;
 /// A connection captured on the outbound listener: find where it was going and connect there.
 pub async fn captured(
     ctx: &WorkerCtx,
+    guard: &ConnGuard,
     stream: TcpStream,
     peer: SocketAddr,
     log: &mut ConnLog,
 ) -> Result<Established, ProxyError> {
     let dst = original_dst(&stream, peer, ctx.addrs.outbound)?;
     let snap = ctx.snapshot();
-    let upstream = connect(ctx, &snap, log, peer, dst).await?;
+    let upstream = connect(ctx, guard, &snap, log, peer, dst).await?;
     Ok(Established { downstream: stream, upstream, early_bytes: 0 })
 }
 
 /// Resolves the source workload and the route, and connects upstream. Fills in `log`.
 pub async fn connect(
     ctx: &WorkerCtx,
+    guard: &ConnGuard,
     snap: &Snapshot,
     log: &mut ConnLog,
     peer: SocketAddr,
@@ -69,9 +74,15 @@ pub async fn connect(
         };
         let network = ctx.cfg.network.as_str();
         if ctx.cfg.node_local_fast_path && snap.local_workload_by_ip(network, route.upstream.ip()).is_some() {
-            // Served by this proxy: no TLS, no HTTP/2; the inbound checks run here.
+            // Served by this proxy: no TLS, no HTTP/2; the inbound checks run here, against the
+            // current config, and the connection is registered for re-checks.
             super::inbound_hbone::check_target(ctx, snap, route.upstream.ip(), route.upstream)
                 .map_err(|(_, why)| ProxyError::Refused(why))?;
+            let current = ctx.snapshot();
+            let conn = rbac::Conn { src_ip: peer.ip(), identity: Some(source.identity()), dst: route.upstream };
+            authz::check(&current, dst_wl, &conn, "node local fast path")
+                .map_err(|d| ProxyError::Refused(format!("RBAC: {d}")))?;
+            guard.set_authz(AuthzInfo { conn, workload_uid: dst_wl.uid.clone() });
             tracing::info!(src = %peer, "proxy to {} using node local fast path", route.upstream);
             let spoof_source = (ctx.spoof_source && peer.ip() != route.upstream.ip()).then_some(peer.ip());
             let opts = DialOpts { mark: ctx.cfg.packet_mark, spoof_source, timeout: ctx.cfg.connect_timeout };

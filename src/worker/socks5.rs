@@ -10,6 +10,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
 use monoio::net::TcpStream;
 
+use super::conns::ConnGuard;
 use super::error::ProxyError;
 use super::outbound::connect;
 use super::{Established, Upstream, WorkerCtx};
@@ -204,6 +205,7 @@ async fn write(stream: &mut TcpStream, bytes: Vec<u8>) -> Result<(), ProxyError>
 /// The SOCKS5 handshake, then the upstream connect; the reply tells the client how it went.
 pub async fn handle(
     ctx: &WorkerCtx,
+    guard: &ConnGuard,
     mut stream: TcpStream,
     peer: SocketAddr,
     log: &mut ConnLog,
@@ -242,7 +244,7 @@ pub async fn handle(
             }
         }
     };
-    let mut upstream = match connect(ctx, &snap, log, peer, dst).await {
+    let mut upstream = match connect(ctx, guard, &snap, log, peer, dst).await {
         Ok(u) => u,
         Err(e) => {
             let _ = write(&mut stream, reply(reply_code(&e), None)).await;

@@ -122,7 +122,21 @@ pub enum Dest<'a> {
 
 /// SOCKS5 CONNECT through `proxy`. `Err` carries the reply code (or 0xFF for I/O failures).
 pub fn socks5(proxy: SocketAddr, dest: Dest) -> Result<TcpStream, u8> {
-    let mut s = TcpStream::connect(proxy).map_err(|_| 0xFF)?;
+    socks5_from(None, proxy, dest)
+}
+
+/// [`socks5`] from a chosen source address (the proxy tells workloads apart by client IP).
+pub fn socks5_from(src: Option<IpAddr>, proxy: SocketAddr, dest: Dest) -> Result<TcpStream, u8> {
+    let mut s = match src {
+        None => TcpStream::connect(proxy).map_err(|_| 0xFF)?,
+        Some(ip) => {
+            let sock = socket2::Socket::new(socket2::Domain::for_address(proxy), socket2::Type::STREAM, None)
+                .map_err(|_| 0xFF)?;
+            sock.bind(&SocketAddr::new(ip, 0).into()).map_err(|_| 0xFF)?;
+            sock.connect(&proxy.into()).map_err(|_| 0xFF)?;
+            sock.into()
+        }
+    };
     s.set_read_timeout(Some(PATIENCE)).unwrap();
     s.set_nodelay(true).unwrap();
     let mut req = vec![5, 1, 0, 5, 1, 0];
@@ -199,4 +213,17 @@ pub fn eventually(mut f: impl FnMut() -> bool) -> bool {
         std::thread::sleep(Duration::from_millis(20));
     }
     false
+}
+
+/// A port for a proxy that must dial its own HBONE port, held by a bound (not listening)
+/// SO_REUSEPORT socket until the proxy has bound it: released early, another test's proxy
+/// binding port 0 could be given it, and SO_REUSEPORT would then split connections between the
+/// two proxies.
+pub fn reserve_port() -> (socket2::Socket, u16) {
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    s.set_reuse_address(true).unwrap();
+    s.set_reuse_port(true).unwrap();
+    s.bind(&"0.0.0.0:0".parse::<SocketAddr>().unwrap().into()).unwrap();
+    let port = s.local_addr().unwrap().as_socket().unwrap().port();
+    (s, port)
 }
