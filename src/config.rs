@@ -56,6 +56,8 @@ pub struct Listeners {
     pub socks5: SocketAddr,
     pub admin: SocketAddr,
     pub readiness: SocketAddr,
+    /// Prometheus metrics (15020).
+    pub metrics: SocketAddr,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -167,6 +169,7 @@ const FLAGS: &[(&str, &str, &str)] = &[
     ("--socks5-addr", "ZTUNNEL_SOCKS5_ADDR", "ADDR  SOCKS5 listener (default 127.0.0.1:15080)"),
     ("--admin-addr", "ZTUNNEL_ADMIN_ADDR", "ADDR  admin listener (default 127.0.0.1:15000)"),
     ("--readiness-addr", "ZTUNNEL_READINESS_ADDR", "ADDR  readiness listener (default [::]:15021)"),
+    ("--metrics-addr", "ZTUNNEL_METRICS_ADDR", "ADDR  Prometheus metrics listener (default [::]:15020)"),
 ];
 
 /// Flags without a value.
@@ -436,6 +439,7 @@ impl Config {
             socks5: src.addr("ZTUNNEL_SOCKS5_ADDR", SocketAddr::new(localhost, 15080))?,
             admin: src.addr("ZTUNNEL_ADMIN_ADDR", SocketAddr::new(localhost, 15000))?,
             readiness: src.addr("ZTUNNEL_READINESS_ADDR", SocketAddr::new(wildcard, 15021))?,
+            metrics: src.addr("ZTUNNEL_METRICS_ADDR", SocketAddr::new(wildcard, 15020))?,
         };
         let termination_deadline = src.duration("CONNECTION_TERMINATION_DEADLINE", Duration::from_secs(5))?;
         let connect_timeout = src.duration("ZTUNNEL_CONNECT_TIMEOUT", Duration::from_secs(10))?;
@@ -547,6 +551,7 @@ impl Config {
             ("ZTUNNEL_SOCKS5_ADDR", "127.0.0.1:0".into()),
             ("ZTUNNEL_ADMIN_ADDR", "127.0.0.1:0".into()),
             ("ZTUNNEL_READINESS_ADDR", "127.0.0.1:0".into()),
+            ("ZTUNNEL_METRICS_ADDR", "127.0.0.1:0".into()),
             ("PACKET_MARK", "0".into()),
             ("ENABLE_ORIG_SRC", "false".into()),
             ("CONNECTION_TERMINATION_DEADLINE", "1s".into()),

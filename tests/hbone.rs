@@ -17,40 +17,6 @@ use ztunnel::model::Identity;
 use ztunnel::tls::ca::LocalCa;
 use ztunnel::tls::stream::TlsStream;
 
-fn block_on<F: std::future::Future>(f: F) -> F::Output {
-    monoio::RuntimeBuilder::<monoio::FusionDriver>::new().enable_timer().build().unwrap().block_on(f)
-}
-
-/// Opens an HBONE connection to `hbone` as `client`, expecting the server to be `server_id`.
-async fn hbone_client(
-    hbone: SocketAddr,
-    client: &ztunnel::tls::WorkloadCert,
-    server_id: &Identity,
-) -> h2::client::SendRequest<Bytes> {
-    let tcp = monoio::net::TcpStream::connect_addr(hbone).await.unwrap();
-    let conn = ClientConnection::new(client.client_config(), ServerName::IpAddress(hbone.ip().into())).unwrap();
-    let tls = TlsStream::handshake(tcp, conn).await.unwrap();
-    ztunnel::tls::check_server_identity(tls.conn().peer_certificates(), std::slice::from_ref(server_id))
-        .expect("the proxy presents the destination workload's identity");
-    let (send, connection) = h2::client::handshake(tls).await.unwrap();
-    monoio::spawn(async move {
-        let _ = connection.await;
-    });
-    send
-}
-
-async fn request(
-    send: &mut h2::client::SendRequest<Bytes>,
-    method: Method,
-    uri: &str,
-) -> (StatusCode, h2::SendStream<Bytes>, h2::RecvStream) {
-    let req = http::Request::builder().method(method).uri(uri).body(()).unwrap();
-    let mut ready = send.clone().ready().await.unwrap();
-    let (resp, stream) = ready.send_request(req, false).unwrap();
-    let resp = resp.await.unwrap();
-    (resp.status(), stream, resp.into_body())
-}
-
 async fn read_at_least(body: &mut h2::RecvStream, n: usize) -> Vec<u8> {
     let mut got = Vec::new();
     while got.len() < n {
@@ -142,30 +108,6 @@ fn inbound_hbone_and_a_client_of_another_mesh_do_not_connect() {
     });
     assert!(refused);
     stop(proxy);
-}
-
-/// Starts a proxy that is both ends of its HBONE connections: it dials its own inbound port
-/// (two logical nodes in one process, so the node-local fast path is off).
-fn start_both_ends(mut cfg: Config) -> ztunnel::app::Proxy {
-    cfg.node_local_fast_path = false;
-    let (hold, port) = reserve_port();
-    cfg.listeners.inbound = SocketAddr::new("0.0.0.0".parse().unwrap(), port);
-    cfg.hbone_port = port;
-    let proxy = start_with(cfg);
-    drop(hold);
-    proxy
-}
-
-/// Waits until `n` certificates are available (the local HBONE workloads').
-fn wait_for_certificates(proxy: &ztunnel::app::Proxy, n: usize) {
-    assert!(
-        eventually(|| config_dump(proxy)["certificates"].as_array().is_some_and(|c| c
-            .iter()
-            .filter(|c| c["state"] == "Available")
-            .count()
-            == n)),
-        "{n} certificates issued"
-    );
 }
 
 #[test]

@@ -15,6 +15,14 @@ pub struct Request {
     pub method: String,
     pub path: String,
     pub query: String,
+    /// Header names lowercased.
+    pub headers: Vec<(String, String)>,
+}
+
+impl Request {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+    }
 }
 
 pub struct Response {
@@ -22,6 +30,9 @@ pub struct Response {
     pub content_type: &'static str,
     pub body: String,
 }
+
+pub const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
+pub const OPENMETRICS_TEXT: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 impl Response {
     pub fn text(status: u16, body: impl Into<String>) -> Response {
@@ -118,5 +129,11 @@ async fn read_head(stream: &mut TcpStream) -> Result<Request, u16> {
         return Err(400);
     }
     let (path, query) = target.split_once('?').unwrap_or((target, ""));
-    Ok(Request { method: method.to_string(), path: path.to_string(), query: query.to_string() })
+    let headers = head
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    Ok(Request { method: method.to_string(), path: path.to_string(), query: query.to_string(), headers })
 }

@@ -24,6 +24,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::config::Config;
 use crate::model::Identity;
 use crate::snapshot::{CertMap, ConfigIndex, Snapshot, SourceInfo};
+use crate::telemetry::metrics::Dump;
 use crate::tls::ca::LocalCa;
 use crate::worker::channel::{WorkerMsg, WorkerTx};
 use certs::CertManager;
@@ -40,6 +41,7 @@ pub struct ProxyAddrs {
     pub socks5: Option<SocketAddr>,
     pub admin: SocketAddr,
     pub readiness: SocketAddr,
+    pub metrics: SocketAddr,
 }
 
 /// What the local file watcher starts from (the version the first snapshot was built from).
@@ -118,6 +120,24 @@ impl ControlState {
         }
     }
 
+    /// Asks every worker for its metrics shard and merges them. A worker that does not answer
+    /// within a second (it has exited) is left out.
+    async fn scrape(&self) -> Dump {
+        let mut replies = Vec::new();
+        for w in &self.workers {
+            let (tx, rx) = oneshot::channel();
+            w.send(WorkerMsg::Scrape(tx));
+            replies.push(rx);
+        }
+        let mut all = Dump::empty();
+        for rx in replies {
+            if let Ok(Ok(d)) = tokio::time::timeout(std::time::Duration::from_secs(1), rx).await {
+                all.merge(d);
+            }
+        }
+        all
+    }
+
     fn readiness(&self) -> Result<(), String> {
         if self.draining.get() {
             return Err("draining".into());
@@ -156,9 +176,13 @@ async fn run(mut spec: ControlSpec, ready: std::sync::mpsc::Sender<io::Result<Pr
     let bind = |addr: SocketAddr| async move {
         tokio::net::TcpListener::bind(addr).await.map_err(|e| io::Error::new(e.kind(), format!("binding {addr}: {e}")))
     };
-    let (admin, readiness) = match (bind(spec.cfg.listeners.admin).await, bind(spec.cfg.listeners.readiness).await) {
-        (Ok(a), Ok(r)) => (a, r),
-        (Err(e), _) | (_, Err(e)) => {
+    let (admin, readiness, metrics) = match (
+        bind(spec.cfg.listeners.admin).await,
+        bind(spec.cfg.listeners.readiness).await,
+        bind(spec.cfg.listeners.metrics).await,
+    ) {
+        (Ok(a), Ok(r), Ok(m)) => (a, r, m),
+        (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => {
             let _ = ready.send(Err(e));
             return;
         }
@@ -184,14 +208,17 @@ async fn run(mut spec: ControlSpec, ready: std::sync::mpsc::Sender<io::Result<Pr
         socks5: spec.worker_addrs.socks5,
         admin: admin.local_addr().unwrap_or(spec.cfg.listeners.admin),
         readiness: readiness.local_addr().unwrap_or(spec.cfg.listeners.readiness),
+        metrics: metrics.local_addr().unwrap_or(spec.cfg.listeners.metrics),
     };
     state.addrs.set(Some(addrs));
-    tracing::info!(admin = %addrs.admin, readiness = %addrs.readiness, "control plane listening");
+    tracing::info!(admin = %addrs.admin, readiness = %addrs.readiness, metrics = %addrs.metrics, "control plane listening");
 
     let s = state.clone();
     tokio::task::spawn_local(http::serve(admin, Rc::new(move |req| admin_handler(s.clone(), req))));
     let s = state.clone();
     tokio::task::spawn_local(http::serve(readiness, Rc::new(move |req| readiness_handler(s.clone(), req))));
+    let s = state.clone();
+    tokio::task::spawn_local(http::serve(metrics, Rc::new(move |req| metrics_handler(s.clone(), req))));
     state.track_identities();
     let s = state.clone();
     tokio::task::spawn_local(state.certs.clone().run(move |certs| s.publish_certs(certs)));
@@ -310,14 +337,33 @@ async fn admin_handler(state: Rc<ControlState>, req: Request) -> Response {
             Response::text(200, "OK\n")
         }
         ("GET", "/healthz/ready") => readiness_handler(state, req).await,
+        ("GET", "/stats/latency") => Response::json(state.scrape().await.latency_json().to_string()),
+        ("GET", "/stats/prometheus") | ("GET", "/metrics") => metrics_handler(state, req).await,
         ("GET", "/") => Response::text(
             200,
             "admin endpoints:\n  GET  /config_dump     workloads, services, policies, config, generation\n  \
-             POST /quitquitquit    drain and exit\n  GET  /healthz/ready    readiness\n",
+             POST /quitquitquit    drain and exit\n  GET  /healthz/ready    readiness\n  \
+             GET  /stats/latency    connection setup percentiles per path (JSON)\n  \
+             GET  /stats/prometheus metrics (as on the metrics port)\n",
         ),
         (_, "/config_dump") | (_, "/quitquitquit") => Response::text(405, "method not allowed\n"),
         _ => Response::text(404, "not found (see GET /)\n"),
     }
+}
+
+/// `/metrics` (and `/stats/prometheus`): every worker's shard merged; OpenMetrics when the
+/// scraper asks for it.
+async fn metrics_handler(state: Rc<ControlState>, req: Request) -> Response {
+    if req.method != "GET" {
+        return Response::text(405, "method not allowed\n");
+    }
+    if !matches!(req.path.as_str(), "/metrics" | "/stats/prometheus") {
+        return Response::text(404, "not found (GET /metrics)\n");
+    }
+    let openmetrics = req.header("accept").is_some_and(|a| a.contains("application/openmetrics-text"));
+    let body = state.scrape().await.render(env!("CARGO_PKG_VERSION"), openmetrics);
+    let content_type = if openmetrics { http::OPENMETRICS_TEXT } else { http::PROMETHEUS_TEXT };
+    Response { status: 200, content_type, body }
 }
 
 /// The `config_dump` document: Istio ztunnel's top-level keys, plus our generation details.

@@ -4,8 +4,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::model::Workload;
+use crate::model::{Identity, Workload};
 use crate::net::relay::RelayStats;
+use crate::telemetry::metrics::{Labels, Peer, ServiceLabels, SetupPath};
 
 /// What is known of a connection, filled in as it is set up.
 pub struct ConnLog {
@@ -17,6 +18,14 @@ pub struct ConnLog {
     pub dst_hbone_addr: Option<SocketAddr>,
     pub dst_service: Option<String>,
     pub dst_workload: Option<Arc<Workload>>,
+    /// The service's namespace and name, for metrics (with `dst_service`, its hostname).
+    pub dst_service_ns_name: Option<(String, String)>,
+    /// The peer's authenticated identity (inbound HBONE).
+    pub src_identity: Option<Identity>,
+    /// What the peer said of itself (`baggage`), when we do not know its workload.
+    pub src_baggage: Option<Peer>,
+    /// Which setup path the connection took, once known.
+    pub path: Option<SetupPath>,
     pub start: Instant,
 }
 
@@ -30,8 +39,29 @@ impl ConnLog {
             dst_hbone_addr: None,
             dst_service: None,
             dst_workload: None,
+            dst_service_ns_name: None,
+            src_identity: None,
+            src_baggage: None,
+            path: None,
             start: Instant::now(),
         }
+    }
+
+    /// The metric labels for this connection as `reporter` sees it.
+    pub fn labels(&self, reporter: &str, response_flags: &str, mutual_tls: bool, default_cluster: &str) -> Labels {
+        let src = match (&self.src_workload, &self.src_baggage) {
+            (Some(w), _) => Peer::of(w, default_cluster),
+            (None, Some(b)) => b.clone(),
+            (None, None) => Peer::default(),
+        };
+        let src = Peer { principal: self.src_identity.as_ref().map(|i| i.to_string()).or(src.principal), ..src };
+        let dst = self.dst_workload.as_ref().map(|w| Peer::of(w, default_cluster)).unwrap_or_default();
+        let svc = ServiceLabels {
+            hostname: self.dst_service.clone(),
+            namespace: self.dst_service_ns_name.as_ref().map(|(ns, _)| ns.clone()),
+            name: self.dst_service_ns_name.as_ref().map(|(_, n)| n.clone()),
+        };
+        Labels::new(reporter, &src, &dst, &svc, response_flags, mutual_tls)
     }
 
     /// Writes the line: `connection complete` at INFO, or at ERROR with the error.

@@ -1,6 +1,7 @@
-//! Logging setup and the access log. Metrics come with the telemetry issue.
+//! Logging setup, the access log, metrics.
 
 pub mod access;
+pub mod metrics;
 
 use tracing_subscriber::EnvFilter;
 

@@ -18,6 +18,8 @@ pub enum WorkerMsg {
     Snapshot(Arc<Snapshot>),
     /// Stop accepting; let open connections finish until the deadline, then close them.
     Drain { deadline: Instant },
+    /// Send this worker's metrics (a scrape).
+    Scrape(tokio::sync::oneshot::Sender<crate::telemetry::metrics::Dump>),
 }
 
 /// The control thread's end.

@@ -40,3 +40,18 @@ pub enum ProxyError {
     #[error("closed by the proxy at the drain deadline")]
     Drained,
 }
+
+impl ProxyError {
+    /// Istio's `response_flags` for a connection that failed this way.
+    pub fn response_flags(&self) -> &'static str {
+        match self {
+            ProxyError::Refused(_) | ProxyError::HboneRefused { status: 401 | 403, .. } => "DENY",
+            ProxyError::Dial(_)
+            | ProxyError::Hbone(_)
+            | ProxyError::HboneRefused { .. }
+            | ProxyError::NoCertificate(_)
+            | ProxyError::Route(_) => "CONNECT",
+            _ => "-",
+        }
+    }
+}

@@ -23,6 +23,7 @@ use crate::net::{DialOpts, canonical, dial};
 use crate::rbac;
 use crate::snapshot::Snapshot;
 use crate::telemetry::access::ConnLog;
+use crate::telemetry::metrics::{Peer, SetupPath};
 use crate::tls::stream::TlsStream;
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -145,10 +146,18 @@ impl Stream {
     async fn run(self, request: http::Request<h2::RecvStream>, mut respond: h2::server::SendResponse<Bytes>) {
         let mut log = ConnLog::new("inbound", self.peer);
         log.dst_hbone_addr = Some(self.dst);
+        log.path = Some(SetupPath::InboundHbone);
+        log.src_identity = self.peer_id.clone();
+        // The source workload: ours by address if it has the identity the peer proved; else what
+        // the peer says of itself in `baggage` (bounded and validated).
         log.src_workload = self
-            .peer_id
-            .as_ref()
-            .and_then(|_| self.snap.workload_by_ip(&self.ctx.cfg.network, self.peer.ip()).cloned());
+            .snap
+            .workload_by_ip(&self.ctx.cfg.network, self.peer.ip())
+            .filter(|w| self.peer_id.as_ref() == Some(&w.identity()))
+            .cloned();
+        if log.src_workload.is_none() {
+            log.src_baggage = request.headers().get("baggage").and_then(|v| v.to_str().ok()).map(Peer::from_baggage);
+        }
         let target = match self.check(&request) {
             Ok(t) => t,
             Err((status, why)) => {
@@ -171,7 +180,9 @@ impl Stream {
         let conn = rbac::Conn { src_ip: self.peer.ip(), identity: self.peer_id.clone(), dst: target };
         if let Err(denied) = authz::check(&current, workload, &conn, "HBONE") {
             refuse(&mut respond, StatusCode::UNAUTHORIZED);
-            return log.finish(&RelayStats::default(), Some(&ProxyError::Refused(format!("RBAC: {denied}"))));
+            let e = ProxyError::Refused(format!("RBAC: {denied}"));
+            super::count_failed(&self.ctx, &log, &e);
+            return log.finish(&RelayStats::default(), Some(&e));
         }
         guard.set_authz(AuthzInfo { conn, workload_uid: workload.uid.clone() });
         let spoof_source = (self.ctx.spoof_source && self.peer.ip() != target.ip()).then_some(self.peer.ip());
@@ -180,14 +191,17 @@ impl Stream {
             Ok(u) => u,
             Err(e) => {
                 refuse(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
-                return log.finish(&RelayStats::default(), Some(&ProxyError::Dial(e)));
+                let e = ProxyError::Dial(e);
+                super::count_failed(&self.ctx, &log, &e);
+                return log.finish(&RelayStats::default(), Some(&e));
             }
         };
         let send = match respond.send_response(status_only(StatusCode::OK), false) {
             Ok(s) => s,
             Err(e) => return log.finish(&RelayStats::default(), Some(&ProxyError::Io(std::io::Error::other(e)))),
         };
-        let stats = RelayStats::default();
+        let stats = Rc::new(RelayStats::default());
+        let counted = super::count_open(&self.ctx, &log, &stats);
         // Downstream is the HTTP/2 side here: what the peer sends goes to the pod.
         let res = super::hbone_relay::relay(
             upstream,
@@ -204,6 +218,7 @@ impl Stream {
             Err(e) => Err(ProxyError::Io(e)),
         };
         log.finish(&stats, res.as_ref().err().map(|e| e as &dyn std::fmt::Display));
+        drop(counted);
     }
 
     /// The checks of COMPAT.md, in its order. Returns the target or the status to answer.

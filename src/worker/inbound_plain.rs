@@ -14,6 +14,7 @@ use crate::net::{DialOpts, dial};
 use crate::rbac;
 use crate::routing::RouteError;
 use crate::telemetry::access::ConnLog;
+use crate::telemetry::metrics::SetupPath;
 
 pub async fn handle(
     ctx: &WorkerCtx,
@@ -32,6 +33,7 @@ pub async fn handle(
     log.dst_workload = Some(target.clone());
     log.src_workload = snap.workload_by_ip(network, peer.ip()).cloned();
     log.dst_addr = Some(dst);
+    log.path = Some(SetupPath::InboundPlain);
     // No identity in plaintext: STRICT mode (a DENY for connections without a principal) refuses.
     let conn = rbac::Conn { src_ip: peer.ip(), identity: None, dst };
     authz::check(&snap, target, &conn, "plaintext inbound").map_err(|d| ProxyError::Refused(format!("RBAC: {d}")))?;

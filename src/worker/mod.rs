@@ -36,6 +36,7 @@ use crate::net::relay::{Halves, RelayEnd, RelayStats, relay};
 use crate::net::{ListenOpts, bind_listener, canonical, sockopt};
 use crate::snapshot::Snapshot;
 use crate::telemetry::access::ConnLog;
+use crate::telemetry::metrics::{OpenConn, SetupPath, Shard};
 use crate::tls::WorkloadCert;
 use channel::{WorkerMsg, WorkerRx};
 use conns::{ConnGuard, ConnTable, Direction, Signal};
@@ -97,6 +98,8 @@ pub struct WorkerCtx {
     /// Outbound HBONE connections shared by this worker's streams.
     pub pool: hbone_pool::HbonePool,
     cert_requests: tokio::sync::mpsc::UnboundedSender<Identity>,
+    /// This worker's metrics shard.
+    pub metrics: Rc<Shard>,
     /// Tasks waiting for the next snapshot (an on-demand certificate arriving).
     snapshot_waiters: RefCell<Vec<Waker>>,
 }
@@ -264,6 +267,7 @@ async fn run(spec: WorkerSpec, driver: &'static str, ready: std::sync::mpsc::Sen
         splice: spec.cfg.splice && driver == "io_uring",
         pool: hbone_pool::HbonePool::new(spec.cfg.pool_max_streams, spec.cfg.pool_idle_timeout),
         cert_requests: spec.cert_requests.clone(),
+        metrics: Rc::new(Shard::default()),
         snapshot_waiters: RefCell::new(Vec::new()),
     });
     for (kind, listener) in listeners {
@@ -271,11 +275,32 @@ async fn run(spec: WorkerSpec, driver: &'static str, ready: std::sync::mpsc::Sen
         monoio::spawn(accept_loop(ctx.clone(), kind, listener));
     }
     monoio::spawn(sweep_pool(ctx.clone()));
-    let deadline = loop {
-        match spec.rx.recv().await {
+    // Control messages are handled by their own task, so scrapes are answered during drain too.
+    let drain_at: Rc<Cell<Option<Instant>>> = Rc::default();
+    let drain_now = Signal::default();
+    monoio::spawn(control_messages(ctx.clone(), spec.rx, spec.generation, drain_at.clone(), drain_now.clone()));
+    drain_now.wait().await;
+    let deadline = drain_at.get().unwrap_or_else(|| Instant::now() + ctx.cfg.termination_deadline);
+    drain(&ctx, deadline).await;
+}
+
+/// Applies what the control thread sends: snapshots (re-checking authorization when the config
+/// changed), scrapes, and the drain order (passed on through `drain_now`).
+async fn control_messages(
+    ctx: Rc<WorkerCtx>,
+    rx: WorkerRx,
+    generation: Arc<AtomicU64>,
+    drain_at: Rc<Cell<Option<Instant>>>,
+    drain_now: Signal,
+) {
+    loop {
+        match rx.recv().await {
+            Some(WorkerMsg::Scrape(reply)) => {
+                let _ = reply.send(ctx.metrics.dump());
+            }
             Some(WorkerMsg::Snapshot(s)) => {
                 tracing::debug!(worker = ctx.id, generation = s.generation, "applied new config snapshot");
-                spec.generation.store(s.generation, Ordering::Release);
+                generation.store(s.generation, Ordering::Release);
                 let policies_may_differ = s.config_generation != ctx.snapshot.borrow().config_generation;
                 ctx.apply(s);
                 if policies_may_differ {
@@ -286,11 +311,16 @@ async fn run(spec: WorkerSpec, driver: &'static str, ready: std::sync::mpsc::Sen
                     }
                 }
             }
-            Some(WorkerMsg::Drain { deadline }) => break deadline,
-            None => break Instant::now() + ctx.cfg.termination_deadline,
+            Some(WorkerMsg::Drain { deadline }) => {
+                drain_at.set(Some(deadline));
+                drain_now.fire();
+            }
+            None => {
+                drain_now.fire();
+                return;
+            }
         }
-    };
-    drain(&ctx, deadline).await;
+    }
 }
 
 /// Releases idle and dead pooled HBONE connections now and then, until drain.
@@ -391,21 +421,74 @@ async fn connection(ctx: Rc<WorkerCtx>, kind: Setup, stream: TcpStream, peer: So
         Ok(est) => {
             let early = est.early_bytes;
             let splice = ctx.splice;
+            let stats = Rc::new(RelayStats::default());
+            let counted = count_open(&ctx, &log, &stats);
             match est.upstream {
                 Upstream::Tcp(up) => {
-                    monoio::spawn(relay_task(guard, log, est.downstream.into(), up.into(), early, splice));
+                    let (down, up) = (est.downstream.into(), up.into());
+                    monoio::spawn(relay_task(guard, log, stats, counted, down, up, early, splice));
                 }
                 Upstream::Hbone(h) => {
-                    monoio::spawn(hbone_relay_task(guard, log, est.downstream, h, early));
+                    monoio::spawn(hbone_relay_task(guard, log, stats, counted, est.downstream, h, early));
                 }
             }
         }
-        Err(e) => log.finish(&RelayStats::default(), Some(&e)),
+        Err(e) => {
+            count_failed(&ctx, &log, &e);
+            log.finish(&RelayStats::default(), Some(&e));
+        }
     }
 }
 
-async fn relay_task(guard: ConnGuard, log: ConnLog, down: Halves, up: Halves, early_bytes: u64, splice: bool) {
-    let stats = RelayStats::default();
+/// The reporters that see a connection: the source side for outbound, the destination side for
+/// inbound, both for the node-local fast path (one proxy is both ends).
+fn reporters(log: &ConnLog) -> &'static [&'static str] {
+    match log.path {
+        Some(SetupPath::FastPath) => &["source", "destination"],
+        _ if log.direction == "inbound" => &["destination"],
+        _ => &["source"],
+    }
+}
+
+fn mutual_tls(log: &ConnLog) -> bool {
+    matches!(log.path, Some(SetupPath::Hbone | SetupPath::FastPath | SetupPath::InboundHbone))
+}
+
+/// Counts an established connection as opened (its bytes followed live through `stats`) and
+/// records how long its setup took. Closed is counted when the returned guards drop.
+pub(crate) fn count_open(ctx: &WorkerCtx, log: &ConnLog, stats: &Rc<RelayStats>) -> [Option<OpenConn>; 2] {
+    if let Some(path) = log.path {
+        ctx.metrics.record_setup(path, log.start.elapsed());
+    }
+    let mut out = [None, None];
+    for (slot, reporter) in out.iter_mut().zip(reporters(log)) {
+        let labels = log.labels(reporter, "-", mutual_tls(log), &ctx.cfg.cluster_id);
+        *slot = Some(ctx.metrics.open(labels, stats.clone()));
+    }
+    out
+}
+
+/// Counts a connection that failed during setup, once the proxy knew whose it was.
+pub(crate) fn count_failed(ctx: &WorkerCtx, log: &ConnLog, e: &ProxyError) {
+    if log.src_workload.is_none() && log.src_identity.is_none() && log.dst_workload.is_none() {
+        return;
+    }
+    for reporter in reporters(log) {
+        ctx.metrics.failed(log.labels(reporter, e.response_flags(), mutual_tls(log), &ctx.cfg.cluster_id));
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn relay_task(
+    guard: ConnGuard,
+    log: ConnLog,
+    stats: Rc<RelayStats>,
+    counted: [Option<OpenConn>; 2],
+    down: Halves,
+    up: Halves,
+    early_bytes: u64,
+    splice: bool,
+) {
     stats.sent.set(early_bytes);
     let res = match relay(down, up, &stats, guard.close_signal().wait(), splice).await {
         Ok(RelayEnd::Done) => Ok(()),
@@ -413,17 +496,19 @@ async fn relay_task(guard: ConnGuard, log: ConnLog, down: Halves, up: Halves, ea
         Err(e) => Err(ProxyError::Io(e)),
     };
     log.finish(&stats, res.as_ref().err().map(|e| e as &dyn std::fmt::Display));
+    drop(counted);
     drop(guard);
 }
 
 async fn hbone_relay_task(
     guard: ConnGuard,
     log: ConnLog,
+    stats: Rc<RelayStats>,
+    counted: [Option<OpenConn>; 2],
     down: TcpStream,
     up: hbone_client::HboneStream,
     early_bytes: u64,
 ) {
-    let stats = RelayStats::default();
     stats.sent.set(early_bytes);
     // Downstream is the TCP side: what it sends goes into the HTTP/2 stream.
     let res =
@@ -435,6 +520,7 @@ async fn hbone_relay_task(
             Err(e) => Err(ProxyError::Io(e)),
         };
     log.finish(&stats, res.as_ref().err().map(|e| e as &dyn std::fmt::Display));
+    drop(counted);
     drop(guard);
 }
 

@@ -16,6 +16,7 @@ use crate::rbac;
 use crate::routing::{self, Transport};
 use crate::snapshot::Snapshot;
 use crate::telemetry::access::ConnLog;
+use crate::telemetry::metrics::SetupPath;
 
 /// A connection captured on the outbound listener: find where it was going and connect there.
 pub async fn captured(
@@ -52,6 +53,8 @@ pub async fn connect(
     let route = routing::outbound(snap, source, dst, &mut |n| fastrand::u64(..n))?;
     log.dst_workload = route.workload.clone();
     log.dst_service = route.service.as_ref().map(|s| s.service.hostname.clone());
+    log.dst_service_ns_name = route.service.as_ref().map(|s| (s.service.namespace.clone(), s.service.name.clone()));
+    log.path = Some(SetupPath::Tcp);
     log.dst_addr = Some(route.upstream);
     if ctx.is_own_port(route.upstream) {
         return Err(routing::RouteError::Loop(route.upstream).into());
@@ -63,6 +66,7 @@ pub async fn connect(
             return Err(routing::RouteError::Loop(wp.hbone_addr).into());
         }
         log.dst_hbone_addr = Some(wp.hbone_addr);
+        log.path = Some(SetupPath::Hbone);
         tracing::info!(src = %peer, "proxy to {dst} using HBONE via {} type ToServerWaypoint", wp.hbone_addr);
         let host = route.service.as_ref().map(|s| s.service.hostname.as_str());
         let stream = hbone_client::connect(ctx, source, &wp.identities, wp.hbone_addr, dst, peer, host).await?;
@@ -76,6 +80,7 @@ pub async fn connect(
         if ctx.cfg.node_local_fast_path && snap.local_workload_by_ip(network, route.upstream.ip()).is_some() {
             // Served by this proxy: no TLS, no HTTP/2; the inbound checks run here, against the
             // current config, and the connection is registered for re-checks.
+            log.path = Some(SetupPath::FastPath);
             super::inbound_hbone::check_target(ctx, snap, route.upstream.ip(), route.upstream)
                 .map_err(|(_, why)| ProxyError::Refused(why))?;
             let current = ctx.snapshot();
@@ -95,6 +100,7 @@ pub async fn connect(
             expected.extend(svc.service.subject_alt_names.iter().filter_map(|s| s.parse().ok()));
         }
         log.dst_hbone_addr = Some(hbone_addr);
+        log.path = Some(SetupPath::Hbone);
         tracing::info!(src = %peer, "proxy to {} using HBONE via {hbone_addr} type Direct", route.upstream);
         let host = route.service.as_ref().map(|s| s.service.hostname.as_str());
         let stream = hbone_client::connect(ctx, source, &expected, hbone_addr, route.upstream, peer, host).await?;

@@ -7,8 +7,14 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
+use http::{Method, StatusCode};
+use rustls::ClientConnection;
+use rustls::pki_types::ServerName;
 use ztunnel::app::{Proxy, RunOptions};
 use ztunnel::config::Config;
+use ztunnel::model::Identity;
+use ztunnel::tls::stream::TlsStream;
 
 /// Generous bound for anything asynchronous: tests must pass on a slow, busy machine.
 pub const PATIENCE: Duration = Duration::from_secs(20);
@@ -226,4 +232,181 @@ pub fn reserve_port() -> (socket2::Socket, u16) {
     s.bind(&"0.0.0.0:0".parse::<SocketAddr>().unwrap().into()).unwrap();
     let port = s.local_addr().unwrap().as_socket().unwrap().port();
     (s, port)
+}
+
+/// One sample of the Prometheus text format.
+#[derive(Debug, Clone)]
+pub struct Sample {
+    pub name: String,
+    pub labels: std::collections::BTreeMap<String, String>,
+    pub value: f64,
+}
+
+/// Parses the Prometheus text exposition format strictly: comments must be `# HELP`/`# TYPE`,
+/// every sample `name{label="value",...} number`, label values with `\\`, `\"`, `\n` escapes.
+/// Any malformed line is an error naming it.
+pub fn parse_prometheus(text: &str) -> Result<Vec<Sample>, String> {
+    let mut out = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let bad = |why: &str| format!("line {}: {why}: {line:?}", n + 1);
+        if line.is_empty() {
+            continue;
+        }
+        if let Some(c) = line.strip_prefix('#') {
+            if !(c.starts_with(" HELP ") || c.starts_with(" TYPE ") || c == " EOF") {
+                return Err(bad("unknown comment"));
+            }
+            continue;
+        }
+        let name_end = line.find(['{', ' ']).ok_or_else(|| bad("no value"))?;
+        let name = &line[..name_end];
+        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':') {
+            return Err(bad("bad metric name"));
+        }
+        let mut labels = std::collections::BTreeMap::new();
+        let mut rest = &line[name_end..];
+        if let Some(body) = rest.strip_prefix('{') {
+            let mut chars = body.char_indices().peekable();
+            let end = loop {
+                // label name
+                let start = match chars.peek() {
+                    Some((_, '}')) => break chars.next().map(|(i, _)| i),
+                    Some((i, _)) => *i,
+                    None => return Err(bad("unterminated labels")),
+                };
+                let eq = body[start..].find('=').ok_or_else(|| bad("label without ="))? + start;
+                let key = &body[start..eq];
+                if key.is_empty() || !key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                    return Err(bad("bad label name"));
+                }
+                while chars.peek().is_some_and(|(i, _)| *i <= eq) {
+                    chars.next();
+                }
+                if chars.next().map(|(_, c)| c) != Some('"') {
+                    return Err(bad("label value not quoted"));
+                }
+                let mut value = String::new();
+                loop {
+                    match chars.next() {
+                        Some((_, '\\')) => match chars.next() {
+                            Some((_, '\\')) => value.push('\\'),
+                            Some((_, '"')) => value.push('"'),
+                            Some((_, 'n')) => value.push('\n'),
+                            _ => return Err(bad("bad escape")),
+                        },
+                        Some((_, '"')) => break,
+                        Some((_, c)) => value.push(c),
+                        None => return Err(bad("unterminated label value")),
+                    }
+                }
+                if labels.insert(key.to_string(), value).is_some() {
+                    return Err(bad("repeated label"));
+                }
+                match chars.peek() {
+                    Some((_, ',')) => {
+                        chars.next();
+                    }
+                    Some((_, '}')) => {}
+                    _ => return Err(bad("expected , or }")),
+                }
+            };
+            rest = &body[end.ok_or_else(|| bad("unterminated labels"))? + 1..];
+        }
+        let value = rest.strip_prefix(' ').ok_or_else(|| bad("no space before value"))?;
+        let value: f64 = match value {
+            "+Inf" => f64::INFINITY,
+            "-Inf" => f64::NEG_INFINITY,
+            v => v.parse().map_err(|_| bad("value is not a number"))?,
+        };
+        out.push(Sample { name: name.to_string(), labels, value });
+    }
+    Ok(out)
+}
+
+/// Scrapes the proxy's metrics port and parses the answer.
+pub fn scrape(proxy: &Proxy) -> Vec<Sample> {
+    let (status, body) = http(proxy.addrs.metrics, "GET", "/metrics").expect("metrics port answers");
+    assert_eq!(status, 200);
+    parse_prometheus(&body).unwrap_or_else(|e| panic!("{e}\n{body}"))
+}
+
+/// The value of the one sample named `name` whose labels include all of `want`.
+pub fn sample(samples: &[Sample], name: &str, want: &[(&str, &str)]) -> Option<f64> {
+    let hits: Vec<&Sample> = samples
+        .iter()
+        .filter(|s| s.name == name && want.iter().all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v)))
+        .collect();
+    assert!(hits.len() <= 1, "{name} {want:?} matches {} series", hits.len());
+    hits.first().map(|s| s.value)
+}
+
+pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    monoio::RuntimeBuilder::<monoio::FusionDriver>::new().enable_timer().build().unwrap().block_on(f)
+}
+
+/// Opens an HBONE connection to `hbone` as `client`, expecting the server to be `server_id`.
+pub async fn hbone_client(
+    hbone: SocketAddr,
+    client: &ztunnel::tls::WorkloadCert,
+    server_id: &Identity,
+) -> h2::client::SendRequest<Bytes> {
+    let tcp = monoio::net::TcpStream::connect_addr(hbone).await.unwrap();
+    let conn = ClientConnection::new(client.client_config(), ServerName::IpAddress(hbone.ip().into())).unwrap();
+    let tls = TlsStream::handshake(tcp, conn).await.unwrap();
+    ztunnel::tls::check_server_identity(tls.conn().peer_certificates(), std::slice::from_ref(server_id))
+        .expect("the proxy presents the destination workload's identity");
+    let (send, connection) = h2::client::handshake(tls).await.unwrap();
+    monoio::spawn(async move {
+        let _ = connection.await;
+    });
+    send
+}
+
+pub async fn request(
+    send: &mut h2::client::SendRequest<Bytes>,
+    method: Method,
+    uri: &str,
+) -> (StatusCode, h2::SendStream<Bytes>, h2::RecvStream) {
+    request_with_headers(send, method, uri, &[]).await
+}
+
+pub async fn request_with_headers(
+    send: &mut h2::client::SendRequest<Bytes>,
+    method: Method,
+    uri: &str,
+    headers: &[(&str, &str)],
+) -> (StatusCode, h2::SendStream<Bytes>, h2::RecvStream) {
+    let mut req = http::Request::builder().method(method).uri(uri);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let req = req.body(()).unwrap();
+    let mut ready = send.clone().ready().await.unwrap();
+    let (resp, stream) = ready.send_request(req, false).unwrap();
+    let resp = resp.await.unwrap();
+    (resp.status(), stream, resp.into_body())
+}
+
+/// Starts a proxy that is both ends of its HBONE connections: it dials its own inbound port
+/// (two logical nodes in one process, so the node-local fast path is off).
+pub fn start_both_ends(mut cfg: Config) -> ztunnel::app::Proxy {
+    cfg.node_local_fast_path = false;
+    let (hold, port) = reserve_port();
+    cfg.listeners.inbound = SocketAddr::new("0.0.0.0".parse().unwrap(), port);
+    cfg.hbone_port = port;
+    let proxy = start_with(cfg);
+    drop(hold);
+    proxy
+}
+
+/// Waits until `n` certificates are available (the local HBONE workloads').
+pub fn wait_for_certificates(proxy: &ztunnel::app::Proxy, n: usize) {
+    assert!(
+        eventually(|| config_dump(proxy)["certificates"].as_array().is_some_and(|c| c
+            .iter()
+            .filter(|c| c["state"] == "Available")
+            .count()
+            == n)),
+        "{n} certificates issued"
+    );
 }

@@ -1,0 +1,449 @@
+//! Istio's L4 metrics (`istio_tcp_*`) and our connection-setup latency histograms.
+//!
+//! Each worker owns a [`Shard`]: plain `Cell`/`RefCell` counters, nothing shared, nothing atomic.
+//! Bytes are not copied into the shard as they move: an open connection's shard entry points at
+//! the connection's own byte counters (`RelayStats`), so a scrape sees them live. A scrape asks
+//! every worker for a [`Dump`] (a message on its control channel) and the control thread merges
+//! and renders them.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::rc::Rc;
+use std::time::Duration;
+
+use hdrhistogram::Histogram;
+
+use crate::model::{Identity, Workload};
+use crate::net::relay::RelayStats;
+
+/// Label names, in the order `Labels` holds their values (COMPAT.md's list).
+pub const LABEL_NAMES: [&str; 23] = [
+    "reporter",
+    "source_workload",
+    "source_canonical_service",
+    "source_canonical_revision",
+    "source_workload_namespace",
+    "source_principal",
+    "source_app",
+    "source_version",
+    "source_cluster",
+    "destination_service",
+    "destination_service_namespace",
+    "destination_service_name",
+    "destination_workload",
+    "destination_canonical_service",
+    "destination_canonical_revision",
+    "destination_workload_namespace",
+    "destination_principal",
+    "destination_app",
+    "destination_version",
+    "destination_cluster",
+    "request_protocol",
+    "response_flags",
+    "connection_security_policy",
+];
+
+const UNKNOWN: &str = "unknown";
+/// Longest label value kept; longer ones (only a peer's baggage can be that long) are cut.
+const MAX_VALUE: usize = 128;
+/// Distinct label sets one worker keeps; past it, peer-supplied values collapse to `unknown`
+/// so a peer inventing a new name per connection cannot grow memory without bound.
+const MAX_SERIES: usize = 10_000;
+
+/// One series' label values, in [`LABEL_NAMES`] order.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Labels(pub [Box<str>; 23]);
+
+/// What a connection's labels are built from.
+#[derive(Debug, Default, Clone)]
+pub struct Peer {
+    pub workload: Option<String>,
+    pub canonical_service: Option<String>,
+    pub canonical_revision: Option<String>,
+    pub namespace: Option<String>,
+    pub principal: Option<String>,
+    pub cluster: Option<String>,
+}
+
+impl Peer {
+    /// From a workload we know (our config).
+    pub fn of(w: &Workload, default_cluster: &str) -> Peer {
+        Peer {
+            workload: Some(if w.workload_name.is_empty() { w.name.clone() } else { w.workload_name.clone() }),
+            canonical_service: Some(if w.canonical_name.is_empty() {
+                w.name.clone()
+            } else {
+                w.canonical_name.clone()
+            }),
+            canonical_revision: Some(if w.canonical_revision.is_empty() {
+                "latest".into()
+            } else {
+                w.canonical_revision.clone()
+            }),
+            namespace: Some(w.namespace.clone()),
+            principal: Some(principal(&w.identity())),
+            cluster: Some(if w.cluster_id.is_empty() { default_cluster.into() } else { w.cluster_id.clone() }),
+        }
+    }
+
+    /// From a peer's `baggage` header (values it chose: validated, bounded).
+    pub fn from_baggage(header: &str) -> Peer {
+        let mut p = Peer::default();
+        for item in header.split(',').take(32) {
+            let Some((k, v)) = item.split_once('=') else { continue };
+            let (k, v) = (k.trim(), v.trim());
+            if v.is_empty() || v.len() > 63 || !v.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b)) {
+                continue;
+            }
+            let v = Some(v.to_string());
+            match k {
+                "k8s.namespace.name" => p.namespace = v,
+                "k8s.cluster.name" => p.cluster = v,
+                "service.name" => p.canonical_service = v,
+                "service.version" => p.canonical_revision = v,
+                k if k.starts_with("k8s.") && k.ends_with(".name") && k.len() < 40 => p.workload = v,
+                _ => {}
+            }
+        }
+        p
+    }
+}
+
+/// A principal as Istio's metrics spell it: `spiffe://td/ns/x/sa/y`.
+pub fn principal(id: &Identity) -> String {
+    id.to_string()
+}
+
+/// The service a connection was addressed to, if any.
+#[derive(Debug, Default, Clone)]
+pub struct ServiceLabels {
+    pub hostname: Option<String>,
+    pub namespace: Option<String>,
+    pub name: Option<String>,
+}
+
+impl Labels {
+    pub fn new(
+        reporter: &str,
+        src: &Peer,
+        dst: &Peer,
+        svc: &ServiceLabels,
+        response_flags: &str,
+        mutual_tls: bool,
+    ) -> Labels {
+        let v = |o: &Option<String>| -> Box<str> {
+            match o.as_deref() {
+                None | Some("") => UNKNOWN.into(),
+                Some(s) => cut(s).into(),
+            }
+        };
+        Labels([
+            reporter.into(),
+            v(&src.workload),
+            v(&src.canonical_service),
+            v(&src.canonical_revision),
+            v(&src.namespace),
+            v(&src.principal),
+            v(&src.canonical_service),
+            v(&src.canonical_revision),
+            v(&src.cluster),
+            v(&svc.hostname),
+            v(&svc.namespace),
+            v(&svc.name),
+            v(&dst.workload),
+            v(&dst.canonical_service),
+            v(&dst.canonical_revision),
+            v(&dst.namespace),
+            v(&dst.principal),
+            v(&dst.canonical_service),
+            v(&dst.canonical_revision),
+            v(&dst.cluster),
+            "tcp".into(),
+            response_flags.into(),
+            (if mutual_tls { "mutual_tls" } else { UNKNOWN }).into(),
+        ])
+    }
+
+    /// The same series with every source value except the principal forgotten (for the
+    /// series cap: what a peer's baggage may have filled in).
+    fn without_source_details(&self) -> Labels {
+        let mut l = self.clone();
+        for i in [1, 2, 3, 4, 6, 7, 8] {
+            l.0[i] = UNKNOWN.into();
+        }
+        l
+    }
+}
+
+fn cut(s: &str) -> &str {
+    if s.len() <= MAX_VALUE {
+        return s;
+    }
+    let mut end = MAX_VALUE;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// Counter values of one series.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Totals {
+    pub opened: u64,
+    pub closed: u64,
+    pub failed: u64,
+    pub sent: u64,
+    pub received: u64,
+}
+
+impl Totals {
+    fn add(&mut self, o: &Totals) {
+        self.opened += o.opened;
+        self.closed += o.closed;
+        self.failed += o.failed;
+        self.sent += o.sent;
+        self.received += o.received;
+    }
+}
+
+/// The paths whose setup time is measured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SetupPath {
+    /// Outbound to a plain TCP workload or passthrough.
+    Tcp,
+    /// Outbound over HBONE (pooled connection, CONNECT answered).
+    Hbone,
+    /// Outbound to a workload on this node, no TLS.
+    FastPath,
+    /// Inbound plaintext (15006).
+    InboundPlain,
+    /// An inbound HBONE stream (CONNECT received to pod connected).
+    InboundHbone,
+}
+
+pub const SETUP_PATHS: [(SetupPath, &str); 5] = [
+    (SetupPath::Tcp, "tcp"),
+    (SetupPath::Hbone, "hbone"),
+    (SetupPath::FastPath, "fast_path"),
+    (SetupPath::InboundPlain, "inbound_plain"),
+    (SetupPath::InboundHbone, "inbound_hbone"),
+];
+
+fn new_histogram() -> Histogram<u64> {
+    // Microseconds, 1 us to 60 s, 3 significant digits.
+    Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds")
+}
+
+/// An open connection: its series and its live byte counters.
+type OpenEntry = (Rc<Labels>, Rc<RelayStats>);
+
+/// A counter family: name, help, and which total it reports.
+type Family = (&'static str, &'static str, fn(&Totals) -> u64);
+
+/// A worker's metrics.
+pub struct Shard {
+    series: RefCell<HashMap<Rc<Labels>, Totals>>,
+    open: RefCell<HashMap<u64, OpenEntry>>,
+    next: Cell<u64>,
+    setup: RefCell<Vec<Histogram<u64>>>,
+}
+
+impl Default for Shard {
+    fn default() -> Shard {
+        Shard {
+            series: RefCell::default(),
+            open: RefCell::default(),
+            next: Cell::new(0),
+            setup: RefCell::new(SETUP_PATHS.iter().map(|_| new_histogram()).collect()),
+        }
+    }
+}
+
+/// An open connection's place in the shard; counted closed (with its final bytes) on drop.
+pub struct OpenConn {
+    shard: Rc<Shard>,
+    id: u64,
+}
+
+impl Drop for OpenConn {
+    fn drop(&mut self) {
+        if let Some((labels, stats)) = self.shard.open.borrow_mut().remove(&self.id) {
+            let mut series = self.shard.series.borrow_mut();
+            let t = series.entry(labels).or_default();
+            t.closed += 1;
+            t.sent += stats.sent.get();
+            t.received += stats.received.get();
+        }
+    }
+}
+
+impl Shard {
+    fn intern(&self, labels: Labels) -> Rc<Labels> {
+        let mut series = self.series.borrow_mut();
+        let labels = if series.len() >= MAX_SERIES && !series.contains_key(&labels) {
+            labels.without_source_details()
+        } else {
+            labels
+        };
+        match series.get_key_value(&labels) {
+            Some((k, _)) => k.clone(),
+            None => {
+                let k = Rc::new(labels);
+                series.insert(k.clone(), Totals::default());
+                k
+            }
+        }
+    }
+
+    /// Counts a connection opened; its bytes are read from `stats` until the guard drops.
+    pub fn open(self: &Rc<Self>, labels: Labels, stats: Rc<RelayStats>) -> OpenConn {
+        let labels = self.intern(labels);
+        self.series.borrow_mut().entry(labels.clone()).or_default().opened += 1;
+        let id = self.next.get();
+        self.next.set(id + 1);
+        self.open.borrow_mut().insert(id, (labels, stats));
+        OpenConn { shard: self.clone(), id }
+    }
+
+    /// Counts a connection that failed before any byte moved (denied, upstream unreachable).
+    pub fn failed(&self, labels: Labels) {
+        let labels = self.intern(labels);
+        let mut series = self.series.borrow_mut();
+        let t = series.entry(labels).or_default();
+        t.opened += 1;
+        t.closed += 1;
+        t.failed += 1;
+    }
+
+    pub fn record_setup(&self, path: SetupPath, took: Duration) {
+        let i = SETUP_PATHS.iter().position(|(p, _)| *p == path).unwrap_or(0);
+        let us = u64::try_from(took.as_micros()).unwrap_or(u64::MAX).clamp(1, 60_000_000);
+        let _ = self.setup.borrow_mut()[i].record(us);
+    }
+
+    /// Everything counted so far, with open connections' bytes as of now.
+    pub fn dump(&self) -> Dump {
+        let mut series: HashMap<Labels, Totals> =
+            self.series.borrow().iter().map(|(k, v)| ((**k).clone(), *v)).collect();
+        for (labels, stats) in self.open.borrow().values() {
+            let t = series.entry((**labels).clone()).or_default();
+            t.sent += stats.sent.get();
+            t.received += stats.received.get();
+        }
+        Dump { series, setup: self.setup.borrow().clone() }
+    }
+}
+
+/// One worker's metrics at a scrape; `Send`, merged on the control thread.
+#[derive(Debug)]
+pub struct Dump {
+    pub series: HashMap<Labels, Totals>,
+    /// Setup-time histograms in [`SETUP_PATHS`] order.
+    pub setup: Vec<Histogram<u64>>,
+}
+
+impl Dump {
+    pub fn empty() -> Dump {
+        Dump { series: HashMap::new(), setup: SETUP_PATHS.iter().map(|_| new_histogram()).collect() }
+    }
+
+    pub fn merge(&mut self, other: Dump) {
+        for (k, v) in other.series {
+            self.series.entry(k).or_default().add(&v);
+        }
+        for (mine, theirs) in self.setup.iter_mut().zip(other.setup) {
+            let _ = mine.add(theirs);
+        }
+    }
+
+    /// The Prometheus text format, or OpenMetrics when `openmetrics`.
+    pub fn render(&self, build_tag: &str, openmetrics: bool) -> String {
+        let mut out = String::new();
+        let mut keys: Vec<&Labels> = self.series.keys().collect();
+        keys.sort_by(|a, b| a.0.cmp(&b.0));
+        let counters: [Family; 5] = [
+            ("istio_tcp_connections_opened", "Connections opened.", |t| t.opened),
+            ("istio_tcp_connections_closed", "Connections closed.", |t| t.closed),
+            ("istio_tcp_sent_bytes", "Bytes sent (client to server), counted as they move.", |t| t.sent),
+            ("istio_tcp_received_bytes", "Bytes received (server to client), counted as they move.", |t| t.received),
+            ("istio_tcp_connections_failed", "Connections that failed before any byte moved.", |t| t.failed),
+        ];
+        for (name, help, get) in counters {
+            let family = if openmetrics { name.to_string() } else { format!("{name}_total") };
+            let _ = writeln!(out, "# HELP {family} {help}");
+            let _ = writeln!(out, "# TYPE {family} counter");
+            for k in &keys {
+                let _ = write!(out, "{name}_total{{");
+                write_labels(&mut out, k);
+                let _ = writeln!(out, "}} {}", get(&self.series[*k]));
+            }
+        }
+        let _ = writeln!(out, "# HELP istio_build Istio component build info.");
+        let _ = writeln!(out, "# TYPE istio_build gauge");
+        let _ = writeln!(out, "istio_build{{component=\"ztunnel\",tag=\"{}\"}} 1", escape(build_tag));
+        self.render_setup(&mut out, openmetrics);
+        if openmetrics {
+            out.push_str("# EOF\n");
+        }
+        out
+    }
+
+    fn render_setup(&self, out: &mut String, _openmetrics: bool) {
+        const BUCKETS_US: [u64; 12] =
+            [100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 1_000_000, 10_000_000];
+        let name = "ztunnel_connection_setup_seconds";
+        let _ = writeln!(out, "# HELP {name} Time from accepting a connection to its upstream being ready, by path.");
+        let _ = writeln!(out, "# TYPE {name} histogram");
+        for ((_, path), h) in SETUP_PATHS.iter().zip(&self.setup) {
+            for le in BUCKETS_US {
+                let n = h.count_between(0, le);
+                let _ = writeln!(out, "{name}_bucket{{path=\"{path}\",le=\"{}\"}} {n}", le as f64 / 1e6);
+            }
+            let _ = writeln!(out, "{name}_bucket{{path=\"{path}\",le=\"+Inf\"}} {}", h.len());
+            let sum: f64 = h.iter_recorded().map(|v| v.value_iterated_to() as f64 * v.count_at_value() as f64).sum();
+            let _ = writeln!(out, "{name}_sum{{path=\"{path}\"}} {}", sum / 1e6);
+            let _ = writeln!(out, "{name}_count{{path=\"{path}\"}} {}", h.len());
+        }
+    }
+
+    /// Setup-time percentiles per path, for `/stats/latency`.
+    pub fn latency_json(&self) -> serde_json::Value {
+        let mut paths = serde_json::Map::new();
+        for ((_, path), h) in SETUP_PATHS.iter().zip(&self.setup) {
+            let q = |p: f64| if h.is_empty() { serde_json::Value::Null } else { h.value_at_quantile(p).into() };
+            paths.insert(
+                (*path).into(),
+                serde_json::json!({
+                    "count": h.len(),
+                    "p50_us": q(0.5), "p90_us": q(0.9), "p99_us": q(0.99), "p999_us": q(0.999),
+                    "max_us": if h.is_empty() { serde_json::Value::Null } else { h.max().into() },
+                }),
+            );
+        }
+        serde_json::json!({ "connection_setup": paths })
+    }
+}
+
+fn write_labels(out: &mut String, l: &Labels) {
+    for (i, (name, value)) in LABEL_NAMES.iter().zip(l.0.iter()).enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        let _ = write!(out, "{name}=\"{}\"", escape(value));
+    }
+}
+
+/// Escapes a label value for the text format: backslash, double quote, newline.
+fn escape(v: &str) -> String {
+    let mut s = String::with_capacity(v.len());
+    for c in v.chars() {
+        match c {
+            '\\' => s.push_str("\\\\"),
+            '"' => s.push_str("\\\""),
+            '\n' => s.push_str("\\n"),
+            c => s.push(c),
+        }
+    }
+    s
+}
