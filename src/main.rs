@@ -30,14 +30,17 @@ fn main() -> ExitCode {
         Ok(p) => p,
         Err(e) => {
             tracing::error!("failed to start: {e:#}");
+            telemetry::flush_logs();
             return ExitCode::FAILURE;
         }
     };
-    match proxy.wait() {
+    let code = match proxy.wait() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
             ExitCode::FAILURE
         }
-    }
+    };
+    telemetry::flush_logs();
+    code
 }

@@ -337,6 +337,7 @@ async fn admin_handler(state: Rc<ControlState>, req: Request) -> Response {
             Response::text(200, "OK\n")
         }
         ("GET", "/healthz/ready") => readiness_handler(state, req).await,
+        ("POST", "/logging") | ("GET", "/logging") => logging_handler(&req),
         ("GET", "/stats/latency") => Response::json(state.scrape().await.latency_json().to_string()),
         ("GET", "/stats/prometheus") | ("GET", "/metrics") => metrics_handler(state, req).await,
         ("GET", "/") => Response::text(
@@ -344,10 +345,33 @@ async fn admin_handler(state: Rc<ControlState>, req: Request) -> Response {
             "admin endpoints:\n  GET  /config_dump     workloads, services, policies, config, generation\n  \
              POST /quitquitquit    drain and exit\n  GET  /healthz/ready    readiness\n  \
              GET  /stats/latency    connection setup percentiles per path (JSON)\n  \
+             GET  /logging          the log filter; POST /logging?level=debug (RUST_LOG syntax) sets it\n  \
              GET  /stats/prometheus metrics (as on the metrics port)\n",
         ),
         (_, "/config_dump") | (_, "/quitquitquit") => Response::text(405, "method not allowed\n"),
         _ => Response::text(404, "not found (see GET /)\n"),
+    }
+}
+
+/// `GET /logging` shows the log filter; `POST /logging?level=<RUST_LOG directive>` replaces it.
+fn logging_handler(req: &Request) -> Response {
+    let level = req.query.split('&').find_map(|kv| kv.strip_prefix("level="));
+    match (req.method.as_str(), level) {
+        ("POST", Some(level)) => {
+            let level = level.replace("%2C", ",").replace("%3D", "=").replace("%3A", ":");
+            match crate::telemetry::set_log_level(&level) {
+                Ok(now) => {
+                    tracing::info!(filter = %now, "log level changed");
+                    Response::text(200, format!("current log level is {now}\n"))
+                }
+                Err(e) => Response::text(400, format!("{e}\n")),
+            }
+        }
+        ("POST", None) => Response::text(400, "missing ?level=<RUST_LOG directive>\n"),
+        _ => match crate::telemetry::log_level() {
+            Some(now) => Response::text(200, format!("current log level is {now}\n")),
+            None => Response::text(200, "logging is not managed by this process\n"),
+        },
     }
 }
 

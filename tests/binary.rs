@@ -1,0 +1,110 @@
+//! The `ztunnel` binary itself: its logging goes through the background writer (access lines
+//! included), the admin port changes log levels at run time, SIGTERM drains and flushes.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+#[test]
+fn log_levels_change_at_run_time_and_lines_are_flushed_on_exit() {
+    let server = EchoServer::start("127.0.0.2", "server");
+    let dir = TestDir::new("binary");
+    let config = dir.write_config(&format!(
+        "workloads:\n- {{uid: client, name: client, namespace: ns, workloadIps: [127.0.0.1]}}\n\
+         - {{uid: server, name: server, namespace: ns, workloadIps: [{}]}}\n",
+        server.addr.ip()
+    ));
+    // Whatever happens below, the child does not outlive the test (killed only while it runs).
+    struct Reap(std::process::Child);
+    impl Drop for Reap {
+        fn drop(&mut self) {
+            if let Ok(None) = self.0.try_wait() {
+                let _ = self.0.kill();
+                let _ = self.0.wait();
+            }
+        }
+    }
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ztunnel"))
+        .args(["--config", config.to_str().unwrap(), "--socks5", "--workers", "1"])
+        .args([
+            "--outbound-addr",
+            "127.0.0.1:0",
+            "--inbound-plain-addr",
+            "127.0.0.1:0",
+            "--inbound-addr",
+            "127.0.0.1:0",
+        ])
+        .args(["--socks5-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0", "--readiness-addr", "127.0.0.1:0"])
+        .args(["--metrics-addr", "127.0.0.1:0", "--packet-mark", "0"])
+        .env("ZTUNNEL_LOCAL_CA_DIR", dir.0.join("ca"))
+        .env("ENABLE_ORIG_SRC", "false")
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("the binary starts");
+    let out = child.stdout.take().unwrap();
+    let mut child = Reap(child);
+    let pid = child.0.id();
+    // Every stdout line, as it comes.
+    let (tx, lines) = mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut seen = Vec::new();
+    let mut wait_for = |what: &str| -> String {
+        let deadline = Instant::now() + PATIENCE;
+        while let Ok(l) = lines.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            seen.push(l.clone());
+            if l.contains(what) {
+                return l;
+            }
+        }
+        panic!("no line with {what:?} in:\n{}", seen.join("\n"));
+    };
+    let addr_after = |line: &str, key: &str| -> SocketAddr {
+        let at = line.find(&format!("{key}=")).unwrap() + key.len() + 1;
+        line[at..].split_whitespace().next().unwrap().trim_end_matches(',').parse().unwrap()
+    };
+    // Workers report before the control thread does.
+    let workers = wait_for("worker listening");
+    let listening = wait_for("control plane listening");
+    let admin = addr_after(&listening, "admin");
+    let socks: SocketAddr = {
+        let at = workers.find("socks5=Some(").unwrap() + "socks5=Some(".len();
+        workers[at..].split(')').next().unwrap().parse().unwrap()
+    };
+
+    assert_eq!(http(admin, "GET", "/logging").unwrap(), (200, "current log level is info\n".into()));
+    let (status, body) = http(admin, "POST", "/logging?level=debug").unwrap();
+    assert_eq!((status, body.as_str()), (200, "current log level is debug\n"));
+    assert_eq!(http(admin, "POST", "/logging?level=no%3D%3Dsuch").unwrap().0, 400, "a bad directive is refused");
+    assert_eq!(http(admin, "POST", "/logging").unwrap().0, 400);
+    // At debug, the outbound path logs what it decides; the access line follows at close.
+    let mut c = socks5(socks, Dest::Addr(server.addr)).unwrap();
+    assert_eq!(read_greeting(&mut c), "server");
+    drop(c);
+    wait_for("proxying outbound");
+    wait_for("connection complete");
+    assert_eq!(http(admin, "POST", "/logging?level=info,access=warn").unwrap().0, 200);
+    // SIGTERM: drain, exit 0, and the last line is written before the process ends.
+    let _ = Command::new("kill").args(["-TERM", &pid.to_string()]).status();
+    let status = child.0.wait().unwrap();
+    assert!(status.success(), "{status}");
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while let Ok(l) = lines.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+        seen.push(l);
+    }
+    assert!(
+        seen.iter().any(|l| l.contains("all workers drained; exiting")),
+        "the last line was flushed:\n{}",
+        seen.join("\n")
+    );
+}
