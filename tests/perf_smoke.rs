@@ -21,6 +21,7 @@ fn quick_local_run_produces_a_complete_report() {
         out: dir.0.clone(),
         reps: Some(1),
         progress: false,
+        policies: 5,
     };
     let report = perf::run(&opts).expect("the harness runs");
     assert!(report.failures.is_empty(), "no test failed: {:?}", report.failures);

@@ -11,11 +11,12 @@ use perf::{RunOpts, Scenario};
 const USAGE: &str = "\
 perf: throughput, latency and connection-rate benchmarks for ztunnel-compatible proxies
 
-  perf run <local|netns> [--quick] [--reps N] [--proxy BINARY] [--compare OTHER_BINARY] [--out DIR]
+  perf run <local|netns> [--quick] [--reps N] [--policies N] [--proxy BINARY] [--compare OTHER_BINARY] [--out DIR]
       local: one proxy, clients enter by SOCKS5 (no root). netns: two namespaces, one proxy
       each, iptables REDIRECT capture (root). --proxy defaults to this repository's release
       build (built first). Writes report.json, report.md and latency.svg into DIR
-      (default perf/results/<timestamp>/).
+      (default perf/results/<timestamp>/). --policies N puts N authorization policies (all
+      passing the benchmark's traffic) in the config, to measure what authorization costs.
 
   perf server [--ip IP ...] [--echo-port P] [--sink-port P]
       echo and discard servers until interrupted (ports 0: chosen and printed)
@@ -94,6 +95,8 @@ fn real_main() -> anyhow::Result<()> {
 
 fn cmd_run(mut args: Args) -> anyhow::Result<()> {
     let quick = args.flag("--quick");
+    let policies =
+        args.value("--policies")?.map(|v| v.parse::<usize>()).transpose().context("--policies")?.unwrap_or(0);
     let reps = args.value("--reps")?.map(|v| v.parse::<usize>()).transpose().context("--reps")?;
     let proxy = args.value("--proxy")?.map(PathBuf::from);
     let compare = args.value("--compare")?.map(PathBuf::from);
@@ -115,7 +118,7 @@ fn cmd_run(mut args: Args) -> anyhow::Result<()> {
         let stamp = perf::scenario::now_rfc3339().replace(':', "-");
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("results").join(stamp)
     });
-    let opts = RunOpts { scenario, quick, proxy, compare, out: out.clone(), reps, progress: true };
+    let opts = RunOpts { scenario, quick, proxy, compare, out: out.clone(), reps, progress: true, policies };
     let report = perf::run(&opts)?;
     println!("{}", std::fs::read_to_string(out.join("report.md"))?);
     println!("wrote {} records to {}", report.records.len(), out.display());

@@ -126,6 +126,13 @@ fn markdown(report: &Report, groups: &BTreeMap<Key, Vec<&Record>>) -> String {
         report.reps,
         if report.quick { ", quick mode (tiny counts: a smoke test, not a measurement)" } else { "" }
     );
+    if report.policies > 0 {
+        let _ = writeln!(
+            md,
+            "{} authorization policies in the config, all evaluated for every inbound connection.\n",
+            report.policies
+        );
+    }
     for p in &report.proxies {
         let _ = writeln!(md, "- proxy `{}`: `{}`", p.label, p.binary);
     }

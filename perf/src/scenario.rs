@@ -35,6 +35,8 @@ pub struct RunOpts {
     pub reps: Option<usize>,
     /// Print a progress line on stderr.
     pub progress: bool,
+    /// Authorization policies put in the config (0: none), to measure their cost.
+    pub policies: usize,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -137,6 +139,8 @@ pub struct Report {
     pub scenario: Scenario,
     pub quick: bool,
     pub reps: usize,
+    /// Authorization policies in the scenario's config.
+    pub policies: usize,
     pub started: String,
     pub host: serde_json::Value,
     pub proxies: Vec<ProxyInfo>,
@@ -189,6 +193,7 @@ pub fn run(opts: &RunOpts) -> anyhow::Result<Report> {
         scenario: opts.scenario,
         quick: opts.quick,
         reps,
+        policies: opts.policies,
         started: now_rfc3339(),
         host: host_info(),
         proxies: proxies.clone(),
@@ -321,6 +326,30 @@ workloads:
     y
 }
 
+/// `n` authorization policies on the scenario's namespace, all evaluated for every inbound
+/// connection and all letting the benchmark through: `n - 1` DENY policies for principals
+/// that are not ours (each with several matches), and one ALLOW listing the client among others.
+fn policies_yaml(n: usize) -> String {
+    if n == 0 {
+        return String::new();
+    }
+    let mut y = String::from("policies:\n");
+    for i in 0..n - 1 {
+        y.push_str(&format!(
+            "- {{name: deny-{i}, namespace: perf, scope: Namespace, action: Deny, rules: [[[{{principals: \
+             [!Exact cluster.local/ns/other/sa/x{i}, !Prefix cluster.local/ns/blocked-{i}/]}}, \
+             {{sourceIps: [203.0.113.{}/32], destinationPorts: [{}]}}]]]}}\n",
+            i % 250,
+            1 + i % 1000
+        ));
+    }
+    y.push_str(
+        "- {name: allow-clients, namespace: perf, scope: Namespace, action: Allow, rules: [[[{principals: \
+         [!Exact cluster.local/ns/other/sa/a, !Exact cluster.local/ns/other/sa/b, !Suffix /sa/client]}]]]}\n",
+    );
+    y
+}
+
 /// Istio's standalone environment for one proxy. Original source (`ENABLE_ORIG_SRC`) is off:
 /// the scenarios' pods share a namespace with their proxy and have none of the node rules that
 /// route replies to a spoofed source back to the proxy, so a spoofed connection would stall.
@@ -353,7 +382,8 @@ impl Setup {
                 let ips: Vec<IpAddr> = ["127.0.0.2", "127.0.0.1"].iter().map(|s| s.parse().unwrap()).collect();
                 let servers = server::start(&ips, None, 0, 0)?;
                 let (tcp, hbone) = (servers.addrs[0], servers.addrs[1]);
-                std::fs::write(&config, yaml("127.0.0.1", "127.0.0.2", None, "local", "local"))?;
+                let text = yaml("127.0.0.1", "127.0.0.2", None, "local", "local") + &policies_yaml(opts.policies);
+                std::fs::write(&config, text)?;
                 let socks: SocketAddr = "127.0.0.1:15080".parse().unwrap();
                 Ok(Setup {
                     paths: vec![
@@ -393,7 +423,8 @@ impl Setup {
                 let (tcp, outside, hbone) = (servers.addrs[0], servers.addrs[1], servers.addrs[2]);
                 std::fs::write(
                     &config,
-                    yaml(netns::NODE_A_IP, netns::TCP_WORKLOAD_IP, Some(netns::HBONE_WORKLOAD_IP), "node-a", "node-b"),
+                    yaml(netns::NODE_A_IP, netns::TCP_WORKLOAD_IP, Some(netns::HBONE_WORKLOAD_IP), "node-a", "node-b")
+                        + &policies_yaml(opts.policies),
                 )?;
                 t.capture_outbound(MARK, 15001)?;
                 Ok(Setup {
