@@ -10,6 +10,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::config::Config;
 use crate::control::{self, ControlSpec, LocalFileWatch, ProxyAddrs};
+use crate::model::ConfigState;
 use crate::net::sockopt;
 use crate::snapshot::{LocalScope, Snapshot, SourceInfo};
 use crate::tls::ca::LocalCa;
@@ -53,25 +54,38 @@ impl Proxy {
 pub fn start(cfg: Config, opts: RunOptions) -> anyhow::Result<Proxy> {
     let cfg = Arc::new(cfg);
     let scope = LocalScope::from_config(&cfg);
-    let Some(path) = cfg.local_xds_path.clone() else {
-        bail!("no config source: set LOCAL_XDS_PATH (xDS is not available in this build)");
+    if cfg.local_xds_path.is_none() && cfg.xds_address.is_none() {
+        bail!("no config source: set LOCAL_XDS_PATH or XDS_ADDRESS");
+    }
+    let xds = cfg.xds_address.as_ref().map(|addr| xds_options(&cfg, addr)).transpose()?;
+    let (local_file, initial) = match cfg.local_xds_path.clone() {
+        Some(path) => {
+            // Stamp before reading: a change racing the read is then seen by the watcher.
+            let stamp = control::local::stamp(&path);
+            let text =
+                std::fs::read_to_string(&path).with_context(|| format!("reading LOCAL_XDS_PATH {}", path.display()))?;
+            let state =
+                control::local::parse(&text).with_context(|| format!("invalid config file {}", path.display()))?;
+            let source = SourceInfo { kind: "file", location: path.display().to_string() };
+            let initial = Arc::new(Snapshot::build(1, source, scope, state.clone()));
+            tracing::info!(
+                workloads = initial.workloads().count(),
+                services = initial.services().count(),
+                policies = initial.policies().count(),
+                path = %path.display(),
+                "loaded local config"
+            );
+            (Some(LocalFileWatch { path, stamp, text, state }), initial)
+        }
+        None => {
+            // Everything comes from istiod; readiness waits for its first answers.
+            let source = SourceInfo { kind: "xds", location: cfg.xds_address.clone().unwrap_or_default() };
+            (None, Arc::new(Snapshot::build(1, source, scope, ConfigState::default())))
+        }
     };
-    // Stamp before reading: a change racing the read is then seen by the watcher.
-    let stamp = control::local::stamp(&path);
-    let text = std::fs::read_to_string(&path).with_context(|| format!("reading LOCAL_XDS_PATH {}", path.display()))?;
-    let state = control::local::parse(&text).with_context(|| format!("invalid config file {}", path.display()))?;
-    let source = SourceInfo { kind: "file", location: path.display().to_string() };
-    let initial = Arc::new(Snapshot::build(1, source, scope, state));
     for w in &initial.warnings {
         tracing::warn!(generation = 1, "config: {w}");
     }
-    tracing::info!(
-        workloads = initial.workloads().count(),
-        services = initial.services().count(),
-        policies = initial.policies().count(),
-        path = %path.display(),
-        "loaded local config"
-    );
 
     match sockopt::raise_nofile_limit() {
         Ok(n) => tracing::debug!(limit = n, "open file limit"),
@@ -155,14 +169,49 @@ pub fn start(cfg: Config, opts: RunOptions) -> anyhow::Result<Proxy> {
         worker_done: done_rxs,
         worker_addrs: addrs,
         driver,
-        local_file: Some(LocalFileWatch { path, stamp, text }),
+        local_file,
         shutdown_rx,
         shutdown_tx: shutdown_tx.clone(),
         handle_signals: opts.handle_signals,
         ca,
         cert_requests: cert_rx,
+        xds,
     };
     let (control, ready) = control::spawn(spec).context("spawning the control thread")?;
     let addrs = ready.recv().map_err(|_| anyhow::anyhow!("control thread died during start-up"))??;
     Ok(Proxy { addrs, shutdown: shutdown_tx, control, workers })
+}
+
+/// The istiod client's settings from the config: the root CA read now (a missing one fails
+/// start-up naming `XDS_ROOT_CA`), Istio's node id and metadata.
+fn xds_options(cfg: &Config, address: &str) -> anyhow::Result<crate::xds::client::XdsOptions> {
+    let root_ca = if cfg.xds_root_ca.contains("-----BEGIN") {
+        cfg.xds_root_ca.clone().into_bytes()
+    } else {
+        std::fs::read(&cfg.xds_root_ca).with_context(|| format!("reading XDS_ROOT_CA {}", cfg.xds_root_ca))?
+    };
+    let ns = cfg.pod_namespace.clone().unwrap_or_else(|| "istio-system".into());
+    let pod = cfg.pod_name.clone().unwrap_or_else(|| "ztunnel".into());
+    let ip = cfg.instance_ip.map(|i| i.to_string()).unwrap_or_default();
+    let node_id = format!("ztunnel~{ip}~{pod}.{ns}~{ns}.svc.{}", cfg.cluster_domain);
+    let mut node_metadata = std::collections::BTreeMap::new();
+    node_metadata.insert("NAME".to_string(), pod);
+    node_metadata.insert("NAMESPACE".to_string(), ns);
+    node_metadata.insert("INSTANCE_IPS".to_string(), ip);
+    node_metadata.insert("CLUSTER_ID".to_string(), cfg.cluster_id.clone());
+    if let Some(node) = &cfg.node_name {
+        node_metadata.insert("NODE_NAME".to_string(), node.clone());
+    }
+    for (k, v) in std::env::vars().filter(|(k, _)| k.starts_with("ISTIO_META_")) {
+        node_metadata.insert(k.trim_start_matches("ISTIO_META_").to_string(), v);
+    }
+    Ok(crate::xds::client::XdsOptions {
+        address: address.to_string(),
+        root_ca,
+        alt_hostname: cfg.alt_xds_hostname.clone(),
+        token_path: cfg.auth_token.clone(),
+        cluster_id: cfg.cluster_id.clone(),
+        node_id,
+        node_metadata,
+    })
 }

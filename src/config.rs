@@ -68,6 +68,12 @@ pub struct Config {
     pub node_name: Option<String>,
     pub local_xds_path: Option<PathBuf>,
     pub xds_address: Option<String>,
+    /// `XDS_ROOT_CA`: a PEM file (or PEM text) istiod's certificate must chain to.
+    pub xds_root_ca: String,
+    /// `ALT_XDS_HOSTNAME`: the name istiod's certificate is checked against, if not the address's.
+    pub alt_xds_hostname: Option<String>,
+    /// `AUTH_TOKEN`: the file with the bearer token for istiod (re-read on every connect).
+    pub auth_token: Option<PathBuf>,
     pub cluster_id: String,
     pub cluster_domain: String,
     pub network: String,
@@ -383,13 +389,11 @@ impl Config {
             Some(v) => Some(v.trim().to_string()),
         };
         if let Some(addr) = &xds_address {
-            return Err(invalid(
-                "XDS_ADDRESS",
-                addr,
-                "this build has no xDS client yet; run standalone with XDS_ADDRESS= and LOCAL_XDS_PATH",
-            ));
+            if !addr.starts_with("https://") {
+                return Err(invalid("XDS_ADDRESS", addr, "expected https://host:port (istiod serves xDS over TLS)"));
+            }
         }
-        if local_xds_path.is_none() {
+        if local_xds_path.is_none() && xds_address.is_none() {
             return Err(ConfigError::Missing {
                 var: "LOCAL_XDS_PATH",
                 why: "when xDS is disabled (XDS_ADDRESS=): the proxy needs a config source",
@@ -488,6 +492,13 @@ impl Config {
             node_name,
             local_xds_path,
             xds_address,
+            xds_root_ca: src.value("XDS_ROOT_CA").unwrap_or_else(|| "/var/run/secrets/istio/root-cert.pem".into()),
+            alt_xds_hostname: src.value("ALT_XDS_HOSTNAME").filter(|v| !v.trim().is_empty()),
+            auth_token: match src.raw("AUTH_TOKEN") {
+                None => Some(PathBuf::from("/var/run/secrets/tokens/istio-token")),
+                Some(v) if v.trim().is_empty() => None,
+                Some(v) => Some(PathBuf::from(v.trim())),
+            },
             cluster_id: src.value("CLUSTER_ID").unwrap_or_else(|| "Kubernetes".into()),
             cluster_domain: src.value("CLUSTER_DOMAIN").unwrap_or_else(|| "cluster.local".into()),
             network: src.value("NETWORK").unwrap_or_default(),

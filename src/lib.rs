@@ -12,3 +12,4 @@ pub mod snapshot;
 pub mod telemetry;
 pub mod tls;
 pub mod worker;
+pub mod xds;

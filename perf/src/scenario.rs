@@ -251,6 +251,7 @@ pub fn run(opts: &RunOpts) -> anyhow::Result<Report> {
                     record(&mut report, run_test(&setup, path, t, &refs, &p.label, rep), t, path, &p.label, rep);
                 }
             }
+            setup.save_telemetry(&p.label, &opts.out, rep);
             for proc_ in procs {
                 proc_.stop(Duration::from_secs(15))?;
             }
@@ -474,6 +475,27 @@ impl Setup {
         Ok(procs)
     }
 
+    /// Saves each instance's own view of the run next to the report: its Prometheus scrape
+    /// (`:15020/metrics`) and, where it has one, `:15000/stats/latency`. Best effort: a proxy
+    /// without these endpoints just leaves no file.
+    fn save_telemetry(&self, label: &str, out: &Path, rep: usize) {
+        for inst in &self.instances {
+            let fetched = netns::run_in(inst.ns.as_deref(), || {
+                let metrics = http_get("127.0.0.1:15020".parse().unwrap(), "/metrics");
+                let latency = http_get("127.0.0.1:15000".parse().unwrap(), "/stats/latency");
+                (metrics, latency)
+            });
+            let Ok((metrics, latency)) = fetched else { continue };
+            let name = |kind: &str, ext: &str| out.join(format!("{kind}-{label}-{}-rep{}.{ext}", inst.tag, rep + 1));
+            if let Some(m) = metrics {
+                let _ = std::fs::write(name("metrics", "prom"), m);
+            }
+            if let Some(l) = latency {
+                let _ = std::fs::write(name("latency", "json"), l);
+            }
+        }
+    }
+
     /// One echo through the path, to tell "this proxy cannot do this path" from a failure.
     fn probe(&self, path: &PathDef) -> anyhow::Result<()> {
         let (via, echo) = (path.via, path.echo);
@@ -483,6 +505,18 @@ impl Setup {
             Ok(())
         })?
     }
+}
+
+/// A plain HTTP/1.1 GET; the body when the answer is 200.
+fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n").ok()?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).ok()?;
+    let (head, body) = resp.split_once("\r\n\r\n")?;
+    head.starts_with("HTTP/1.1 200").then(|| body.to_string())
 }
 
 /// Samples the proxies' RSS while `f` runs; returns CPU seconds used and the peak RSS.

@@ -22,11 +22,12 @@ use serde_json::json;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::config::Config;
-use crate::model::Identity;
+use crate::model::{ConfigState, Identity};
 use crate::snapshot::{CertMap, ConfigIndex, Snapshot, SourceInfo};
 use crate::telemetry::metrics::Dump;
 use crate::tls::ca::LocalCa;
 use crate::worker::channel::{WorkerMsg, WorkerTx};
+use crate::xds::client::{XdsClient, XdsOptions};
 use certs::CertManager;
 use http::{Request, Response};
 use local::FileStamp;
@@ -49,6 +50,8 @@ pub struct LocalFileWatch {
     pub path: PathBuf,
     pub stamp: Option<FileStamp>,
     pub text: String,
+    /// What `text` parsed to.
+    pub state: ConfigState,
 }
 
 /// Everything the control thread starts from; all of it `Send`.
@@ -69,6 +72,8 @@ pub struct ControlSpec {
     pub ca: LocalCa,
     /// Identities workers need and nobody fetched ahead (sources that are not HBONE workloads).
     pub cert_requests: mpsc::UnboundedReceiver<Identity>,
+    /// The istiod client's settings, when `XDS_ADDRESS` is set.
+    pub xds: Option<XdsOptions>,
 }
 
 struct ControlState {
@@ -84,6 +89,10 @@ struct ControlState {
     last_error: RefCell<Option<String>>,
     shutdown_tx: mpsc::UnboundedSender<()>,
     certs: Rc<CertManager>,
+    /// The config file's last accepted content (merged with what istiod sends).
+    file_state: RefCell<Option<ConfigState>>,
+    /// The istiod client, when `XDS_ADDRESS` is set.
+    xds: RefCell<Option<Rc<XdsClient>>>,
     /// Identities asked for on demand; kept while a local workload has them.
     requested: RefCell<BTreeSet<Identity>>,
 }
@@ -120,6 +129,44 @@ impl ControlState {
         }
     }
 
+    /// Builds the next config generation from every source (the file, istiod) and publishes it.
+    fn publish_config(&self, why: &str) {
+        let mut merged = self.file_state.borrow().clone().unwrap_or_default();
+        let xds = self.xds.borrow().clone();
+        if let Some(x) = &xds {
+            let from_xds = x.store.borrow().config_state();
+            merged.workloads.extend(from_xds.workloads);
+            merged.services.extend(from_xds.services);
+            merged.policies.extend(from_xds.policies);
+        }
+        let file = self.cfg.local_xds_path.as_ref().map(|p| p.display().to_string());
+        let source = match (file, &xds) {
+            (Some(f), Some(x)) => {
+                SourceInfo { kind: "file+xds", location: format!("{f} + {}", x.status.borrow().address) }
+            }
+            (Some(f), None) => SourceInfo { kind: "file", location: f },
+            (None, Some(x)) => SourceInfo { kind: "xds", location: x.status.borrow().address.clone() },
+            (None, None) => SourceInfo { kind: "none", location: String::new() },
+        };
+        let current = self.current.borrow().clone();
+        let started = Instant::now();
+        let index = ConfigIndex::build(current.config_generation + 1, source, current.scope.clone(), merged);
+        let snap = current.with_config(index);
+        for w in &snap.warnings {
+            tracing::warn!(generation = snap.generation, "config: {w}");
+        }
+        tracing::info!(
+            generation = snap.generation,
+            workloads = snap.workloads().count(),
+            services = snap.services().count(),
+            policies = snap.policies().count(),
+            build = ?started.elapsed(),
+            "{why}: publishing a new config generation"
+        );
+        self.publish(Arc::new(snap));
+        self.track_identities();
+    }
+
     /// Asks every worker for its metrics shard and merges them. A worker that does not answer
     /// within a second (it has exited) is left out.
     async fn scrape(&self) -> Dump {
@@ -141,6 +188,11 @@ impl ControlState {
     fn readiness(&self) -> Result<(), String> {
         if self.draining.get() {
             return Err("draining".into());
+        }
+        if let Some(x) = self.xds.borrow().as_ref() {
+            if !x.synced() {
+                return Err("waiting for istiod's first answer for workloads and policies".into());
+            }
         }
         let pending: Vec<String> = self
             .worker_generations
@@ -199,8 +251,23 @@ async fn run(mut spec: ControlSpec, ready: std::sync::mpsc::Sender<io::Result<Pr
         last_error: RefCell::new(None),
         shutdown_tx: spec.shutdown_tx,
         certs: CertManager::new(Rc::new(spec.ca)),
+        file_state: RefCell::new(spec.local_file.as_ref().map(|w| w.state.clone())),
+        xds: RefCell::new(None),
         requested: RefCell::new(BTreeSet::new()),
     });
+    if let Some(opts) = spec.xds.take() {
+        let weak = Rc::downgrade(&state);
+        let client = XdsClient::new(
+            opts,
+            Box::new(move |_store| {
+                if let Some(s) = weak.upgrade() {
+                    s.publish_config("xDS push");
+                }
+            }),
+        );
+        *state.xds.borrow_mut() = Some(client.clone());
+        tokio::task::spawn_local(client.run());
+    }
     let addrs = ProxyAddrs {
         outbound: spec.worker_addrs.outbound,
         inbound_plain: spec.worker_addrs.inbound_plain,
@@ -297,16 +364,8 @@ async fn watch_local_file(state: Rc<ControlState>, mut watch: LocalFileWatch) {
         }
         match local::parse(&text) {
             Ok(cfg_state) => {
-                let source = SourceInfo { kind: "file", location: watch.path.display().to_string() };
-                let current = state.current.borrow().clone();
-                let index = ConfigIndex::build(current.config_generation + 1, source, current.scope.clone(), cfg_state);
-                let snap = current.with_config(index);
-                for w in &snap.warnings {
-                    tracing::warn!(generation = snap.generation, "config: {w}");
-                }
-                tracing::info!(path = %watch.path.display(), generation = snap.generation, "config file changed; publishing new generation");
-                state.publish(Arc::new(snap));
-                state.track_identities();
+                *state.file_state.borrow_mut() = Some(cfg_state);
+                state.publish_config(&format!("config file {} changed", watch.path.display()));
                 *state.last_error.borrow_mut() = None;
                 watch.text = text;
             }
@@ -385,7 +444,11 @@ async fn metrics_handler(state: Rc<ControlState>, req: Request) -> Response {
         return Response::text(404, "not found (GET /metrics)\n");
     }
     let openmetrics = req.header("accept").is_some_and(|a| a.contains("application/openmetrics-text"));
-    let body = state.scrape().await.render(env!("CARGO_PKG_VERSION"), openmetrics);
+    let mut extra = String::new();
+    if let Some(x) = state.xds.borrow().as_ref() {
+        x.render_metrics(&mut extra, openmetrics);
+    }
+    let body = state.scrape().await.render(env!("CARGO_PKG_VERSION"), openmetrics, &extra);
     let content_type = if openmetrics { http::OPENMETRICS_TEXT } else { http::PROMETHEUS_TEXT };
     Response { status: 200, content_type, body }
 }
@@ -420,6 +483,14 @@ fn config_dump(state: &ControlState) -> String {
         "listeners": state.addrs.get(),
         "draining": state.draining.get(),
         "uptimeSeconds": state.started.elapsed().as_secs(),
+        "xds": state.xds.borrow().as_ref().map(|x| {
+            let store = x.store.borrow();
+            json!({
+                "status": &*x.status.borrow(),
+                "addresses": store.addresses.len(),
+                "policies": store.policies.len(),
+            })
+        }),
     });
     serde_json::to_string_pretty(&doc).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
 }

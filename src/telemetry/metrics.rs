@@ -358,7 +358,8 @@ impl Dump {
     }
 
     /// The Prometheus text format, or OpenMetrics when `openmetrics`.
-    pub fn render(&self, build_tag: &str, openmetrics: bool) -> String {
+    /// `extra` (already in the right format) goes before the OpenMetrics end marker.
+    pub fn render(&self, build_tag: &str, openmetrics: bool, extra: &str) -> String {
         let mut out = String::new();
         let mut keys: Vec<&Labels> = self.series.keys().collect();
         keys.sort_by(|a, b| a.0.cmp(&b.0));
@@ -383,6 +384,7 @@ impl Dump {
         let _ = writeln!(out, "# TYPE istio_build gauge");
         let _ = writeln!(out, "istio_build{{component=\"ztunnel\",tag=\"{}\"}} 1", escape(build_tag));
         self.render_setup(&mut out, openmetrics);
+        out.push_str(extra);
         if openmetrics {
             out.push_str("# EOF\n");
         }

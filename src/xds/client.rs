@@ -1,0 +1,333 @@
+//! The delta ADS client: one gRPC stream to istiod carrying both resource types (workload
+//! addresses and authorization policies), on the control thread.
+//!
+//! - Wildcard subscription to both types; every response is ACKed, or NACKed with
+//!   `name: reason; ...` while the valid resources of it still apply.
+//! - One response becomes one new config generation (never half a push).
+//! - On any failure: reconnect after a backoff (10 ms doubling to 15 s, reset by a response),
+//!   announcing what we hold in `initial_resource_versions`; the last config keeps serving.
+//! - The bearer token is re-read from its file on every connect (it rotates).
+
+use std::cell::RefCell;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::PathBuf;
+use std::rc::Rc;
+use std::time::Duration;
+
+use anyhow::Context;
+use prost::Message;
+use serde::Serialize;
+
+use super::convert::AddressResource;
+use super::proto::discovery::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+use super::proto::discovery::{DeltaDiscoveryRequest, DeltaDiscoveryResponse, Node, Status};
+use super::proto::security as psec;
+use super::proto::workload as pwl;
+use super::{ADDRESS_TYPE, AUTHORIZATION_TYPE};
+use crate::model::{Authorization, ConfigState};
+
+const BACKOFF_START: Duration = Duration::from_millis(10);
+const BACKOFF_MAX: Duration = Duration::from_secs(15);
+
+/// How to reach istiod and who we are to it.
+#[derive(Debug, Clone)]
+pub struct XdsOptions {
+    /// `https://host:port`.
+    pub address: String,
+    /// PEM roots istiod's certificate must chain to.
+    pub root_ca: Vec<u8>,
+    /// The name to verify istiod's certificate against, when not the address's host.
+    pub alt_hostname: Option<String>,
+    /// File holding the bearer token, re-read on every connect.
+    pub token_path: Option<PathBuf>,
+    pub cluster_id: String,
+    pub node_id: String,
+    pub node_metadata: BTreeMap<String, String>,
+}
+
+/// Everything istiod has sent that is still current, by resource name, with its version.
+#[derive(Debug, Default)]
+pub struct XdsStore {
+    pub addresses: BTreeMap<String, (String, AddressResource)>,
+    pub policies: BTreeMap<String, (String, Authorization)>,
+}
+
+impl XdsStore {
+    /// The store as config, to merge with the other sources.
+    pub fn config_state(&self) -> ConfigState {
+        let mut state = ConfigState::default();
+        for (_, r) in self.addresses.values() {
+            match r {
+                AddressResource::Workload(w) => state.workloads.push((**w).clone()),
+                AddressResource::Service(s) => state.services.push((**s).clone()),
+            }
+        }
+        state.policies = self.policies.values().map(|(_, p)| p.clone()).collect();
+        state
+    }
+
+    fn versions(&self, type_url: &str) -> HashMap<String, String> {
+        match type_url {
+            ADDRESS_TYPE => self.addresses.iter().map(|(k, (v, _))| (k.clone(), v.clone())).collect(),
+            AUTHORIZATION_TYPE => self.policies.iter().map(|(k, (v, _))| (k.clone(), v.clone())).collect(),
+            _ => HashMap::new(),
+        }
+    }
+}
+
+/// The connection's state, for readiness and `config_dump`.
+#[derive(Debug, Default, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct XdsStatus {
+    pub address: String,
+    pub connected: bool,
+    /// Types received and answered (ACK or NACK) at least once since start.
+    pub synced_types: BTreeSet<String>,
+    pub connects: u64,
+    pub last_error: Option<String>,
+    pub last_nack: Option<String>,
+}
+
+/// `istio_xds_*` counters.
+#[derive(Debug, Default)]
+pub struct XdsCounters {
+    pub terminations: BTreeMap<String, u64>,
+    pub messages: BTreeMap<String, u64>,
+    pub message_bytes: BTreeMap<String, u64>,
+}
+
+/// Called with the store after every response (one new generation per push).
+pub type OnUpdate = Box<dyn Fn(&XdsStore)>;
+
+pub struct XdsClient {
+    opts: XdsOptions,
+    pub store: RefCell<XdsStore>,
+    pub status: RefCell<XdsStatus>,
+    pub counters: RefCell<XdsCounters>,
+    on_update: OnUpdate,
+}
+
+impl XdsClient {
+    pub fn new(opts: XdsOptions, on_update: OnUpdate) -> Rc<XdsClient> {
+        let status = XdsStatus { address: opts.address.clone(), ..XdsStatus::default() };
+        Rc::new(XdsClient {
+            opts,
+            store: RefCell::default(),
+            status: RefCell::new(status),
+            counters: RefCell::default(),
+            on_update,
+        })
+    }
+
+    /// True once both types have been received and answered.
+    pub fn synced(&self) -> bool {
+        let s = self.status.borrow();
+        s.synced_types.contains(ADDRESS_TYPE) && s.synced_types.contains(AUTHORIZATION_TYPE)
+    }
+
+    /// Runs forever: a session, then a backoff, then the next session.
+    pub async fn run(self: Rc<Self>) {
+        let mut backoff = BACKOFF_START;
+        loop {
+            let reason = match self.session(&mut backoff).await {
+                Ok(()) => "stream closed by istiod".to_string(),
+                Err(e) => format!("{e:#}"),
+            };
+            let kind = if reason.contains("connect") || reason.contains("transport") { "connect" } else { "stream" };
+            *self.counters.borrow_mut().terminations.entry(kind.into()).or_default() += 1;
+            {
+                let mut st = self.status.borrow_mut();
+                st.connected = false;
+                st.last_error = Some(reason.clone());
+            }
+            tracing::warn!(address = %self.opts.address, retry_in = ?backoff, "xDS connection ended: {reason}");
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
+    }
+
+    async fn connect(&self) -> anyhow::Result<tonic::transport::Channel> {
+        use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
+        let endpoint = Endpoint::from_shared(self.opts.address.clone()).context("XDS_ADDRESS")?;
+        let host = match &self.opts.alt_hostname {
+            Some(h) => h.clone(),
+            None => endpoint.uri().host().unwrap_or_default().to_string(),
+        };
+        let tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&self.opts.root_ca)).domain_name(host);
+        let endpoint = endpoint
+            .tls_config(tls)
+            .context("TLS for xDS")?
+            .connect_timeout(Duration::from_secs(5))
+            .http2_keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_timeout(Duration::from_secs(10));
+        endpoint.connect().await.with_context(|| format!("connecting to {}", self.opts.address))
+    }
+
+    /// Adds the bearer token (read now) and the cluster id to a request.
+    pub fn authorize<T>(
+        token_path: Option<&PathBuf>,
+        cluster_id: &str,
+        req: &mut tonic::Request<T>,
+    ) -> anyhow::Result<()> {
+        if let Some(path) = token_path {
+            let token =
+                std::fs::read_to_string(path).with_context(|| format!("reading the token {}", path.display()))?;
+            let value = format!("Bearer {}", token.trim()).parse().context("the token is not a valid header value")?;
+            req.metadata_mut().insert("authorization", value);
+        }
+        req.metadata_mut().insert("clusterid", cluster_id.parse().context("CLUSTER_ID is not a valid header value")?);
+        Ok(())
+    }
+
+    fn node(&self) -> Node {
+        let fields = self
+            .opts
+            .node_metadata
+            .iter()
+            .map(|(k, v)| {
+                (k.clone(), prost_types::Value { kind: Some(prost_types::value::Kind::StringValue(v.clone())) })
+            })
+            .collect();
+        Node {
+            id: self.opts.node_id.clone(),
+            cluster: self.opts.cluster_id.clone(),
+            metadata: Some(prost_types::Struct { fields }),
+        }
+    }
+
+    async fn session(&self, backoff: &mut Duration) -> anyhow::Result<()> {
+        let channel = self.connect().await?;
+        let (tx, rx) = tokio::sync::mpsc::channel::<DeltaDiscoveryRequest>(16);
+        for type_url in [ADDRESS_TYPE, AUTHORIZATION_TYPE] {
+            let initial = DeltaDiscoveryRequest {
+                node: Some(self.node()),
+                type_url: type_url.into(),
+                // Empty on the first request: a wildcard subscription.
+                resource_names_subscribe: Vec::new(),
+                initial_resource_versions: self.store.borrow().versions(type_url),
+                ..Default::default()
+            };
+            tx.send(initial).await.context("queueing the initial requests")?;
+        }
+        let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+        XdsClient::authorize(self.opts.token_path.as_ref(), &self.opts.cluster_id, &mut request)?;
+        let mut client = AggregatedDiscoveryServiceClient::new(channel)
+            .max_decoding_message_size(256 * 1024 * 1024)
+            .max_encoding_message_size(16 * 1024 * 1024);
+        let mut responses =
+            client.delta_aggregated_resources(request).await.context("opening the ADS stream")?.into_inner();
+        {
+            let mut st = self.status.borrow_mut();
+            st.connected = true;
+            st.connects += 1;
+        }
+        tracing::info!(address = %self.opts.address, "xDS stream open");
+        while let Some(resp) = responses.message().await.context("reading from the ADS stream")? {
+            *backoff = BACKOFF_START;
+            let answer = self.handle(resp);
+            tx.send(answer).await.context("the ADS stream's request side closed")?;
+        }
+        Ok(())
+    }
+
+    /// Applies one response and returns its ACK (or NACK).
+    fn handle(&self, resp: DeltaDiscoveryResponse) -> DeltaDiscoveryRequest {
+        let type_url = resp.type_url.clone();
+        {
+            let mut c = self.counters.borrow_mut();
+            *c.messages.entry(type_url.clone()).or_default() += 1;
+            *c.message_bytes.entry(type_url.clone()).or_default() += resp.encoded_len() as u64;
+        }
+        let errors = self.apply(&resp);
+        (self.on_update)(&self.store.borrow());
+        let error_detail = (!errors.is_empty()).then(|| {
+            let message = errors.join("; ");
+            tracing::warn!(type_url = %type_url, nonce = %resp.nonce, "NACK: {message}");
+            self.status.borrow_mut().last_nack = Some(message.clone());
+            // INVALID_ARGUMENT
+            Status { code: 3, message }
+        });
+        tracing::debug!(type_url = %type_url, resources = resp.resources.len(), removed = resp.removed_resources.len(), "xDS response applied");
+        self.status.borrow_mut().synced_types.insert(type_url.clone());
+        DeltaDiscoveryRequest { type_url, response_nonce: resp.nonce, error_detail, ..Default::default() }
+    }
+
+    /// Applies what converts, returns `name: reason` for what does not.
+    fn apply(&self, resp: &DeltaDiscoveryResponse) -> Vec<String> {
+        let mut errors = Vec::new();
+        let mut store = self.store.borrow_mut();
+        match resp.type_url.as_str() {
+            ADDRESS_TYPE => {
+                for r in &resp.resources {
+                    let decoded = r
+                        .resource
+                        .as_ref()
+                        .ok_or_else(|| "no resource body".to_string())
+                        .and_then(|any| {
+                            pwl::Address::decode(any.value.as_slice()).map_err(|e| format!("decoding: {e}"))
+                        })
+                        .and_then(|a| AddressResource::try_from(a).map_err(|e| e.to_string()));
+                    match decoded {
+                        Ok(a) => {
+                            store.addresses.insert(r.name.clone(), (r.version.clone(), a));
+                        }
+                        Err(e) => errors.push(format!("{}: {e}", r.name)),
+                    }
+                }
+                for name in &resp.removed_resources {
+                    store.addresses.remove(name);
+                }
+            }
+            AUTHORIZATION_TYPE => {
+                for r in &resp.resources {
+                    let decoded = r
+                        .resource
+                        .as_ref()
+                        .ok_or_else(|| "no resource body".to_string())
+                        .and_then(|any| {
+                            psec::Authorization::decode(any.value.as_slice()).map_err(|e| format!("decoding: {e}"))
+                        })
+                        .and_then(|a| Authorization::try_from(a).map_err(|e| e.to_string()));
+                    match decoded {
+                        Ok(p) => {
+                            store.policies.insert(r.name.clone(), (r.version.clone(), p));
+                        }
+                        Err(e) => errors.push(format!("{}: {e}", r.name)),
+                    }
+                }
+                for name in &resp.removed_resources {
+                    store.policies.remove(name);
+                }
+            }
+            other => errors.push(format!("{other}: a type this client did not subscribe to")),
+        }
+        errors
+    }
+
+    /// The `istio_xds_*` counters in the Prometheus text format.
+    pub fn render_metrics(&self, out: &mut String, openmetrics: bool) {
+        use std::fmt::Write;
+        let c = self.counters.borrow();
+        // OpenMetrics names a counter family without its `_total` suffix.
+        let fam = |n: &str| if openmetrics { n.trim_end_matches("_total").to_string() } else { n.to_string() };
+        let esc = |s: &str| s.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n");
+        let name = "istio_xds_connection_terminations_total";
+        let _ = writeln!(out, "# HELP {} xDS connections ended, by reason.", fam(name));
+        let _ = writeln!(out, "# TYPE {} counter", fam(name));
+        for (k, v) in &c.terminations {
+            let _ = writeln!(out, "istio_xds_connection_terminations_total{{reason=\"{}\"}} {v}", esc(k));
+        }
+        let name = "istio_xds_message_total";
+        let _ = writeln!(out, "# HELP {} xDS responses received, by type.", fam(name));
+        let _ = writeln!(out, "# TYPE {} counter", fam(name));
+        for (k, v) in &c.messages {
+            let _ = writeln!(out, "istio_xds_message_total{{url=\"{}\"}} {v}", esc(k));
+        }
+        let name = "istio_xds_message_bytes_total";
+        let _ = writeln!(out, "# HELP {} Bytes of xDS responses received, by type.", fam(name));
+        let _ = writeln!(out, "# TYPE {} counter", fam(name));
+        for (k, v) in &c.message_bytes {
+            let _ = writeln!(out, "istio_xds_message_bytes_total{{url=\"{}\"}} {v}", esc(k));
+        }
+    }
+}

@@ -1,0 +1,369 @@
+//! istiod's resources (protobuf) into our model. Every conversion is `TryFrom`; an error names
+//! the field and why, and the caller prefixes the resource name, so a NACK reads like
+//! `ns/web: services[0]... port 70000 out of range`.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use super::proto::security as psec;
+use super::proto::workload as pwl;
+use crate::model::{
+    Action, ApplicationTunnel, Authorization, GatewayAddress, GatewayDestination, HealthPolicy, HealthStatus,
+    IpFamilies, IpNet, LoadBalancer, LoadBalancerMode, Locality, NamespacedHostname, NetworkAddress, NetworkMode,
+    PolicyScope, Protocol, RbacMatch, RoutingPreference, Service, ServiceAccountMatch, StringMatch, TunnelProtocol,
+    Workload,
+};
+
+/// Why a resource could not be converted: the field path and the reason.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConvertError {
+    pub field: String,
+    pub reason: String,
+}
+
+impl std::fmt::Display for ConvertError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.field, self.reason)
+    }
+}
+
+impl std::error::Error for ConvertError {}
+
+fn err(field: impl Into<String>, reason: impl Into<String>) -> ConvertError {
+    ConvertError { field: field.into(), reason: reason.into() }
+}
+
+/// Prefixes an error's field with `outer` (`outer.field` or `outer[i].field`).
+fn within(outer: &str, e: ConvertError) -> ConvertError {
+    let field = if e.field.starts_with('[') { format!("{outer}{}", e.field) } else { format!("{outer}.{}", e.field) };
+    ConvertError { field, reason: e.reason }
+}
+
+fn ip(field: &str, bytes: &[u8]) -> Result<IpAddr, ConvertError> {
+    match bytes.len() {
+        4 => Ok(IpAddr::from(<[u8; 4]>::try_from(bytes).expect("length checked"))),
+        16 => Ok(IpAddr::from(<[u8; 16]>::try_from(bytes).expect("length checked")).to_canonical()),
+        n => Err(err(field, format!("an IP address is 4 or 16 bytes, got {n}"))),
+    }
+}
+
+fn port(field: &str, p: u32) -> Result<u16, ConvertError> {
+    u16::try_from(p).map_err(|_| err(field, format!("port {p} out of range")))
+}
+
+fn enum_value<T: TryFrom<i32>>(field: &str, v: i32) -> Result<T, ConvertError> {
+    T::try_from(v).map_err(|_| err(field, format!("unknown enum value {v}")))
+}
+
+/// Identity parts may not contain `/` (they become a SPIFFE path).
+fn name_part(field: &str, v: &str) -> Result<(), ConvertError> {
+    if v.contains('/') { Err(err(field, format!("{v:?} may not contain '/'"))) } else { Ok(()) }
+}
+
+impl TryFrom<pwl::NetworkAddress> for NetworkAddress {
+    type Error = ConvertError;
+    fn try_from(a: pwl::NetworkAddress) -> Result<Self, ConvertError> {
+        Ok(NetworkAddress { network: a.network, address: ip("address", &a.address)? })
+    }
+}
+
+impl TryFrom<pwl::GatewayAddress> for GatewayAddress {
+    type Error = ConvertError;
+    fn try_from(g: pwl::GatewayAddress) -> Result<Self, ConvertError> {
+        let destination = match g.destination {
+            Some(pwl::gateway_address::Destination::Address(a)) => {
+                GatewayDestination::Address(NetworkAddress::try_from(a).map_err(|e| within("address", e))?)
+            }
+            Some(pwl::gateway_address::Destination::Hostname(h)) => {
+                if h.hostname.is_empty() {
+                    return Err(err("hostname.hostname", "empty"));
+                }
+                GatewayDestination::Hostname(NamespacedHostname { namespace: h.namespace, hostname: h.hostname })
+            }
+            None => return Err(err("destination", "missing (neither address nor hostname)")),
+        };
+        Ok(GatewayAddress { destination, hbone_mtls_port: port("hbone_mtls_port", g.hbone_mtls_port)? })
+    }
+}
+
+fn gateway(field: &str, g: Option<pwl::GatewayAddress>) -> Result<Option<GatewayAddress>, ConvertError> {
+    g.map(GatewayAddress::try_from).transpose().map_err(|e| within(field, e))
+}
+
+impl TryFrom<pwl::Workload> for Workload {
+    type Error = ConvertError;
+    fn try_from(w: pwl::Workload) -> Result<Self, ConvertError> {
+        if w.uid.is_empty() {
+            return Err(err("uid", "empty"));
+        }
+        name_part("namespace", &w.namespace)?;
+        name_part("service_account", &w.service_account)?;
+        let workload_ips =
+            w.addresses.iter().enumerate().map(|(i, a)| ip(&format!("addresses[{i}]"), a)).collect::<Result<_, _>>()?;
+        let protocol = match enum_value::<pwl::TunnelProtocol>("tunnel_protocol", w.tunnel_protocol)? {
+            pwl::TunnelProtocol::Hbone => Protocol::HBONE,
+            pwl::TunnelProtocol::None => Protocol::TCP,
+            pwl::TunnelProtocol::LegacyIstioMtls => {
+                return Err(err("tunnel_protocol", "LEGACY_ISTIO_MTLS is not supported"));
+            }
+        };
+        let status = match enum_value::<pwl::WorkloadStatus>("status", w.status)? {
+            pwl::WorkloadStatus::Healthy => HealthStatus::Healthy,
+            pwl::WorkloadStatus::Unhealthy => HealthStatus::Unhealthy,
+        };
+        let workload_type = match enum_value::<pwl::WorkloadType>("workload_type", w.workload_type)? {
+            pwl::WorkloadType::Deployment => "deployment",
+            pwl::WorkloadType::Cronjob => "cronjob",
+            pwl::WorkloadType::Pod => "pod",
+            pwl::WorkloadType::Job => "job",
+        };
+        let network_mode = match enum_value::<pwl::NetworkMode>("network_mode", w.network_mode)? {
+            pwl::NetworkMode::Standard => NetworkMode::Standard,
+            pwl::NetworkMode::HostNetwork => NetworkMode::HostNetwork,
+        };
+        let application_tunnel = match w.application_tunnel {
+            None => None,
+            Some(t) => Some(ApplicationTunnel {
+                protocol: match enum_value::<pwl::application_tunnel::Protocol>(
+                    "application_tunnel.protocol",
+                    t.protocol,
+                )? {
+                    pwl::application_tunnel::Protocol::None => TunnelProtocol::NONE,
+                    pwl::application_tunnel::Protocol::Proxy => TunnelProtocol::PROXY,
+                },
+                port: if t.port == 0 { None } else { Some(port("application_tunnel.port", t.port)?) },
+            }),
+        };
+        let mut services = BTreeMap::new();
+        for (key, list) in w.services {
+            let field = format!("services[{key:?}]");
+            let name: NamespacedHostname = key.parse().map_err(|e: String| err(&field, e))?;
+            let mut ports = BTreeMap::new();
+            for (i, p) in list.ports.iter().enumerate() {
+                ports.insert(
+                    port(&format!("{field}.ports[{i}].service_port"), p.service_port)?,
+                    port(&format!("{field}.ports[{i}].target_port"), p.target_port)?,
+                );
+            }
+            services.insert(name, ports);
+        }
+        Ok(Workload {
+            uid: w.uid,
+            name: w.name,
+            namespace: w.namespace,
+            trust_domain: w.trust_domain,
+            service_account: w.service_account,
+            workload_ips,
+            protocol,
+            network_mode,
+            network: w.network,
+            node: w.node,
+            waypoint: gateway("waypoint", w.waypoint)?,
+            network_gateway: gateway("network_gateway", w.network_gateway)?,
+            hostname: w.hostname,
+            workload_name: w.workload_name,
+            workload_type: workload_type.into(),
+            canonical_name: w.canonical_name,
+            canonical_revision: w.canonical_revision,
+            native_tunnel: w.native_tunnel,
+            application_tunnel,
+            authorization_policies: w.authorization_policies,
+            status,
+            cluster_id: w.cluster_id,
+            locality: w.locality.map(|l| Locality { region: l.region, zone: l.zone, subzone: l.subzone }),
+            capacity: w.capacity.unwrap_or(1),
+            services,
+        })
+    }
+}
+
+impl TryFrom<pwl::Service> for Service {
+    type Error = ConvertError;
+    fn try_from(s: pwl::Service) -> Result<Self, ConvertError> {
+        if s.hostname.is_empty() {
+            return Err(err("hostname", "empty"));
+        }
+        let vips = s
+            .addresses
+            .into_iter()
+            .enumerate()
+            .map(|(i, a)| NetworkAddress::try_from(a).map_err(|e| within(&format!("addresses[{i}]"), e)))
+            .collect::<Result<_, _>>()?;
+        let mut ports = BTreeMap::new();
+        for (i, p) in s.ports.iter().enumerate() {
+            ports.insert(
+                port(&format!("ports[{i}].service_port"), p.service_port)?,
+                port(&format!("ports[{i}].target_port"), p.target_port)?,
+            );
+        }
+        let load_balancer = match s.load_balancing {
+            None => None,
+            Some(lb) => {
+                use pwl::load_balancing::{HealthPolicy as H, Mode as M, Scope as S};
+                let routing_preferences = lb
+                    .routing_preference
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(i, v)| {
+                        match enum_value::<S>(&format!("load_balancing.routing_preference[{i}]"), *v) {
+                            Ok(S::UnspecifiedScope) => None,
+                            Ok(S::Region) => Some(Ok(RoutingPreference::Region)),
+                            Ok(S::Zone) => Some(Ok(RoutingPreference::Zone)),
+                            Ok(S::Subzone) => Some(Ok(RoutingPreference::Subzone)),
+                            Ok(S::Node) => Some(Ok(RoutingPreference::Node)),
+                            Ok(S::Cluster) => Some(Ok(RoutingPreference::Cluster)),
+                            Ok(S::Network) => Some(Ok(RoutingPreference::Network)),
+                            Err(e) => Some(Err(e)),
+                        }
+                    })
+                    .collect::<Result<_, _>>()?;
+                let mode = match enum_value::<M>("load_balancing.mode", lb.mode)? {
+                    M::UnspecifiedMode => LoadBalancerMode::Standard,
+                    M::Strict => LoadBalancerMode::Strict,
+                    M::Failover => LoadBalancerMode::Failover,
+                    M::Passthrough => LoadBalancerMode::Passthrough,
+                };
+                let health_policy = match enum_value::<H>("load_balancing.health_policy", lb.health_policy)? {
+                    H::OnlyHealthy => HealthPolicy::OnlyHealthy,
+                    H::AllowAll => HealthPolicy::AllowAll,
+                };
+                Some(LoadBalancer { routing_preferences, mode, health_policy })
+            }
+        };
+        let ip_families = match enum_value::<pwl::IpFamilies>("ip_families", s.ip_families)? {
+            pwl::IpFamilies::Automatic => None,
+            pwl::IpFamilies::Ipv4Only => Some(IpFamilies::IPv4),
+            pwl::IpFamilies::Ipv6Only => Some(IpFamilies::IPv6),
+            pwl::IpFamilies::Dual => Some(IpFamilies::Dual),
+        };
+        Ok(Service {
+            name: s.name,
+            namespace: s.namespace,
+            hostname: s.hostname,
+            vips,
+            ports,
+            endpoints: BTreeMap::new(),
+            subject_alt_names: s.subject_alt_names,
+            waypoint: gateway("waypoint", s.waypoint)?,
+            load_balancer,
+            ip_families,
+        })
+    }
+}
+
+/// One `Address` resource: a workload or a service.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AddressResource {
+    Workload(Box<Workload>),
+    Service(Box<Service>),
+}
+
+impl TryFrom<pwl::Address> for AddressResource {
+    type Error = ConvertError;
+    fn try_from(a: pwl::Address) -> Result<Self, ConvertError> {
+        match a.r#type {
+            Some(pwl::address::Type::Workload(w)) => {
+                Ok(AddressResource::Workload(Box::new(Workload::try_from(w).map_err(|e| within("workload", e))?)))
+            }
+            Some(pwl::address::Type::Service(s)) => {
+                Ok(AddressResource::Service(Box::new(Service::try_from(s).map_err(|e| within("service", e))?)))
+            }
+            None => Err(err("type", "neither workload nor service")),
+        }
+    }
+}
+
+fn string_match(field: &str, m: psec::StringMatch) -> Result<StringMatch, ConvertError> {
+    use psec::string_match::MatchType;
+    match m.match_type {
+        Some(MatchType::Exact(s)) => Ok(StringMatch::Exact(s)),
+        Some(MatchType::Prefix(s)) => Ok(StringMatch::Prefix(s)),
+        Some(MatchType::Suffix(s)) => Ok(StringMatch::Suffix(s)),
+        Some(MatchType::Presence(())) => Ok(StringMatch::Presence()),
+        None => Err(err(field, "empty string match")),
+    }
+}
+
+fn strings(field: &str, v: Vec<psec::StringMatch>) -> Result<Vec<StringMatch>, ConvertError> {
+    v.into_iter().enumerate().map(|(i, m)| string_match(&format!("{field}[{i}]"), m)).collect()
+}
+
+fn nets(field: &str, v: Vec<psec::Address>) -> Result<Vec<IpNet>, ConvertError> {
+    v.into_iter()
+        .enumerate()
+        .map(|(i, a)| {
+            let f = format!("{field}[{i}]");
+            let addr = ip(&format!("{f}.address"), &a.address)?;
+            let max = if addr.is_ipv4() { 32 } else { 128 };
+            // A v4-mapped v6 address is stored as v4: its prefix shrinks accordingly.
+            let len = if a.address.len() == 16 && addr.is_ipv4() { a.length.saturating_sub(96) } else { a.length };
+            let prefix = u8::try_from(len).ok().filter(|p| u32::from(*p) <= max).ok_or_else(|| {
+                err(format!("{f}.length"), format!("prefix length {} too long for the address", a.length))
+            })?;
+            Ok(IpNet { addr, prefix })
+        })
+        .collect()
+}
+
+fn ports(field: &str, v: Vec<u32>) -> Result<Vec<u16>, ConvertError> {
+    v.into_iter().enumerate().map(|(i, p)| port(&format!("{field}[{i}]"), p)).collect()
+}
+
+fn accounts(v: Vec<psec::ServiceAccountMatch>) -> Vec<ServiceAccountMatch> {
+    v.into_iter().map(|a| ServiceAccountMatch { namespace: a.namespace, service_account: a.service_account }).collect()
+}
+
+impl TryFrom<psec::Match> for RbacMatch {
+    type Error = ConvertError;
+    fn try_from(m: psec::Match) -> Result<Self, ConvertError> {
+        Ok(RbacMatch {
+            namespaces: strings("namespaces", m.namespaces)?,
+            not_namespaces: strings("not_namespaces", m.not_namespaces)?,
+            principals: strings("principals", m.principals)?,
+            not_principals: strings("not_principals", m.not_principals)?,
+            source_ips: nets("source_ips", m.source_ips)?,
+            not_source_ips: nets("not_source_ips", m.not_source_ips)?,
+            destination_ips: nets("destination_ips", m.destination_ips)?,
+            not_destination_ips: nets("not_destination_ips", m.not_destination_ips)?,
+            destination_ports: ports("destination_ports", m.destination_ports)?,
+            not_destination_ports: ports("not_destination_ports", m.not_destination_ports)?,
+            service_accounts: accounts(m.service_accounts),
+            not_service_accounts: accounts(m.not_service_accounts),
+        })
+    }
+}
+
+impl TryFrom<psec::Authorization> for Authorization {
+    type Error = ConvertError;
+    fn try_from(a: psec::Authorization) -> Result<Self, ConvertError> {
+        if a.name.is_empty() {
+            return Err(err("name", "empty"));
+        }
+        let scope = match enum_value::<psec::Scope>("scope", a.scope)? {
+            psec::Scope::Global => PolicyScope::Global,
+            psec::Scope::Namespace => PolicyScope::Namespace,
+            psec::Scope::WorkloadSelector => PolicyScope::WorkloadSelector,
+        };
+        let action = match enum_value::<psec::Action>("action", a.action)? {
+            psec::Action::Allow => Action::Allow,
+            psec::Action::Deny => Action::Deny,
+        };
+        let mut rules = Vec::with_capacity(a.rules.len());
+        for (r, rule) in a.rules.into_iter().enumerate() {
+            let mut clauses = Vec::with_capacity(rule.clauses.len());
+            for (c, clause) in rule.clauses.into_iter().enumerate() {
+                let matches = clause
+                    .matches
+                    .into_iter()
+                    .enumerate()
+                    .map(|(m, x)| {
+                        RbacMatch::try_from(x).map_err(|e| within(&format!("rules[{r}].clauses[{c}].matches[{m}]"), e))
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                clauses.push(matches);
+            }
+            rules.push(clauses);
+        }
+        Ok(Authorization { name: a.name, namespace: a.namespace, scope, action, rules, dry_run: a.dry_run })
+    }
+}
