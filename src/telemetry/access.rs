@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use crate::model::{Identity, Workload};
 use crate::net::relay::RelayStats;
+use crate::snapshot::ServiceEntry;
 use crate::telemetry::metrics::{Labels, Peer, ServiceLabels, SetupPath};
 
 /// What is known of a connection, filled in as it is set up.
@@ -16,14 +17,13 @@ pub struct ConnLog {
     /// The upstream address actually dialed.
     pub dst_addr: Option<SocketAddr>,
     pub dst_hbone_addr: Option<SocketAddr>,
-    pub dst_service: Option<String>,
+    /// The service the connection was addressed to (hostname, namespace, name).
+    pub dst_service: Option<Arc<ServiceEntry>>,
     pub dst_workload: Option<Arc<Workload>>,
-    /// The service's namespace and name, for metrics (with `dst_service`, its hostname).
-    pub dst_service_ns_name: Option<(String, String)>,
     /// The peer's authenticated identity (inbound HBONE).
-    pub src_identity: Option<Identity>,
+    pub src_identity: Option<Box<Identity>>,
     /// What the peer said of itself (`baggage`), when we do not know its workload.
-    pub src_baggage: Option<Peer>,
+    pub src_baggage: Option<Box<Peer>>,
     /// Which setup path the connection took, once known.
     pub path: Option<SetupPath>,
     pub start: Instant,
@@ -39,7 +39,6 @@ impl ConnLog {
             dst_hbone_addr: None,
             dst_service: None,
             dst_workload: None,
-            dst_service_ns_name: None,
             src_identity: None,
             src_baggage: None,
             path: None,
@@ -51,15 +50,15 @@ impl ConnLog {
     pub fn labels(&self, reporter: &str, response_flags: &str, mutual_tls: bool, default_cluster: &str) -> Labels {
         let src = match (&self.src_workload, &self.src_baggage) {
             (Some(w), _) => Peer::of(w, default_cluster),
-            (None, Some(b)) => b.clone(),
+            (None, Some(b)) => (**b).clone(),
             (None, None) => Peer::default(),
         };
         let src = Peer { principal: self.src_identity.as_ref().map(|i| i.to_string()).or(src.principal), ..src };
         let dst = self.dst_workload.as_ref().map(|w| Peer::of(w, default_cluster)).unwrap_or_default();
         let svc = ServiceLabels {
-            hostname: self.dst_service.clone(),
-            namespace: self.dst_service_ns_name.as_ref().map(|(ns, _)| ns.clone()),
-            name: self.dst_service_ns_name.as_ref().map(|(_, n)| n.clone()),
+            hostname: self.dst_service.as_ref().map(|s| s.service.hostname.clone()),
+            namespace: self.dst_service.as_ref().map(|s| s.service.namespace.clone()),
+            name: self.dst_service.as_ref().map(|s| s.service.name.clone()),
         };
         Labels::new(reporter, &src, &dst, &svc, response_flags, mutual_tls)
     }
@@ -88,7 +87,7 @@ impl ConnLog {
                     src.identity = src_id.as_deref(),
                     dst.addr = dst_addr,
                     dst.hbone_addr = dst_hbone_addr,
-                    dst.service = self.dst_service.as_deref(),
+                    dst.service = self.dst_service.as_ref().map(|s| s.service.hostname.as_str()),
                     dst.workload = dst_workload,
                     dst.namespace = dst_namespace,
                     dst.identity = dst_id.as_deref(),

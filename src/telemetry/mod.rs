@@ -17,7 +17,7 @@ use crate::config::LogFormat;
 
 /// Lines waiting for the writer thread; beyond this a line is dropped (and counted) rather than
 /// making a worker wait for a slow log sink.
-const LOG_QUEUE: usize = 64 * 1024;
+const LOG_QUEUE: usize = 4096;
 
 enum LogMsg {
     Line(Vec<u8>),
@@ -26,6 +26,9 @@ enum LogMsg {
 
 struct LogSink {
     tx: Sender<LogMsg>,
+    /// Lines queued and not yet written: the bound is kept here so the queue itself (a
+    /// growable list) costs memory only while lines wait.
+    queued: AtomicU64,
     dropped: AtomicU64,
 }
 
@@ -38,11 +41,14 @@ pub struct QueueWriter;
 impl Write for QueueWriter {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         if let Some(sink) = SINK.get() {
-            match sink.tx.try_send(LogMsg::Line(buf.to_vec())) {
-                Ok(()) => {}
-                Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
-                    sink.dropped.fetch_add(1, Ordering::Relaxed);
-                }
+            if sink.queued.fetch_add(1, Ordering::Relaxed) >= LOG_QUEUE as u64 {
+                sink.queued.fetch_sub(1, Ordering::Relaxed);
+                sink.dropped.fetch_add(1, Ordering::Relaxed);
+            } else if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) =
+                sink.tx.try_send(LogMsg::Line(buf.to_vec()))
+            {
+                sink.queued.fetch_sub(1, Ordering::Relaxed);
+                sink.dropped.fetch_add(1, Ordering::Relaxed);
             }
         }
         Ok(buf.len())
@@ -60,11 +66,18 @@ fn writer_thread(rx: Receiver<LogMsg>) {
     let mut reported = 0;
     while let Ok(first) = rx.recv() {
         let mut flushes = Vec::new();
+        let mut lines = 0;
         for msg in std::iter::once(first).chain(rx.try_iter().take(1024)) {
             match msg {
-                LogMsg::Line(l) => batch.extend_from_slice(&l),
+                LogMsg::Line(l) => {
+                    batch.extend_from_slice(&l);
+                    lines += 1;
+                }
                 LogMsg::Flush(done) => flushes.push(done),
             }
+        }
+        if let Some(sink) = SINK.get() {
+            sink.queued.fetch_sub(lines, Ordering::Relaxed);
         }
         let dropped = SINK.get().map(|s| s.dropped.load(Ordering::Relaxed)).unwrap_or(0);
         if dropped > reported {
@@ -89,8 +102,8 @@ pub fn init_logging(format: LogFormat) -> anyhow::Result<()> {
         }
         _ => EnvFilter::new("info"),
     };
-    let (tx, rx) = crossbeam_channel::bounded(LOG_QUEUE);
-    let _ = SINK.set(LogSink { tx, dropped: AtomicU64::new(0) });
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let _ = SINK.set(LogSink { tx, queued: AtomicU64::new(0), dropped: AtomicU64::new(0) });
     std::thread::Builder::new().name("log-writer".into()).spawn(move || writer_thread(rx))?;
     let (filter, handle) = reload::Layer::new(filter);
     let _ = FILTER.set(handle);

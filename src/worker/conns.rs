@@ -111,7 +111,7 @@ struct Entry {
     #[allow(dead_code)]
     peer: SocketAddr,
     /// Set when the connection was authorized: what to re-check when policies change.
-    authz: Option<AuthzInfo>,
+    authz: Option<Box<AuthzInfo>>,
 }
 
 /// What an authorized inbound connection was allowed as.
@@ -145,7 +145,7 @@ impl ConnGuard {
     /// it in the same synchronous step as the decision, so no config can slip in between.
     pub fn set_authz(&self, info: AuthzInfo) {
         if let Some(e) = self.table.entries.borrow_mut().get_mut(&self.id) {
-            e.authz = Some(info);
+            e.authz = Some(Box::new(info));
         }
     }
 }

@@ -147,7 +147,7 @@ impl Stream {
         let mut log = ConnLog::new("inbound", self.peer);
         log.dst_hbone_addr = Some(self.dst);
         log.path = Some(SetupPath::InboundHbone);
-        log.src_identity = self.peer_id.clone();
+        log.src_identity = self.peer_id.clone().map(Box::new);
         // The source workload: ours by address if it has the identity the peer proved; else what
         // the peer says of itself in `baggage` (bounded and validated).
         log.src_workload = self
@@ -156,7 +156,8 @@ impl Stream {
             .filter(|w| self.peer_id.as_ref() == Some(&w.identity()))
             .cloned();
         if log.src_workload.is_none() {
-            log.src_baggage = request.headers().get("baggage").and_then(|v| v.to_str().ok()).map(Peer::from_baggage);
+            log.src_baggage =
+                request.headers().get("baggage").and_then(|v| v.to_str().ok()).map(|b| Box::new(Peer::from_baggage(b)));
         }
         let target = match self.check(&request) {
             Ok(t) => t,

@@ -426,10 +426,10 @@ async fn connection(ctx: Rc<WorkerCtx>, kind: Setup, stream: TcpStream, peer: So
             match est.upstream {
                 Upstream::Tcp(up) => {
                     let (down, up) = (est.downstream.into(), up.into());
-                    monoio::spawn(relay_task(guard, log, stats, counted, down, up, early, splice));
+                    monoio::spawn(relay_task(guard, Box::new(log), stats, counted, down, up, early, splice));
                 }
                 Upstream::Hbone(h) => {
-                    monoio::spawn(hbone_relay_task(guard, log, stats, counted, est.downstream, h, early));
+                    monoio::spawn(hbone_relay_task(guard, Box::new(log), stats, counted, est.downstream, h, early));
                 }
             }
         }
@@ -481,7 +481,9 @@ pub(crate) fn count_failed(ctx: &WorkerCtx, log: &ConnLog, e: &ProxyError) {
 #[allow(clippy::too_many_arguments)]
 async fn relay_task(
     guard: ConnGuard,
-    log: ConnLog,
+    // Boxed: a task's arguments can take room twice in its future, and this one is held for
+    // the connection's whole life.
+    log: Box<ConnLog>,
     stats: Rc<RelayStats>,
     counted: [Option<OpenConn>; 2],
     down: Halves,
@@ -502,7 +504,7 @@ async fn relay_task(
 
 async fn hbone_relay_task(
     guard: ConnGuard,
-    log: ConnLog,
+    log: Box<ConnLog>,
     stats: Rc<RelayStats>,
     counted: [Option<OpenConn>; 2],
     down: TcpStream,

@@ -52,8 +52,7 @@ pub async fn connect(
     }
     let route = routing::outbound(snap, source, dst, &mut |n| fastrand::u64(..n))?;
     log.dst_workload = route.workload.clone();
-    log.dst_service = route.service.as_ref().map(|s| s.service.hostname.clone());
-    log.dst_service_ns_name = route.service.as_ref().map(|s| (s.service.namespace.clone(), s.service.name.clone()));
+    log.dst_service = route.service.clone();
     log.path = Some(SetupPath::Tcp);
     log.dst_addr = Some(route.upstream);
     if ctx.is_own_port(route.upstream) {
