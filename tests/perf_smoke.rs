@@ -25,6 +25,14 @@ fn quick_local_run_produces_a_complete_report() {
     };
     let report = perf::run(&opts).expect("the harness runs");
     assert!(report.failures.is_empty(), "no test failed: {:?}", report.failures);
+    // Each proxy's own view of the run is saved next to the report.
+    let saved: Vec<String> = std::fs::read_dir(&dir.0)
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.starts_with("metrics-") || n.starts_with("latency-"))
+        .collect();
+    assert!(saved.iter().any(|n| n.starts_with("metrics-")), "a metrics scrape saved: {saved:?}");
+    assert!(saved.iter().any(|n| n.starts_with("latency-")), "/stats/latency saved: {saved:?}");
     for f in ["report.json", "report.md", "latency.svg", "config.yaml"] {
         let meta = std::fs::metadata(dir.0.join(f)).unwrap_or_else(|_| panic!("{f} written"));
         assert!(meta.len() > 0, "{f} is not empty");

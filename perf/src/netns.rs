@@ -87,13 +87,16 @@ impl Topology {
             }
             t.exec(ns, "ip", &["link", "set", dev, "up"])?;
         }
-        // The client and the proxy's upstream connections share one source address and
-        // destination in node a, and the connection-rate test leaves many sockets in TIME_WAIT:
-        // give node a the whole port range and let it reuse TIME_WAIT ports, keeping clients off
-        // the proxy's own ports.
-        t.exec(&t.a, "sysctl", &["-q", "-w", "net.ipv4.ip_local_port_range=1024 65535"])?;
-        t.exec(&t.a, "sysctl", &["-q", "-w", "net.ipv4.ip_local_reserved_ports=15000-15100"])?;
-        t.exec(&t.a, "sysctl", &["-q", "-w", "net.ipv4.tcp_tw_reuse=1"])?;
+        // The connection-rate test leaves many sockets in TIME_WAIT between one pair of
+        // addresses on each node (client and proxy on node a; on node b the proxy dialing the
+        // HBONE workload, which shares its address): give both nodes the whole port range and
+        // TIME_WAIT reuse, keeping ephemeral ports off the proxies' own. Without it node b runs
+        // out of ports within seconds and the test measures the kernel's port search.
+        for ns in [&t.a, &t.b] {
+            t.exec(ns, "sysctl", &["-q", "-w", "net.ipv4.ip_local_port_range=1024 65535"])?;
+            t.exec(ns, "sysctl", &["-q", "-w", "net.ipv4.ip_local_reserved_ports=15000-15100"])?;
+            t.exec(ns, "sysctl", &["-q", "-w", "net.ipv4.tcp_tw_reuse=1"])?;
+        }
         Ok(t)
     }
 
