@@ -9,12 +9,14 @@ use anyhow::{Context, bail};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::config::Config;
+use crate::control::CaChoice;
 use crate::control::{self, ControlSpec, LocalFileWatch, ProxyAddrs};
 use crate::model::ConfigState;
 use crate::net::sockopt;
 use crate::snapshot::{LocalScope, Snapshot, SourceInfo};
 use crate::tls::ca::LocalCa;
 use crate::worker::{self, ListenAddrs, WorkerSpec, channel};
+use crate::xds::ca::CaOptions;
 
 pub struct RunOptions {
     /// Drain on SIGTERM/SIGINT (the binary); tests stop the proxy through the handle instead.
@@ -91,9 +93,25 @@ pub fn start(cfg: Config, opts: RunOptions) -> anyhow::Result<Proxy> {
         Ok(n) => tracing::debug!(limit = n, "open file limit"),
         Err(e) => tracing::warn!(error = %e, "could not raise the open file limit"),
     }
-    let (ca, root) =
-        LocalCa::from_config(&cfg.ca, &cfg.trust_domain, cfg.secret_ttl).context("starting the local CA")?;
-    tracing::info!(root = %root, ttl = ?cfg.secret_ttl, "local CA ready");
+    let ca = match &cfg.ca_address {
+        None => {
+            let (ca, root) =
+                LocalCa::from_config(&cfg.ca, &cfg.trust_domain, cfg.secret_ttl).context("starting the local CA")?;
+            tracing::info!(root = %root, ttl = ?cfg.secret_ttl, "local CA ready");
+            CaChoice::Local(Box::new(ca))
+        }
+        Some(address) => {
+            tracing::info!(%address, ttl = ?cfg.secret_ttl, "certificates from the Istio CA");
+            CaChoice::Istio(CaOptions {
+                address: address.clone(),
+                root_ca: read_pem(&cfg.ca_root_ca, "CA_ROOT_CA")?,
+                alt_hostname: cfg.alt_xds_hostname.clone(),
+                token_path: cfg.auth_token.clone(),
+                cluster_id: cfg.cluster_id.clone(),
+                ttl: cfg.secret_ttl,
+            })
+        }
+    };
     let spoof_source = match cfg.enable_orig_src {
         Some(false) => false,
         Some(true) => {
@@ -185,11 +203,7 @@ pub fn start(cfg: Config, opts: RunOptions) -> anyhow::Result<Proxy> {
 /// The istiod client's settings from the config: the root CA read now (a missing one fails
 /// start-up naming `XDS_ROOT_CA`), Istio's node id and metadata.
 fn xds_options(cfg: &Config, address: &str) -> anyhow::Result<crate::xds::client::XdsOptions> {
-    let root_ca = if cfg.xds_root_ca.contains("-----BEGIN") {
-        cfg.xds_root_ca.clone().into_bytes()
-    } else {
-        std::fs::read(&cfg.xds_root_ca).with_context(|| format!("reading XDS_ROOT_CA {}", cfg.xds_root_ca))?
-    };
+    let root_ca = read_pem(&cfg.xds_root_ca, "XDS_ROOT_CA")?;
     let ns = cfg.pod_namespace.clone().unwrap_or_else(|| "istio-system".into());
     let pod = cfg.pod_name.clone().unwrap_or_else(|| "ztunnel".into());
     let ip = cfg.instance_ip.map(|i| i.to_string()).unwrap_or_default();
@@ -214,4 +228,13 @@ fn xds_options(cfg: &Config, address: &str) -> anyhow::Result<crate::xds::client
         node_id,
         node_metadata,
     })
+}
+
+/// PEM text given inline, or the file holding it; errors name the variable.
+fn read_pem(value: &str, var: &str) -> anyhow::Result<Vec<u8>> {
+    if value.contains("-----BEGIN") {
+        Ok(value.as_bytes().to_vec())
+    } else {
+        std::fs::read(value).with_context(|| format!("reading {var} {value}"))
+    }
 }

@@ -68,6 +68,10 @@ pub struct Config {
     pub node_name: Option<String>,
     pub local_xds_path: Option<PathBuf>,
     pub xds_address: Option<String>,
+    /// `CA_ADDRESS`: the Istio CA; `None` means the local CA (`FAKE_CA=true`, or empty).
+    pub ca_address: Option<String>,
+    /// `CA_ROOT_CA`: PEM file (or text) the CA's TLS certificate must chain to.
+    pub ca_root_ca: String,
     /// `XDS_ROOT_CA`: a PEM file (or PEM text) istiod's certificate must chain to.
     pub xds_root_ca: String,
     /// `ALT_XDS_HOSTNAME`: the name istiod's certificate is checked against, if not the address's.
@@ -450,15 +454,22 @@ impl Config {
         if connect_timeout.is_zero() {
             return Err(invalid("ZTUNNEL_CONNECT_TIMEOUT", "0", "must be above zero"));
         }
-        // Certificates: FAKE_CA (Istio's name) or an empty CA_ADDRESS select the local CA; this
-        // build has no Istio CA client, and without xDS there is no istiod to default to.
+        // Certificates: FAKE_CA (Istio's name) or an empty CA_ADDRESS select the local CA;
+        // otherwise the Istio CA at CA_ADDRESS, by default istiod (when xDS is on).
         let fake_ca = src.bool("FAKE_CA")?.unwrap_or(false);
-        if let Some(addr) = src.value("CA_ADDRESS").filter(|_| !fake_ca) {
-            return Err(invalid(
-                "CA_ADDRESS",
-                &addr,
-                "this build has no Istio CA client yet; use FAKE_CA=true or CA_ADDRESS= for the local CA",
-            ));
+        let ca_address = if fake_ca {
+            None
+        } else {
+            match src.raw("CA_ADDRESS") {
+                None => xds_address.clone(),
+                Some(v) if v.trim().is_empty() => None,
+                Some(v) => Some(v.trim().to_string()),
+            }
+        };
+        if let Some(addr) = &ca_address {
+            if !addr.starts_with("https://") {
+                return Err(invalid("CA_ADDRESS", addr, "expected https://host:port (the Istio CA serves TLS)"));
+            }
         }
         let ca = LocalCaConfig {
             cert: src.value("LOCAL_CA_CERT").map(PathBuf::from),
@@ -492,6 +503,11 @@ impl Config {
             node_name,
             local_xds_path,
             xds_address,
+            ca_address,
+            ca_root_ca: src
+                .value("CA_ROOT_CA")
+                .or_else(|| src.value("XDS_ROOT_CA"))
+                .unwrap_or_else(|| "/var/run/secrets/istio/root-cert.pem".into()),
             xds_root_ca: src.value("XDS_ROOT_CA").unwrap_or_else(|| "/var/run/secrets/istio/root-cert.pem".into()),
             alt_xds_hostname: src.value("ALT_XDS_HOSTNAME").filter(|v| !v.trim().is_empty()),
             auth_token: match src.raw("AUTH_TOKEN") {
@@ -662,9 +678,16 @@ mod tests {
         }
         let err = cfg(&with(&[("PROXY_MODE", "dedicated")])).unwrap_err().to_string();
         assert!(err.contains("PROXY_WORKLOAD_INFO"), "{err}");
-        let err = cfg(&with(&[("CA_ADDRESS", "https://istiod:15012")])).unwrap_err().to_string();
+        let c = cfg(&with(&[("CA_ADDRESS", "https://istiod:15012")])).unwrap();
+        assert_eq!(c.ca_address.as_deref(), Some("https://istiod:15012"));
+        let err = cfg(&with(&[("CA_ADDRESS", "istiod:15012")])).unwrap_err().to_string();
         assert!(err.contains("CA_ADDRESS"), "{err}");
-        assert!(cfg(&with(&[("CA_ADDRESS", "https://istiod:15012"), ("FAKE_CA", "true")])).is_ok(), "FAKE_CA wins");
+        let c = cfg(&with(&[("CA_ADDRESS", "https://istiod:15012"), ("FAKE_CA", "true")])).unwrap();
+        assert_eq!(c.ca_address, None, "FAKE_CA wins");
+        let c = cfg(&[("XDS_ADDRESS", "https://istiod:15012")]).unwrap();
+        assert_eq!(c.ca_address.as_deref(), Some("https://istiod:15012"), "the CA defaults to istiod");
+        let err = cfg(&[("XDS_ADDRESS", "http://istiod:15010")]).unwrap_err().to_string();
+        assert!(err.contains("XDS_ADDRESS"), "{err}");
         let err = cfg(&with(&[("LOCAL_CA_CERT", "/x.pem")])).unwrap_err().to_string();
         assert!(err.contains("LOCAL_CA_KEY"), "{err}");
         let err = cfg(&with(&[("SECRET_TTL", "1s")])).unwrap_err().to_string();

@@ -18,6 +18,13 @@ fn proxy_for(istiod: &Istiod, dir: &TestDir) -> ztunnel::app::Proxy {
 }
 
 fn proxy_with(istiod: &Istiod, dir: &TestDir, tweak: impl FnOnce(&mut Config)) -> ztunnel::app::Proxy {
+    let mut cfg = xds_config(istiod, dir);
+    tweak(&mut cfg);
+    start_with(cfg)
+}
+
+/// The test config pointed at the fake istiod only (no file), with a token file.
+fn xds_config(istiod: &Istiod, dir: &TestDir) -> Config {
     let mut cfg = Config::for_tests(dir.0.join("unused.yaml"));
     cfg.local_xds_path = None;
     cfg.xds_address = Some(istiod.url());
@@ -27,8 +34,7 @@ fn proxy_with(istiod: &Istiod, dir: &TestDir, tweak: impl FnOnce(&mut Config)) -
     std::fs::write(&token, "first-token\n").unwrap();
     cfg.auth_token = Some(token);
     cfg.cluster_id = "test-cluster".into();
-    tweak(&mut cfg);
-    start_with(cfg)
+    cfg
 }
 
 fn ready(proxy: &ztunnel::app::Proxy) -> bool {
@@ -249,5 +255,59 @@ fn a_large_push_becomes_one_generation() {
     let dump = config_dump(&proxy);
     assert_eq!(dump["workloads"].as_array().unwrap().len(), 10_000);
     assert_eq!(dump["services"].as_array().unwrap().len(), 1000);
+    stop(proxy);
+}
+
+#[test]
+fn istio_ca_certificates_renew_under_an_open_hbone_connection() {
+    let pod = EchoServer::start("127.0.0.3", "pod");
+    let istiod = Istiod::start(0);
+    istiod.fake.push_workloads(vec![workload("sleep", [127, 0, 0, 1], true), workload("pod", [127, 0, 0, 3], true)]);
+    let dir = TestDir::new("xds-ca");
+    let mut cfg = xds_config(&istiod, &dir);
+    cfg.ca_address = Some(istiod.url());
+    cfg.ca_root_ca = istiod.root_pem.clone();
+    cfg.secret_ttl = std::time::Duration::from_secs(3);
+    let proxy = start_both_ends(cfg);
+    wait_for_certificates(&proxy, 2);
+    let asked = istiod.fake.0.lock().unwrap().ca_requests.clone();
+    for id in ["spiffe://cluster.local/ns/ns/sa/sleep", "spiffe://cluster.local/ns/ns/sa/pod"] {
+        assert!(asked.iter().any(|a| a == id), "{id} asked for as ImpersonatedIdentity: {asked:?}");
+    }
+    let s5 = proxy.addrs.socks5.unwrap();
+    let mut c = socks5(s5, Dest::Addr(pod.addr)).expect("HBONE with Istio CA certificates");
+    assert_eq!(read_greeting(&mut c), "pod");
+    // Renewals (at half of 3 s) happen while bytes keep flowing on the open connection.
+    let started = Instant::now();
+    let mut i = 0u32;
+    while istiod.fake.0.lock().unwrap().ca_requests.len() < 6 && started.elapsed() < PATIENCE {
+        echo_roundtrip(&mut c, format!("message {i}").as_bytes());
+        i += 1;
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(istiod.fake.0.lock().unwrap().ca_requests.len() >= 6, "both certificates renewed twice");
+    echo_roundtrip(&mut c, b"the connection outlived the renewals");
+    let mut fresh = socks5(s5, Dest::Addr(pod.addr)).unwrap();
+    assert_eq!(read_greeting(&mut fresh), "pod");
+    stop(proxy);
+}
+
+#[test]
+fn a_ca_answer_for_another_identity_is_refused() {
+    let istiod = Istiod::start(0);
+    istiod.fake.push_workloads(vec![workload("pod", [127, 0, 0, 3], true)]);
+    istiod.fake.0.lock().unwrap().ca_wrong_identity = Some("spiffe://cluster.local/ns/ns/sa/intruder".into());
+    let dir = TestDir::new("xds-ca-wrong");
+    let proxy = proxy_with(&istiod, &dir, |cfg| {
+        cfg.ca_address = Some(istiod.url());
+        cfg.ca_root_ca = istiod.root_pem.clone();
+    });
+    assert!(
+        eventually(|| config_dump(&proxy)["certificates"][0]["state"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("Unavailable") && s.contains("intruder") && s.contains("expected"))),
+        "{}",
+        config_dump(&proxy)["certificates"]
+    );
     stop(proxy);
 }

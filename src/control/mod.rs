@@ -27,6 +27,7 @@ use crate::snapshot::{CertMap, ConfigIndex, Snapshot, SourceInfo};
 use crate::telemetry::metrics::Dump;
 use crate::tls::ca::LocalCa;
 use crate::worker::channel::{WorkerMsg, WorkerTx};
+use crate::xds::ca::IstioCa;
 use crate::xds::client::{XdsClient, XdsOptions};
 use certs::CertManager;
 use http::{Request, Response};
@@ -54,6 +55,13 @@ pub struct LocalFileWatch {
     pub state: ConfigState,
 }
 
+/// The certificate source, chosen at start (built on the control thread: the Istio CA client
+/// is not `Send`).
+pub enum CaChoice {
+    Local(Box<LocalCa>),
+    Istio(crate::xds::ca::CaOptions),
+}
+
 /// Everything the control thread starts from; all of it `Send`.
 pub struct ControlSpec {
     pub cfg: Arc<Config>,
@@ -69,7 +77,7 @@ pub struct ControlSpec {
     pub shutdown_tx: mpsc::UnboundedSender<()>,
     pub handle_signals: bool,
     /// Where workload certificates come from.
-    pub ca: LocalCa,
+    pub ca: CaChoice,
     /// Identities workers need and nobody fetched ahead (sources that are not HBONE workloads).
     pub cert_requests: mpsc::UnboundedReceiver<Identity>,
     /// The istiod client's settings, when `XDS_ADDRESS` is set.
@@ -250,7 +258,10 @@ async fn run(mut spec: ControlSpec, ready: std::sync::mpsc::Sender<io::Result<Pr
         started: Instant::now(),
         last_error: RefCell::new(None),
         shutdown_tx: spec.shutdown_tx,
-        certs: CertManager::new(Rc::new(spec.ca)),
+        certs: CertManager::new(match spec.ca {
+            CaChoice::Local(ca) => Rc::new(*ca),
+            CaChoice::Istio(opts) => Rc::new(IstioCa::new(opts)),
+        }),
         file_state: RefCell::new(spec.local_file.as_ref().map(|w| w.state.clone())),
         xds: RefCell::new(None),
         requested: RefCell::new(BTreeSet::new()),

@@ -367,3 +367,177 @@ impl TryFrom<psec::Authorization> for Authorization {
         Ok(Authorization { name: a.name, namespace: a.namespace, scope, action, rules, dry_run: a.dry_run })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use prost::Message;
+
+    use super::*;
+
+    fn rich_workload() -> pwl::Workload {
+        let mut w = pwl::Workload {
+            uid: "c1//Pod/ns/web-1".into(),
+            name: "web-1".into(),
+            namespace: "ns".into(),
+            addresses: vec![vec![10, 0, 0, 1], std::net::Ipv6Addr::LOCALHOST.octets().to_vec()],
+            tunnel_protocol: pwl::TunnelProtocol::Hbone as i32,
+            service_account: "web".into(),
+            node: "n1".into(),
+            canonical_name: "web".into(),
+            canonical_revision: "v1".into(),
+            workload_type: pwl::WorkloadType::Pod as i32,
+            workload_name: "web".into(),
+            authorization_policies: vec!["ns/allow".into()],
+            status: pwl::WorkloadStatus::Unhealthy as i32,
+            cluster_id: "c1".into(),
+            locality: Some(pwl::Locality { region: "r".into(), zone: "z".into(), subzone: "s".into() }),
+            capacity: Some(3),
+            waypoint: Some(pwl::GatewayAddress {
+                destination: Some(pwl::gateway_address::Destination::Hostname(pwl::NamespacedHostname {
+                    namespace: "ns".into(),
+                    hostname: "waypoint.ns.svc.cluster.local".into(),
+                })),
+                hbone_mtls_port: 15008,
+            }),
+            ..Default::default()
+        };
+        w.services.insert(
+            "ns/web.ns.svc.cluster.local".into(),
+            pwl::PortList { ports: vec![pwl::Port { service_port: 80, target_port: 8080, app_protocol: 0 }] },
+        );
+        w
+    }
+
+    #[test]
+    fn a_workload_converts_field_by_field() {
+        let w = Workload::try_from(rich_workload()).unwrap();
+        assert_eq!(w.workload_ips, vec!["10.0.0.1".parse::<IpAddr>().unwrap(), "::1".parse().unwrap()]);
+        assert_eq!((w.protocol, w.status, w.capacity), (Protocol::HBONE, HealthStatus::Unhealthy, 3));
+        assert_eq!(w.identity().to_string(), "spiffe://cluster.local/ns/ns/sa/web");
+        assert_eq!(w.workload_type, "pod");
+        assert_eq!(w.services.values().next().unwrap()[&80], 8080);
+        assert!(matches!(w.waypoint.unwrap().destination, GatewayDestination::Hostname(_)));
+        // Capacity absent means 1, as in Istio.
+        let mut plain = rich_workload();
+        plain.capacity = None;
+        assert_eq!(Workload::try_from(plain).unwrap().capacity, 1);
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let mut w = rich_workload();
+        w.addresses[1] = vec![1, 2, 3];
+        let e = AddressResource::try_from(pwl::Address { r#type: Some(pwl::address::Type::Workload(w)) }).unwrap_err();
+        assert_eq!(e.to_string(), "workload.addresses[1]: an IP address is 4 or 16 bytes, got 3");
+        let mut w = rich_workload();
+        w.services.values_mut().next().unwrap().ports[0].target_port = 70_000;
+        let e = Workload::try_from(w).unwrap_err().to_string();
+        assert!(e.contains("target_port") && e.contains("70000"), "{e}");
+        let mut w = rich_workload();
+        w.tunnel_protocol = 9;
+        assert_eq!(Workload::try_from(w).unwrap_err().to_string(), "tunnel_protocol: unknown enum value 9");
+        let p = psec::Authorization {
+            name: "p".into(),
+            namespace: "ns".into(),
+            rules: vec![psec::Rule {
+                clauses: vec![psec::Clause {
+                    matches: vec![psec::Match {
+                        source_ips: vec![psec::Address { address: vec![10, 0, 0, 0], length: 40 }],
+                        ..Default::default()
+                    }],
+                }],
+            }],
+            ..Default::default()
+        };
+        let e = Authorization::try_from(p).unwrap_err().to_string();
+        assert!(e.starts_with("rules[0].clauses[0].matches[0].source_ips[0].length"), "{e}");
+    }
+
+    #[test]
+    fn a_policy_converts_with_every_match_field() {
+        let sm = |t: psec::string_match::MatchType| psec::StringMatch { match_type: Some(t) };
+        use psec::string_match::MatchType as T;
+        let m = psec::Match {
+            namespaces: vec![sm(T::Exact("a".into()))],
+            not_namespaces: vec![sm(T::Prefix("b".into()))],
+            principals: vec![sm(T::Suffix("/sa/c".into()))],
+            not_principals: vec![sm(T::Presence(()))],
+            source_ips: vec![psec::Address { address: vec![10, 0, 0, 0], length: 8 }],
+            not_source_ips: vec![psec::Address {
+                address: std::net::Ipv6Addr::LOCALHOST.octets().to_vec(),
+                length: 128,
+            }],
+            destination_ips: vec![psec::Address { address: vec![10, 1, 0, 0], length: 16 }],
+            not_destination_ips: vec![],
+            destination_ports: vec![80],
+            not_destination_ports: vec![81],
+            service_accounts: vec![psec::ServiceAccountMatch { namespace: "ns".into(), service_account: "sa".into() }],
+            not_service_accounts: vec![],
+            extensions: vec![],
+        };
+        let p = psec::Authorization {
+            name: "p".into(),
+            namespace: "ns".into(),
+            scope: psec::Scope::WorkloadSelector as i32,
+            action: psec::Action::Deny as i32,
+            rules: vec![psec::Rule { clauses: vec![psec::Clause { matches: vec![m] }] }],
+            dry_run: true,
+            extensions: vec![],
+        };
+        let a = Authorization::try_from(p).unwrap();
+        assert_eq!((a.scope, a.action, a.dry_run), (PolicyScope::WorkloadSelector, Action::Deny, true));
+        let m = &a.rules[0][0][0];
+        assert_eq!(m.not_principals, vec![StringMatch::Presence()]);
+        assert_eq!(m.source_ips[0].to_string(), "10.0.0.0/8");
+        assert_eq!((m.destination_ports.as_slice(), m.not_destination_ports.as_slice()), (&[80][..], &[81][..]));
+        assert_eq!(m.service_accounts[0].service_account, "sa");
+    }
+
+    /// A stand-in for fuzzing in CI: valid encodings, mutated, truncated and extended, must
+    /// decode and convert to a value or an error, never a panic. (`fuzz/` has the real target.)
+    #[test]
+    fn mutated_resources_never_panic() {
+        let mut rng = fastrand::Rng::with_seed(0x0d5);
+        let workload = pwl::Address { r#type: Some(pwl::address::Type::Workload(rich_workload())) }.encode_to_vec();
+        let policy = psec::Authorization {
+            name: "p".into(),
+            namespace: "ns".into(),
+            rules: vec![psec::Rule {
+                clauses: vec![psec::Clause {
+                    matches: vec![psec::Match {
+                        principals: vec![psec::StringMatch {
+                            match_type: Some(psec::string_match::MatchType::Exact("x".into())),
+                        }],
+                        source_ips: vec![psec::Address { address: vec![10, 0, 0, 0], length: 8 }],
+                        destination_ports: vec![80],
+                        ..Default::default()
+                    }],
+                }],
+            }],
+            ..Default::default()
+        }
+        .encode_to_vec();
+        let mut outcomes = [0usize; 2];
+        for i in 0..4000 {
+            let base = if i % 2 == 0 { &workload } else { &policy };
+            let mut m = base.clone();
+            match rng.u8(..3) {
+                0 => {
+                    for _ in 0..rng.usize(1..6) {
+                        let at = rng.usize(..m.len());
+                        m[at] = rng.u8(..);
+                    }
+                }
+                1 => m.truncate(rng.usize(..m.len())),
+                _ => m.extend((0..rng.usize(1..64)).map(|_| rng.u8(..))),
+            }
+            let ok = if i % 2 == 0 {
+                pwl::Address::decode(m.as_slice()).ok().map(|a| AddressResource::try_from(a).is_ok())
+            } else {
+                psec::Authorization::decode(m.as_slice()).ok().map(|a| Authorization::try_from(a).is_ok())
+            };
+            outcomes[usize::from(ok == Some(true))] += 1;
+        }
+        assert!(outcomes[0] > 0 && outcomes[1] > 0, "both outcomes seen: {outcomes:?}");
+    }
+}

@@ -1,6 +1,7 @@
 //! istiod: the generated protobuf types (from `proto/`), their conversion into the model, and the
 //! delta ADS client that keeps the proxy's workloads, services and policies in sync.
 
+pub mod ca;
 pub mod client;
 pub mod convert;
 

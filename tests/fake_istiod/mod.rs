@@ -13,6 +13,10 @@ use prost::Message;
 use tokio::sync::mpsc;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
+use ztunnel::xds::proto::ca::istio_certificate_service_server::{
+    IstioCertificateService, IstioCertificateServiceServer,
+};
+use ztunnel::xds::proto::ca::{IstioCertificateRequest, IstioCertificateResponse};
 use ztunnel::xds::proto::discovery::aggregated_discovery_service_server::{
     AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
 };
@@ -33,6 +37,12 @@ pub struct State {
     /// `authorization` and `clusterid` metadata of each stream, in order.
     pub streams: Vec<(Option<String>, Option<String>)>,
     senders: Vec<mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>>,
+    /// The mesh root the fake CA signs with: (certificate PEM, key PEM).
+    pub mesh_root: Option<(String, String)>,
+    /// Sign this identity instead of the one asked for (a broken CA).
+    pub ca_wrong_identity: Option<String>,
+    /// ImpersonatedIdentity of every CreateCertificate call, in order.
+    pub ca_requests: Vec<String>,
 }
 
 #[derive(Clone, Default)]
@@ -135,6 +145,47 @@ impl Fake {
 type ResponseStream = Pin<Box<dyn Stream<Item = Result<DeltaDiscoveryResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
+impl IstioCertificateService for Fake {
+    async fn create_certificate(
+        &self,
+        req: Request<IstioCertificateRequest>,
+    ) -> Result<Response<IstioCertificateResponse>, Status> {
+        let req = req.into_inner();
+        let asked = req
+            .metadata
+            .as_ref()
+            .and_then(|m| m.fields.get("ImpersonatedIdentity"))
+            .and_then(|v| match &v.kind {
+                Some(prost_types::value::Kind::StringValue(s)) => Some(s.clone()),
+                _ => None,
+            })
+            .ok_or_else(|| Status::invalid_argument("no ImpersonatedIdentity"))?;
+        let (root_pem, key_pem, wrong) = {
+            let mut s = self.0.lock().unwrap();
+            s.ca_requests.push(asked.clone());
+            let (c, k) = s.mesh_root.clone().ok_or_else(|| Status::unavailable("no CA root"))?;
+            (c, k, s.ca_wrong_identity.clone())
+        };
+        let csr = rcgen::CertificateSigningRequestParams::from_pem(&req.csr)
+            .map_err(|e| Status::invalid_argument(format!("bad CSR: {e}")))?;
+        let mut params = csr.params;
+        if let Some(other) = wrong {
+            params.subject_alt_names = vec![rcgen::SanType::URI(other.try_into().unwrap())];
+        }
+        let now = time::OffsetDateTime::now_utc();
+        params.not_before = now - time::Duration::minutes(1);
+        params.not_after = now + time::Duration::seconds(req.validity_duration.max(1));
+        params.extended_key_usages =
+            vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth, rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        params.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature, rcgen::KeyUsagePurpose::KeyEncipherment];
+        let key = rcgen::KeyPair::from_pem(&key_pem).unwrap();
+        let issuer = rcgen::Issuer::from_ca_cert_pem(&root_pem, key).unwrap();
+        let leaf = params.signed_by(&csr.public_key, &issuer).map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(IstioCertificateResponse { cert_chain: vec![leaf.pem(), root_pem] }))
+    }
+}
+
+#[tonic::async_trait]
 impl AggregatedDiscoveryService for Fake {
     type DeltaAggregatedResourcesStream = ResponseStream;
 
@@ -192,8 +243,16 @@ impl Istiod {
         let params = rcgen::CertificateParams::new(vec!["istiod.test".to_string()]).unwrap();
         let cert = params.signed_by(&key, &issuer).unwrap();
         let identity = (cert.pem(), key.serialize_pem());
+        // A separate mesh root for workload certificates (as istiod's CA has).
+        let mesh_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut mesh_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        mesh_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        mesh_params.distinguished_name.push(rcgen::DnType::OrganizationName, "cluster.local");
+        let mesh_root = mesh_params.self_signed(&mesh_key).unwrap();
+        let fake = Fake::default();
+        fake.0.lock().unwrap().mesh_root = Some((mesh_root.pem(), mesh_key.serialize_pem()));
         let mut istiod = Istiod {
-            fake: Fake::default(),
+            fake,
             addr: SocketAddr::from(([127, 0, 0, 1], port)),
             root_pem: root.pem(),
             hostname: "istiod.test",
@@ -222,7 +281,8 @@ impl Istiod {
                 let _ = tonic::transport::Server::builder()
                     .tls_config(tls)
                     .unwrap()
-                    .add_service(AggregatedDiscoveryServiceServer::new(fake))
+                    .add_service(AggregatedDiscoveryServiceServer::new(fake.clone()))
+                    .add_service(IstioCertificateServiceServer::new(fake))
                     .serve_with_incoming_shutdown(incoming, async {
                         let _ = stop_rx.await;
                     })

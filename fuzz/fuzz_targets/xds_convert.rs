@@ -1,0 +1,18 @@
+//! Arbitrary bytes as istiod's resources: decoded as a workload `Address` and as an
+//! `Authorization`, then converted into the model. Errors are expected; a panic is a finding.
+
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use prost::Message;
+use ztunnel::xds::convert::AddressResource;
+use ztunnel::xds::proto::{security, workload};
+
+fuzz_target!(|data: &[u8]| {
+    if let Ok(a) = workload::Address::decode(data) {
+        let _ = AddressResource::try_from(a);
+    }
+    if let Ok(p) = security::Authorization::decode(data) {
+        let _ = ztunnel::model::Authorization::try_from(p);
+    }
+});
