@@ -311,3 +311,30 @@ fn a_ca_answer_for_another_identity_is_refused() {
     );
     stop(proxy);
 }
+
+#[test]
+fn a_local_file_and_istiod_combine() {
+    let server = EchoServer::start("127.0.0.2", "server");
+    let istiod = Istiod::start(0);
+    istiod.fake.push_workloads(vec![workload("server", [127, 0, 0, 2], false)]);
+    let dir = TestDir::new("xds-combined");
+    let file = dir.write_config("workloads:\n- {uid: client, name: client, namespace: ns, workloadIps: [127.0.0.1]}\n");
+    let proxy = proxy_with(&istiod, &dir, |cfg| cfg.local_xds_path = Some(file.clone()));
+    assert!(eventually(|| ready(&proxy)));
+    // The client comes from the file, the server from istiod: one config.
+    let mut c = socks5(proxy.addrs.socks5.unwrap(), Dest::Addr(server.addr)).unwrap();
+    assert_eq!(read_greeting(&mut c), "server");
+    let dump = config_dump(&proxy);
+    assert_eq!(dump["source"]["kind"], "file+xds");
+    let names: Vec<&str> = dump["workloads"].as_array().unwrap().iter().map(|w| w["name"].as_str().unwrap()).collect();
+    assert!(names.contains(&"client") && names.contains(&"server"), "{names:?}");
+    // A file edit keeps what istiod sent.
+    dir.write_config("workloads:\n- {uid: client2, name: client2, namespace: ns, workloadIps: [127.0.0.1]}\n");
+    assert!(eventually(|| {
+        let d = config_dump(&proxy);
+        let names: Vec<String> =
+            d["workloads"].as_array().unwrap().iter().map(|w| w["name"].as_str().unwrap().to_string()).collect();
+        names.contains(&"client2".to_string()) && names.contains(&"server".to_string())
+    }));
+    stop(proxy);
+}
