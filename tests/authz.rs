@@ -5,7 +5,7 @@
 mod common;
 
 use std::io::Read;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::time::Instant;
 
 use common::*;
@@ -33,20 +33,9 @@ const DENY_ALL: &str = "- {name: deny-all, namespace: demo, scope: Namespace, ac
 /// A proxy serving all three workloads; `fast` picks the node-local fast path or HBONE to itself.
 fn proxy(dir: &TestDir, policies: &str, fast: bool) -> ztunnel::app::Proxy {
     let mut cfg = Config::for_tests(dir.write_config(&yaml(policies)));
-    let (hold, port) = reserve_port();
-    cfg.listeners.inbound = SocketAddr::new("0.0.0.0".parse().unwrap(), port);
-    cfg.hbone_port = port;
     cfg.node_local_fast_path = fast;
-    let proxy = start_with(cfg);
-    drop(hold);
-    assert!(
-        eventually(|| config_dump(&proxy)["certificates"].as_array().is_some_and(|c| c
-            .iter()
-            .filter(|c| c["state"] == "Available")
-            .count()
-            == 3)),
-        "certificates for the three HBONE workloads"
-    );
+    let proxy = start_own_hbone(cfg);
+    wait_for_certificates(&proxy, 3);
     proxy
 }
 

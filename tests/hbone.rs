@@ -161,21 +161,6 @@ services:
     stop(proxy);
 }
 
-/// Established sockets whose local port is `port` (the server side of HBONE connections).
-fn established_on(port: u16) -> usize {
-    let table = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
-    table
-        .lines()
-        .skip(1)
-        .filter(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            f.len() > 3
-                && f[3] == "01"
-                && f[1].rsplit(':').next().and_then(|p| u16::from_str_radix(p, 16).ok()) == Some(port)
-        })
-        .count()
-}
-
 #[test]
 fn pooled_connections_carry_100_streams_then_open_another() {
     let pod = EchoServer::start("127.0.0.3", "pod");
@@ -224,12 +209,9 @@ workloads:
     let path = dir.write_config(yaml);
     for fast in [true, false] {
         let mut cfg = Config::for_tests(path.clone());
-        let (hold, port) = reserve_port();
-        cfg.listeners.inbound = SocketAddr::new("0.0.0.0".parse().unwrap(), port);
-        cfg.hbone_port = port;
         cfg.node_local_fast_path = fast;
-        let proxy = start_with(cfg);
-        drop(hold);
+        let proxy = start_own_hbone(cfg);
+        let port = proxy.addrs.inbound.port();
         wait_for_certificates(&proxy, 2);
         let mut c = socks5(proxy.addrs.socks5.unwrap(), Dest::Addr(pod.addr)).expect("pod reached");
         assert_eq!(read_greeting(&mut c), "pod");
@@ -256,11 +238,10 @@ struct SeenConnect {
 /// A stand-in waypoint: an HBONE server on `addr` presenting `cert`, answering every CONNECT
 /// with 200, greeting `wp\n` and echoing; each request's details go to the returned channel.
 fn fake_waypoint(
-    addr: SocketAddr,
+    listener: std::net::TcpListener,
     cert: std::sync::Arc<ztunnel::tls::WorkloadCert>,
 ) -> std::sync::mpsc::Receiver<SeenConnect> {
     let (tx, rx) = std::sync::mpsc::channel();
-    let listener = std::net::TcpListener::bind(addr).unwrap();
     std::thread::spawn(move || {
         block_on(async move {
             let listener = monoio::net::TcpListener::from_std(listener).unwrap();
@@ -300,8 +281,8 @@ fn fake_waypoint(
 fn service_waypoint_gets_the_original_destination_and_headers() {
     let pod = EchoServer::start("127.0.0.3", "pod");
     let dir = TestDir::new("hbone-waypoint");
-    let (hold, wp_port) = reserve_port();
-    drop(hold);
+    let wp_listener = std::net::TcpListener::bind("127.0.0.5:0").unwrap();
+    let wp_port = wp_listener.local_addr().unwrap().port();
     let yaml = format!(
         r#"
 workloads:
@@ -325,12 +306,12 @@ services:
         port = pod.addr.port()
     );
     let cfg = Config::for_tests(dir.write_config(&yaml));
-    let ca_cfg = cfg.ca.clone();
-    let proxy = start_with(cfg);
-    let (ca, _) = LocalCa::from_config(&ca_cfg, "cluster.local", Duration::from_secs(3600)).unwrap();
+    // The proxy's local CA, made first: the proxy loads the same root from the directory.
+    let (ca, _) = LocalCa::from_config(&cfg.ca, "cluster.local", Duration::from_secs(3600)).unwrap();
     let wp_id: Identity = "spiffe://cluster.local/ns/ns/sa/waypoint".parse().unwrap();
     let wp_cert = std::sync::Arc::new(ca.issue(&wp_id, SystemTime::now()).unwrap());
-    let seen = fake_waypoint(SocketAddr::new("127.0.0.5".parse().unwrap(), wp_port), wp_cert);
+    let seen = fake_waypoint(wp_listener, wp_cert);
+    let proxy = start_with(cfg);
     assert!(eventually(|| config_dump(&proxy)["certificates"].as_array().is_some_and(|c| c
         .iter()
         .any(|c| c["identity"] == "spiffe://cluster.local/ns/ns/sa/sleep" && c["state"] == "Available"))));

@@ -52,9 +52,14 @@ fn redirect_capture_uses_original_destination() {
         println!("SKIPPED redirect_capture_uses_original_destination: {why}");
         return;
     }
+    in_fresh_netns(scenario);
+}
+
+/// Runs `scenario` on a thread inside a new namespace; threads it starts (servers, workers,
+/// control) inherit it. The namespace, and every rule in it, is deleted afterwards, also when
+/// the scenario fails.
+fn in_fresh_netns(scenario: fn(&Netns) -> Result<(), String>) {
     let ns = Netns::new().expect("create network namespace");
-    // Everything runs on a thread inside the namespace; threads it starts (servers, workers,
-    // control) inherit it. The namespace itself is deleted by `ns` on this thread's exit.
     let name = ns.0.clone();
     let result = std::thread::spawn(move || {
         let ns = Netns(name);
@@ -145,21 +150,6 @@ services:
     Ok(())
 }
 
-/// Established TCP sockets with local port `port` in the calling thread's network namespace.
-fn established_on(port: u16) -> usize {
-    let table = std::fs::read_to_string("/proc/thread-self/net/tcp").unwrap_or_default();
-    table
-        .lines()
-        .skip(1)
-        .filter(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            f.len() > 3
-                && f[3] == "01"
-                && f[1].rsplit(':').next().and_then(|p| u16::from_str_radix(p, 16).ok()) == Some(port)
-        })
-        .count()
-}
-
 #[test]
 fn two_nodes_carry_a_captured_connection_over_hbone() {
     use perf::netns::{HBONE_WORKLOAD_IP, NODE_A_IP, Topology, run_in};
@@ -226,21 +216,7 @@ fn plaintext_inbound_permissive_then_strict() {
         println!("SKIPPED plaintext_inbound_permissive_then_strict: {why}");
         return;
     }
-    let ns = Netns::new().expect("create network namespace");
-    let name = ns.0.clone();
-    let result = std::thread::spawn(move || {
-        let ns = Netns(name);
-        let res = strict_scenario(&ns);
-        std::mem::forget(ns);
-        res
-    })
-    .join();
-    drop(ns);
-    match result {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => panic!("{e}"),
-        Err(p) => std::panic::resume_unwind(p),
-    }
+    in_fresh_netns(strict_scenario);
 }
 
 /// SCENARIOS.md 8: a client outside the mesh reaches a pod through 15006 (PERMISSIVE); STRICT

@@ -135,23 +135,8 @@ fn a_workload_switching_to_hbone_by_push_is_reached_over_hbone() {
     assert_eq!(read_greeting(&mut meshed), "pod");
     echo_roundtrip(&mut meshed, b"now in the mesh");
     echo_roundtrip(&mut plain, b"the plain connection opened before is untouched");
-    assert_eq!(established_hbone(&proxy), 1, "the new connection rides HBONE");
+    assert_eq!(established_on(proxy.addrs.inbound.port()), 1, "the new connection rides HBONE");
     stop(proxy);
-}
-
-fn established_hbone(proxy: &ztunnel::app::Proxy) -> usize {
-    let port = proxy.addrs.inbound.port();
-    let table = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
-    table
-        .lines()
-        .skip(1)
-        .filter(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            f.len() > 3
-                && f[3] == "01"
-                && f[1].rsplit(':').next().and_then(|p| u16::from_str_radix(p, 16).ok()) == Some(port)
-        })
-        .count()
 }
 
 #[test]

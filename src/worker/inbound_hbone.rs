@@ -42,8 +42,13 @@ pub async fn serve(ctx: Rc<WorkerCtx>, stream: TcpStream, peer: SocketAddr) {
         return tracing::warn!(%peer, %dst, "HBONE connection for an address that is not a local workload; closing");
     };
     let identity = workload.identity();
-    let Some(cert) = snap.certs.get(&identity).cloned() else {
-        return tracing::warn!(%peer, %identity, "HBONE connection before the workload's certificate is ready; closing");
+    // Normally in the snapshot already; right after start (or a config push) it may still be on
+    // its way from the control thread: wait for it rather than refuse the peer.
+    let cert = match ctx.certificate(&identity, HANDSHAKE_TIMEOUT).await {
+        Ok(c) => c,
+        Err(e) => {
+            return tracing::warn!(%peer, %identity, "HBONE connection for a workload without a certificate: {e}; closing");
+        }
     };
     let conn = match ServerConnection::new(cert.server_config()) {
         Ok(c) => c,

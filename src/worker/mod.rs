@@ -145,6 +145,12 @@ impl WorkerCtx {
         self.snapshot.borrow().clone()
     }
 
+    /// The port peers accept HBONE on; 0 in the config means this proxy's own inbound port
+    /// (in-process tests where one proxy is both ends).
+    pub fn hbone_port(&self) -> u16 {
+        if self.cfg.hbone_port == 0 { self.addrs.inbound.port() } else { self.cfg.hbone_port }
+    }
+
     pub fn is_own_port(&self, dst: SocketAddr) -> bool {
         dst.ip().is_loopback() && self.own_ports.contains(&dst.port())
     }

@@ -92,7 +92,7 @@ pub async fn connect(
             let opts = DialOpts { mark: ctx.cfg.packet_mark, spoof_source, timeout: ctx.cfg.connect_timeout };
             return Ok(Upstream::Tcp(dial(route.upstream, opts).await?));
         }
-        let hbone_addr = SocketAddr::new(route.upstream.ip(), ctx.cfg.hbone_port);
+        let hbone_addr = SocketAddr::new(route.upstream.ip(), ctx.hbone_port());
         // The destination workload's identity, or any the service names.
         let mut expected = vec![dst_wl.identity()];
         if let Some(svc) = &route.service {

@@ -13,7 +13,7 @@ use std::time::Duration;
 use anyhow::Context;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
 
-use super::client::XdsClient;
+use super::client::{XdsClient, tls_endpoint};
 use super::proto::ca::IstioCertificateRequest;
 use super::proto::ca::istio_certificate_service_client::IstioCertificateServiceClient;
 use crate::control::certs::CertSource;
@@ -51,21 +51,12 @@ impl IstioCa {
         if let Some(c) = self.channel.borrow().clone() {
             return Ok(c);
         }
-        use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
-        let endpoint = Endpoint::from_shared(self.opts.address.clone()).context("CA_ADDRESS")?;
-        let host = match &self.opts.alt_hostname {
-            Some(h) => h.clone(),
-            None => endpoint.uri().host().unwrap_or_default().to_string(),
-        };
-        let tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&self.opts.root_ca)).domain_name(host);
-        let channel = endpoint
-            .tls_config(tls)
-            .context("TLS for the CA")?
-            .connect_timeout(Duration::from_secs(5))
-            .timeout(Duration::from_secs(30))
-            .connect()
-            .await
-            .with_context(|| format!("connecting to {}", self.opts.address))?;
+        let channel =
+            tls_endpoint(&self.opts.address, &self.opts.root_ca, self.opts.alt_hostname.as_deref(), "CA_ADDRESS")?
+                .timeout(Duration::from_secs(30))
+                .connect()
+                .await
+                .with_context(|| format!("connecting to {}", self.opts.address))?;
         *self.channel.borrow_mut() = Some(channel.clone());
         Ok(channel)
     }

@@ -147,19 +147,10 @@ impl XdsClient {
     }
 
     async fn connect(&self) -> anyhow::Result<tonic::transport::Channel> {
-        use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
-        let endpoint = Endpoint::from_shared(self.opts.address.clone()).context("XDS_ADDRESS")?;
-        let host = match &self.opts.alt_hostname {
-            Some(h) => h.clone(),
-            None => endpoint.uri().host().unwrap_or_default().to_string(),
-        };
-        let tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&self.opts.root_ca)).domain_name(host);
-        let endpoint = endpoint
-            .tls_config(tls)
-            .context("TLS for xDS")?
-            .connect_timeout(Duration::from_secs(5))
-            .http2_keep_alive_interval(Duration::from_secs(30))
-            .keep_alive_timeout(Duration::from_secs(10));
+        let endpoint =
+            tls_endpoint(&self.opts.address, &self.opts.root_ca, self.opts.alt_hostname.as_deref(), "XDS_ADDRESS")?
+                .http2_keep_alive_interval(Duration::from_secs(30))
+                .keep_alive_timeout(Duration::from_secs(10));
         endpoint.connect().await.with_context(|| format!("connecting to {}", self.opts.address))
     }
 
@@ -257,48 +248,8 @@ impl XdsClient {
         let mut errors = Vec::new();
         let mut store = self.store.borrow_mut();
         match resp.type_url.as_str() {
-            ADDRESS_TYPE => {
-                for r in &resp.resources {
-                    let decoded = r
-                        .resource
-                        .as_ref()
-                        .ok_or_else(|| "no resource body".to_string())
-                        .and_then(|any| {
-                            pwl::Address::decode(any.value.as_slice()).map_err(|e| format!("decoding: {e}"))
-                        })
-                        .and_then(|a| AddressResource::try_from(a).map_err(|e| e.to_string()));
-                    match decoded {
-                        Ok(a) => {
-                            store.addresses.insert(r.name.clone(), (r.version.clone(), a));
-                        }
-                        Err(e) => errors.push(format!("{}: {e}", r.name)),
-                    }
-                }
-                for name in &resp.removed_resources {
-                    store.addresses.remove(name);
-                }
-            }
-            AUTHORIZATION_TYPE => {
-                for r in &resp.resources {
-                    let decoded = r
-                        .resource
-                        .as_ref()
-                        .ok_or_else(|| "no resource body".to_string())
-                        .and_then(|any| {
-                            psec::Authorization::decode(any.value.as_slice()).map_err(|e| format!("decoding: {e}"))
-                        })
-                        .and_then(|a| Authorization::try_from(a).map_err(|e| e.to_string()));
-                    match decoded {
-                        Ok(p) => {
-                            store.policies.insert(r.name.clone(), (r.version.clone(), p));
-                        }
-                        Err(e) => errors.push(format!("{}: {e}", r.name)),
-                    }
-                }
-                for name in &resp.removed_resources {
-                    store.policies.remove(name);
-                }
-            }
+            ADDRESS_TYPE => merge::<pwl::Address, _>(&mut store.addresses, resp, &mut errors),
+            AUTHORIZATION_TYPE => merge::<psec::Authorization, _>(&mut store.policies, resp, &mut errors),
             other => errors.push(format!("{other}: a type this client did not subscribe to")),
         }
         errors
@@ -330,4 +281,46 @@ impl XdsClient {
             let _ = writeln!(out, "istio_xds_message_bytes_total{{url=\"{}\"}} {v}", esc(k));
         }
     }
+}
+
+/// Decodes each resource of `resp` as `P`, converts it to `M` and stores it by name with its
+/// version; removes the removed names. What fails is reported as `name: reason`.
+fn merge<P, M>(into: &mut BTreeMap<String, (String, M)>, resp: &DeltaDiscoveryResponse, errors: &mut Vec<String>)
+where
+    P: Message + Default,
+    M: TryFrom<P, Error = super::convert::ConvertError>,
+{
+    for r in &resp.resources {
+        let decoded = r
+            .resource
+            .as_ref()
+            .ok_or_else(|| "no resource body".to_string())
+            .and_then(|any| P::decode(any.value.as_slice()).map_err(|e| format!("decoding: {e}")))
+            .and_then(|p| M::try_from(p).map_err(|e| e.to_string()));
+        match decoded {
+            Ok(m) => {
+                into.insert(r.name.clone(), (r.version.clone(), m));
+            }
+            Err(e) => errors.push(format!("{}: {e}", r.name)),
+        }
+    }
+    for name in &resp.removed_resources {
+        into.remove(name);
+    }
+}
+
+/// A gRPC endpoint at `address` over TLS, istiod's certificate checked against `root_ca` for
+/// `alt_hostname` (or the address's host). `var` names the setting in errors.
+pub fn tls_endpoint(
+    address: &str,
+    root_ca: &[u8],
+    alt_hostname: Option<&str>,
+    var: &str,
+) -> anyhow::Result<tonic::transport::Endpoint> {
+    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
+    let endpoint = Endpoint::from_shared(address.to_string()).with_context(|| format!("{var} {address}"))?;
+    let host =
+        alt_hostname.map(str::to_string).unwrap_or_else(|| endpoint.uri().host().unwrap_or_default().to_string());
+    let tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(root_ca)).domain_name(host);
+    Ok(endpoint.tls_config(tls).with_context(|| format!("TLS for {var}"))?.connect_timeout(Duration::from_secs(5)))
 }

@@ -221,19 +221,6 @@ pub fn eventually(mut f: impl FnMut() -> bool) -> bool {
     false
 }
 
-/// A port for a proxy that must dial its own HBONE port, held by a bound (not listening)
-/// SO_REUSEPORT socket until the proxy has bound it: released early, another test's proxy
-/// binding port 0 could be given it, and SO_REUSEPORT would then split connections between the
-/// two proxies.
-pub fn reserve_port() -> (socket2::Socket, u16) {
-    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    s.set_reuse_address(true).unwrap();
-    s.set_reuse_port(true).unwrap();
-    s.bind(&"0.0.0.0:0".parse::<SocketAddr>().unwrap().into()).unwrap();
-    let port = s.local_addr().unwrap().as_socket().unwrap().port();
-    (s, port)
-}
-
 /// One sample of the Prometheus text format.
 #[derive(Debug, Clone)]
 pub struct Sample {
@@ -391,12 +378,15 @@ pub async fn request_with_headers(
 /// (two logical nodes in one process, so the node-local fast path is off).
 pub fn start_both_ends(mut cfg: Config) -> ztunnel::app::Proxy {
     cfg.node_local_fast_path = false;
-    let (hold, port) = reserve_port();
-    cfg.listeners.inbound = SocketAddr::new("0.0.0.0".parse().unwrap(), port);
-    cfg.hbone_port = port;
-    let proxy = start_with(cfg);
-    drop(hold);
-    proxy
+    start_own_hbone(cfg)
+}
+
+/// Starts a proxy whose HBONE port is its own inbound listener (so it can reach the workloads
+/// it serves over HBONE); the fast path stays as configured.
+pub fn start_own_hbone(mut cfg: Config) -> ztunnel::app::Proxy {
+    cfg.listeners.inbound = SocketAddr::new("0.0.0.0".parse().unwrap(), 0);
+    cfg.hbone_port = 0; // the proxy's own inbound port, whichever it gets
+    start_with(cfg)
 }
 
 /// Waits until `n` certificates are available (the local HBONE workloads').
@@ -409,4 +399,20 @@ pub fn wait_for_certificates(proxy: &ztunnel::app::Proxy, n: usize) {
             == n)),
         "{n} certificates issued"
     );
+}
+
+/// Established TCP sockets whose local port is `port` (the server side of HBONE connections),
+/// in the calling thread's network namespace.
+pub fn established_on(port: u16) -> usize {
+    let table = std::fs::read_to_string("/proc/thread-self/net/tcp").unwrap_or_default();
+    table
+        .lines()
+        .skip(1)
+        .filter(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.len() > 3
+                && f[3] == "01"
+                && f[1].rsplit(':').next().and_then(|p| u16::from_str_radix(p, 16).ok()) == Some(port)
+        })
+        .count()
 }
