@@ -132,6 +132,10 @@ pub struct ConfigIndex {
     service_by_vip: HashMap<NetworkAddress, Arc<ServiceEntry>>,
     service_by_host: HashMap<String, Vec<Arc<ServiceEntry>>>,
     policies: BTreeMap<String, Arc<Authorization>>,
+    /// `Global` policies, and `Namespace` policies by namespace: a connection's policies are
+    /// looked up, not searched for (the mesh may have thousands).
+    global_policies: Vec<Arc<Authorization>>,
+    namespace_policies: HashMap<String, Vec<Arc<Authorization>>>,
     /// Warnings found while building (dangling references and the like), for logs and dumps.
     pub warnings: Vec<String>,
 }
@@ -212,6 +216,15 @@ impl ConfigIndex {
         for p in state.policies {
             policies.insert(p.key(), Arc::new(p));
         }
+        let mut global_policies = Vec::new();
+        let mut namespace_policies: HashMap<String, Vec<Arc<Authorization>>> = HashMap::new();
+        for p in policies.values() {
+            match p.scope {
+                PolicyScope::Global => global_policies.push(p.clone()),
+                PolicyScope::Namespace => namespace_policies.entry(p.namespace.clone()).or_default().push(p.clone()),
+                PolicyScope::WorkloadSelector => {}
+            }
+        }
         for wl in workloads.values() {
             for p in &wl.authorization_policies {
                 if !policies.contains_key(p) {
@@ -230,6 +243,8 @@ impl ConfigIndex {
             service_by_vip,
             service_by_host,
             policies,
+            global_policies,
+            namespace_policies,
             warnings,
         }
     }
@@ -281,14 +296,17 @@ impl ConfigIndex {
     /// The policies that apply to a destination workload: its namespace's, the global ones, and
     /// the ones it names.
     pub fn policies_for(&self, wl: &Workload) -> Vec<&Arc<Authorization>> {
-        self.policies
-            .values()
-            .filter(|p| match p.scope {
-                PolicyScope::Global => true,
-                PolicyScope::Namespace => p.namespace == wl.namespace,
-                PolicyScope::WorkloadSelector => wl.authorization_policies.iter().any(|k| *k == p.key()),
-            })
-            .collect()
+        let mut out: Vec<&Arc<Authorization>> = self.global_policies.iter().collect();
+        out.extend(self.namespace_policies.get(&wl.namespace).into_iter().flatten());
+        // Named ones apply whatever their scope says, once.
+        for key in &wl.authorization_policies {
+            if let Some(p) = self.policies.get(key) {
+                if p.scope == PolicyScope::WorkloadSelector {
+                    out.push(p);
+                }
+            }
+        }
+        out
     }
 
     pub fn workloads(&self) -> impl Iterator<Item = &Arc<Workload>> {
@@ -379,5 +397,31 @@ mod tests {
         let s = Snapshot::build(1, SourceInfo { kind: "test", location: String::new() }, scope, state());
         assert_eq!(s.dedicated_workload().unwrap().uid, "b");
         assert!(s.local_workload_by_ip("", "10.0.0.1".parse().unwrap()).is_none());
+    }
+
+    #[test]
+    fn policies_for_a_workload_by_scope() {
+        let mut st = state();
+        let pol = |name: &str, ns: &str, scope: PolicyScope| Authorization {
+            name: name.into(),
+            namespace: ns.into(),
+            scope,
+            action: Action::Allow,
+            rules: vec![],
+            dry_run: false,
+        };
+        st.policies = vec![
+            pol("global", "istio-system", PolicyScope::Global),
+            pol("same-ns", "ns", PolicyScope::Namespace),
+            pol("other-ns", "other", PolicyScope::Namespace),
+            pol("named", "ns", PolicyScope::WorkloadSelector),
+            pol("unnamed", "ns", PolicyScope::WorkloadSelector),
+        ];
+        st.workloads[0].authorization_policies = vec!["ns/named".into(), "other/other-ns".into(), "ns/missing".into()];
+        let s = Snapshot::build(1, SourceInfo { kind: "test", location: String::new() }, LocalScope::Node(None), st);
+        let a = s.workload_by_uid("a").unwrap().clone();
+        let mut names: Vec<String> = s.policies_for(&a).iter().map(|p| p.name.clone()).collect();
+        names.sort();
+        assert_eq!(names, ["global", "named", "same-ns"], "a Namespace policy elsewhere applies by scope, not by name");
     }
 }
