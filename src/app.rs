@@ -70,6 +70,7 @@ pub fn start(cfg: Config, opts: RunOptions) -> anyhow::Result<Proxy> {
                 control::local::parse(&text).with_context(|| format!("invalid config file {}", path.display()))?;
             let source = SourceInfo { kind: "file", location: path.display().to_string() };
             let initial = Arc::new(Snapshot::build(1, source, scope, state.clone()));
+            sockopt::release_free_memory();
             tracing::info!(
                 workloads = initial.workloads().count(),
                 services = initial.services().count(),

@@ -173,6 +173,9 @@ impl ControlState {
         );
         self.publish(Arc::new(snap));
         self.track_identities();
+        // Parsing and building a large config leaves freed heap the allocator keeps: hand it
+        // back, or a node proxy's RSS stays at the high-water mark of its biggest push.
+        crate::net::sockopt::release_free_memory();
     }
 
     /// Asks every worker for its metrics shard and merges them. A worker that does not answer
@@ -262,7 +265,8 @@ async fn run(mut spec: ControlSpec, ready: std::sync::mpsc::Sender<io::Result<Pr
             CaChoice::Local(ca) => Rc::new(*ca),
             CaChoice::Istio(opts) => Rc::new(IstioCa::new(opts)),
         }),
-        file_state: RefCell::new(spec.local_file.as_ref().map(|w| w.state.clone())),
+        // The watcher keeps only the text; the parsed state lives here, once.
+        file_state: RefCell::new(spec.local_file.as_mut().map(|w| std::mem::take(&mut w.state))),
         xds: RefCell::new(None),
         requested: RefCell::new(BTreeSet::new()),
     });
