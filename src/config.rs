@@ -103,7 +103,7 @@ pub struct Config {
     pub local_config_poll: Duration,
     pub log_format: LogFormat,
     pub listeners: Listeners,
-    /// The certificate source: this build has the local CA only.
+    /// The local CA (used when `ca_address` is `None`).
     pub ca: LocalCaConfig,
     /// Lifetime of workload certificates.
     #[serde(serialize_with = "ser_duration")]
