@@ -257,3 +257,94 @@ fn strict_scenario(ns: &Netns) -> Result<(), String> {
     proxy.wait().map_err(|e| e.to_string())?;
     Ok(())
 }
+
+#[test]
+fn a_new_proxy_takes_over_the_ports_of_a_draining_one_without_refusals() {
+    if let Some(why) = perf::netns::unavailable() {
+        println!("SKIPPED a_new_proxy_takes_over_the_ports_of_a_draining_one_without_refusals: {why}");
+        return;
+    }
+    in_fresh_netns(handoff_scenario);
+}
+
+/// The restart of a DaemonSet pod: the new proxy binds the same ports (SO_REUSEPORT) while the
+/// old one drains. With `tcp_migrate_req` (what deploy/ sets) connections queued on the old
+/// listeners move to the new ones when the old close, so clients connecting all through the
+/// swap see no refusal.
+fn handoff_scenario(ns: &Netns) -> Result<(), String> {
+    perf::netns::enter(&ns.0).map_err(|e| e.to_string())?;
+    ns.exec("sysctl", &["-q", "-w", "net.ipv4.tcp_migrate_req=1"])?;
+    let server = EchoServer::start("127.0.0.2", "server");
+    let dir = TestDir::new("netns-handoff");
+    let yaml = format!(
+        "workloads:\n- {{uid: client, name: client, namespace: ns, workloadIps: [127.0.0.1]}}\n\
+         - {{uid: server, name: server, namespace: ns, workloadIps: [{}]}}\n",
+        server.addr.ip()
+    );
+    let path = dir.write_config(&yaml);
+    let mut cfg = Config::for_tests(path.clone());
+    cfg.termination_deadline = std::time::Duration::from_secs(2);
+    let old = start_with(cfg);
+    let socks = old.addrs.socks5.unwrap();
+    // Clients connect, echo and close, back to back, until told to stop.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let clients: Vec<_> = (0..4)
+        .map(|_| {
+            let (stop, target) = (stop.clone(), server.addr);
+            std::thread::spawn(move || {
+                let (mut ok, mut failed) = (0u32, Vec::new());
+                while !stop.load(Ordering::Relaxed) {
+                    match socks5(socks, Dest::Addr(target)) {
+                        Ok(mut c) => {
+                            if read_greeting(&mut c) == "server" {
+                                ok += 1;
+                            } else {
+                                failed.push("no greeting".to_string());
+                            }
+                        }
+                        Err(code) => failed.push(format!("SOCKS5 reply {code}")),
+                    }
+                }
+                (ok, failed)
+            })
+        })
+        .collect();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    // The new proxy on the same ports, then the old one drains and exits.
+    let mut cfg = Config::for_tests(path);
+    cfg.listeners.outbound = old.addrs.outbound;
+    cfg.listeners.inbound_plain = old.addrs.inbound_plain;
+    cfg.listeners.inbound = old.addrs.inbound;
+    cfg.listeners.socks5 = socks;
+    let new = start_with(cfg);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    old.shutdown();
+    old.wait().map_err(|e| e.to_string())?;
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    stop.store(true, Ordering::Relaxed);
+    let (mut ok, mut failed) = (0, Vec::new());
+    for c in clients {
+        let (o, f) = c.join().map_err(|_| "client thread panicked".to_string())?;
+        ok += o;
+        failed.extend(f);
+    }
+    let served_by_new = {
+        let samples = parse_prometheus(&http(new.addrs.metrics, "GET", "/metrics").map_err(|e| e.to_string())?.1)?;
+        sample(&samples, "istio_tcp_connections_opened_total", &[("reporter", "source")]).unwrap_or(0.0)
+    };
+    new.shutdown();
+    new.wait().map_err(|e| e.to_string())?;
+    println!("handoff: {ok} connections, {} failed, {served_by_new} through the new proxy", failed.len());
+    if !failed.is_empty() {
+        return Err(format!(
+            "{} of {} connections failed during the swap: {:?}",
+            failed.len(),
+            ok as usize + failed.len(),
+            &failed[..failed.len().min(5)]
+        ));
+    }
+    if served_by_new < 1.0 || ok < 20 {
+        return Err(format!("the swap was not exercised: {ok} connections, {served_by_new} through the new proxy"));
+    }
+    Ok(())
+}
