@@ -1,0 +1,157 @@
+//! deploy/: the manifests carry what a cluster needs (checked field by field, and the proxy's own
+//! config parser accepts the environment they set), and the redirection script installs and
+//! removes its rules cleanly (as root, in a scratch network namespace).
+
+mod common;
+
+use std::collections::HashMap;
+use std::process::Command;
+
+use serde::Deserialize;
+use serde_json::Value;
+use ztunnel::config::{Config, Source};
+
+const MANIFEST: &str = include_str!("../deploy/ztunnel.yaml");
+const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/ztunnel-redirect.sh");
+
+fn documents() -> Vec<Value> {
+    serde_yaml_ng::Deserializer::from_str(MANIFEST)
+        .map(|d| Value::deserialize(d).expect("every document is valid YAML"))
+        .collect()
+}
+
+fn kind<'a>(docs: &'a [Value], kind: &str) -> &'a Value {
+    docs.iter().find(|d| d["kind"] == kind).unwrap_or_else(|| panic!("a {kind} in deploy/ztunnel.yaml"))
+}
+
+#[test]
+fn the_daemonset_has_what_a_node_proxy_needs() {
+    let docs = documents();
+    for d in &docs {
+        assert!(d["apiVersion"].is_string() && d["metadata"]["name"].is_string(), "{d}");
+        assert_eq!(d["metadata"]["namespace"], "istio-system");
+    }
+    for k in ["ServiceAccount", "Role", "RoleBinding", "ConfigMap"] {
+        kind(&docs, k);
+    }
+    let ds = kind(&docs, "DaemonSet");
+    let pod = &ds["spec"]["template"]["spec"];
+    assert_eq!(
+        ds["spec"]["selector"]["matchLabels"],
+        ds["spec"]["template"]["metadata"]["labels"]["app"].as_str().map(|a| serde_json::json!({"app": a})).unwrap()
+    );
+    assert_eq!(pod["hostNetwork"], true, "shared mode runs in the node's network namespace");
+    assert_eq!(pod["serviceAccountName"], "ztunnel");
+    let annotations = &ds["spec"]["template"]["metadata"]["annotations"];
+    assert_eq!(annotations["prometheus.io/scrape"], "true");
+    assert_eq!(annotations["prometheus.io/port"], "15020");
+    let c = &pod["containers"][0];
+    assert_eq!(c["readinessProbe"]["httpGet"]["port"], 15021);
+    assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/healthz/ready");
+    // Least privilege: exactly what the redirection and transparent sockets need.
+    for ctr in [c, &pod["initContainers"][0]] {
+        assert_eq!(ctr["securityContext"]["capabilities"]["drop"], serde_json::json!(["ALL"]));
+        assert_eq!(ctr["securityContext"]["capabilities"]["add"], serde_json::json!(["NET_ADMIN", "NET_RAW"]));
+    }
+    let init = &pod["initContainers"][0]["command"];
+    assert_eq!(init, &serde_json::json!(["/usr/local/bin/ztunnel-redirect.sh", "add"]));
+    // Istio's token (audience istio-ca) and root CA, mounted where the env vars point.
+    let volumes = pod["volumes"].as_array().unwrap();
+    let token = volumes.iter().find(|v| v["name"] == "istio-token").unwrap();
+    assert_eq!(token["projected"]["sources"][0]["serviceAccountToken"]["audience"], "istio-ca");
+    let root = volumes.iter().find(|v| v["name"] == "istiod-ca-cert").unwrap();
+    assert_eq!(root["configMap"]["name"], "istio-ca-root-cert");
+
+    // The environment: the proxy's own parser accepts it (downward-API values stand in).
+    let mut env: HashMap<String, String> = HashMap::new();
+    for e in c["env"].as_array().unwrap() {
+        let name = e["name"].as_str().unwrap().to_string();
+        let value = match (&e["value"], &e["valueFrom"]["fieldRef"]["fieldPath"]) {
+            (Value::String(v), _) => v.clone(),
+            (_, Value::String(path)) if path == "status.podIP" => "10.0.0.7".into(),
+            (_, Value::String(_)) => "from-the-downward-api".into(),
+            _ => panic!("env {name} has no value"),
+        };
+        env.insert(name, value);
+    }
+    for var in [
+        "XDS_ADDRESS",
+        "CA_ADDRESS",
+        "XDS_ROOT_CA",
+        "AUTH_TOKEN",
+        "NODE_NAME",
+        "CLUSTER_ID",
+        "POD_NAME",
+        "POD_NAMESPACE",
+        "INSTANCE_IP",
+    ] {
+        assert!(env.contains_key(var), "{var} is set");
+    }
+    let get = |k: &str| env.get(k).cloned();
+    let cfg = Config::from_source(&Source::new(&get)).expect("the manifest's environment is a valid config");
+    assert_eq!(cfg.node_name.as_deref(), Some("from-the-downward-api"));
+    assert_eq!(cfg.auth_token.as_deref(), Some(std::path::Path::new("/var/run/secrets/tokens/istio-token")));
+    let mounted = |path: &str| {
+        c["volumeMounts"].as_array().unwrap().iter().any(|m| path.starts_with(m["mountPath"].as_str().unwrap()))
+    };
+    assert!(mounted(&cfg.xds_root_ca) && mounted(cfg.auth_token.as_ref().unwrap().to_str().unwrap()));
+    // Draining ends before Kubernetes kills the pod.
+    let grace = pod["terminationGracePeriodSeconds"].as_u64().unwrap();
+    assert!(cfg.termination_deadline.as_secs() < grace, "{:?} < {grace}s", cfg.termination_deadline);
+    // The script's mark is the proxy's.
+    let init_env = pod["initContainers"][0]["env"].as_array().unwrap();
+    let script_mark = init_env.iter().find(|e| e["name"] == "PACKET_MARK").unwrap()["value"].as_str().unwrap();
+    assert_eq!(Some(script_mark.parse::<u32>().unwrap()), cfg.packet_mark);
+}
+
+#[test]
+fn the_redirection_script_installs_and_removes_its_rules() {
+    let syntax = Command::new("sh").args(["-n", SCRIPT]).status().unwrap();
+    assert!(syntax.success(), "the script parses");
+    if let Some(why) = perf::netns::unavailable() {
+        println!("SKIPPED running the redirection script: {why}");
+        return;
+    }
+    let ns = format!("zt-deploy-{}", std::process::id());
+    perf::netns::sh("ip", &["netns", "add", &ns]).unwrap();
+    struct Del(String);
+    impl Drop for Del {
+        fn drop(&mut self) {
+            let _ = perf::netns::sh("ip", &["netns", "del", &self.0]);
+        }
+    }
+    let _del = Del(ns.clone());
+    perf::netns::sh("ip", &["netns", "exec", &ns, "ip", "link", "set", "lo", "up"]).unwrap();
+    let run = |args: &[&str]| {
+        Command::new("ip")
+            .args(["netns", "exec", &ns, "env", "POD_CIDRS=10.244.0.0/16 fd00:10:244::/48"])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let out = |args: &[&str]| String::from_utf8_lossy(&run(args).stdout).to_string();
+    assert!(!run(&["sh", SCRIPT, "check"]).status.success(), "nothing installed yet");
+    let added = run(&["sh", SCRIPT, "add"]);
+    assert!(added.status.success(), "{}", String::from_utf8_lossy(&added.stderr));
+    // Idempotent: a second add replaces the first.
+    assert!(run(&["sh", SCRIPT, "add"]).status.success());
+    assert!(run(&["sh", SCRIPT, "check"]).status.success());
+    let rules = out(&["iptables-save", "-t", "mangle"]);
+    for want in
+        ["--on-port 15001", "--on-port 15006", "--on-port 15008", "--mark 0x539 -j RETURN", "CONNMARK --save-mark"]
+    {
+        assert!(rules.contains(want), "{want} in\n{rules}");
+    }
+    assert_eq!(rules.matches("-A PREROUTING -j ZTUNNEL-PREROUTING").count(), 1, "installed once");
+    assert!(out(&["ip", "rule"]).contains("lookup 133"));
+    let rules6 = out(&["ip6tables-save", "-t", "mangle"]);
+    assert!(rules6.contains("fd00:10:244::/48") && rules6.contains("--on-port 15001"), "IPv6 pods too:\n{rules6}");
+    assert!(out(&["ip", "-6", "rule"]).contains("lookup 133"));
+    assert_eq!(out(&["sysctl", "-n", "net.ipv4.tcp_migrate_req"]).trim(), "1");
+    assert!(run(&["sh", SCRIPT, "remove"]).status.success());
+    assert!(!run(&["sh", SCRIPT, "check"]).status.success(), "removed");
+    assert!(!out(&["iptables-save", "-t", "mangle"]).contains("ZTUNNEL"));
+    assert!(!out(&["ip", "rule"]).contains("lookup 133"));
+    assert!(!out(&["ip6tables-save", "-t", "mangle"]).contains("ZTUNNEL"));
+    assert!(!out(&["ip", "-6", "rule"]).contains("lookup 133"));
+}
