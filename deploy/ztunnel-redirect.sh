@@ -56,8 +56,12 @@ add_family() { # $1: 4|6, $2: the pod CIDRs of that family
     $ipt -A "$OUT_CHAIN" -m mark --mark "$PACKET_MARK" -j CONNMARK --save-mark
     $ipt -A OUTPUT -j "$OUT_CHAIN"
     $ipt -N "$CHAIN"
-    # The proxy's own connections (and their replies, by connection mark) go straight through.
     $ipt -A "$CHAIN" -m mark --mark "$PACKET_MARK" -j RETURN
+    # Packets of connections the proxy already holds on a transparent socket (captured ones, and
+    # replies to its upstream connections made from a client's address) are delivered to it.
+    $ipt -A "$CHAIN" -p tcp -m socket --transparent -j MARK --set-mark "$CAPTURE_MARK"
+    $ipt -A "$CHAIN" -m mark --mark "$CAPTURE_MARK" -j RETURN
+    # Replies to its other upstream connections (by connection mark) go straight through.
     $ipt -A "$CHAIN" -m connmark --mark "$PACKET_MARK" -j RETURN
     for cidr in $2; do
         # Inbound HBONE to a pod of this node goes to the proxy's HBONE listener.
@@ -79,16 +83,13 @@ add_family() { # $1: 4|6, $2: the pod CIDRs of that family
     fi
 }
 
-# divert IPT MATCH... -- PORT: packets of an existing transparent socket are marked for local
-# delivery; new ones are handed to the listener on PORT with TPROXY.
+# divert IPT MATCH... -- PORT: new connections matching MATCH go to the listener on PORT.
 divert() {
     ipt=$1; shift
     match=""
     while [ "$1" != "--" ]; do match="$match $1"; shift; done
     port=$2
     # shellcheck disable=SC2086 # $match is a word list on purpose
-    $ipt -A "$CHAIN" $match -m socket --transparent -j MARK --set-mark "$CAPTURE_MARK"
-    # shellcheck disable=SC2086
     $ipt -A "$CHAIN" $match -j TPROXY --on-port "$port" --tproxy-mark "$CAPTURE_MARK/0xfff"
 }
 

@@ -82,7 +82,12 @@ pub struct EchoServer {
 
 impl EchoServer {
     pub fn start(ip: &str, name: &str) -> EchoServer {
-        let listener = TcpListener::bind((ip.parse::<IpAddr>().unwrap(), 0)).unwrap();
+        EchoServer::start_on(ip, 0, name)
+    }
+
+    /// On a given port (0: any).
+    pub fn start_on(ip: &str, port: u16, name: &str) -> EchoServer {
+        let listener = TcpListener::bind((ip.parse::<IpAddr>().unwrap(), port)).unwrap();
         let addr = listener.local_addr().unwrap();
         let name = name.to_string();
         std::thread::spawn(move || {
