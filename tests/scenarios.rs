@@ -179,13 +179,55 @@ impl Rig {
     }
 
     fn push(&self, protocol: &str, policies: &str) {
+        self.push_next(protocol, policies);
+    }
+
+    /// Writes the config and waits until both proxies run a generation newer than before.
+    fn push_next(&self, protocol: &str, policies: &str) {
+        let before: Vec<u64> = (0..2)
+            .map(|i| self.in_node(i, || config_dump(&self.proxies[i])["configGeneration"].as_u64().unwrap()))
+            .collect();
         self.dir.write_config(&config(protocol, policies));
-        let want = 2;
-        for i in 0..2 {
+        for (i, b) in before.into_iter().enumerate() {
             let p = &self.proxies[i];
-            let ok = self.in_node(i, || eventually(|| config_dump(p)["configGeneration"].as_u64() >= Some(want)));
+            let ok = self.in_node(i, || eventually(|| config_dump(p)["configGeneration"].as_u64() > Some(b)));
             assert!(ok, "node {i} applied the push");
         }
+    }
+
+    /// A namespace behind w1 with an address w1 does not capture (a pod outside the mesh).
+    fn add_outsider(&self, ip: &str) -> Ns {
+        let pid = std::process::id();
+        let ns = Ns::new(format!("zo{pid}{}", ip.replace('.', "")));
+        let host_if = format!("vo{}", ip.rsplit('.').next().unwrap());
+        sh(
+            "ip",
+            &[
+                "link",
+                "add",
+                &host_if,
+                "netns",
+                &self.nodes[0].0,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                &ns.0,
+            ],
+        )
+        .unwrap();
+        ns.exec(&["ip", "addr", "add", &format!("{ip}/32"), "dev", "eth0"]);
+        ns.exec(&["ip", "link", "set", "eth0", "up"]);
+        ns.exec(&["ip", "route", "add", "169.254.1.1", "dev", "eth0"]);
+        ns.exec(&["ip", "route", "add", "default", "via", "169.254.1.1", "dev", "eth0"]);
+        self.nodes[0].exec(&["ip", "addr", "add", "169.254.1.1/32", "dev", &host_if]);
+        self.nodes[0].exec(&["ip", "link", "set", &host_if, "up"]);
+        self.nodes[0].exec(&["sysctl", "-q", "-w", &format!("net.ipv4.conf.{host_if}.rp_filter=0")]);
+        self.nodes[0].exec(&["ip", "route", "add", &format!("{ip}/32"), "dev", &host_if]);
+        self.nodes[1].exec(&["ip", "route", "add", &format!("{ip}/32"), "via", NODES[0].1]);
+        ns
     }
 
     /// A request from pod `from` to `to`: the server's greeting, or the error.
@@ -331,4 +373,120 @@ fn scenario_6_authorization_between_nodes() {
     ];
     assert!(counted(&s, "istio_tcp_connections_failed_total", &denied) >= 1.0, "w2 counts the denial");
     std::thread::sleep(Duration::from_millis(10));
+}
+
+#[test]
+fn scenarios_7_8_11_12_reauthorization_non_mesh_client_and_operator_views() {
+    if skip("scenarios_7_8_11_12_reauthorization_non_mesh_client_and_operator_views") {
+        return;
+    }
+    let rig = Rig::new("c");
+    let httpbin_ip = rig.pod("httpbin").ip;
+    let _server = rig.in_pod("httpbin", || EchoServer::start_on(httpbin_ip, 80, "httpbin"));
+    rig.push("HBONE", "[]");
+    let pod: SocketAddr = format!("{httpbin_ip}:80").parse().unwrap();
+
+    // 12. Each node holds certificates for its own pods' identities only.
+    let identities = |i: usize| -> Vec<String> {
+        rig.in_node(i, || {
+            assert!(eventually(|| config_dump(&rig.proxies[i])["certificates"].as_array().is_some_and(|c| c
+                .iter()
+                .filter(|c| c["state"] == "Available")
+                .count()
+                == 2)));
+            let mut ids: Vec<String> = config_dump(&rig.proxies[i])["certificates"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|c| {
+                    c["identity"]
+                        .as_str()
+                        .unwrap()
+                        .trim_start_matches("spiffe://cluster.local/ns/ambient-demo/sa/")
+                        .to_string()
+                })
+                .collect();
+            ids.sort();
+            ids
+        })
+    };
+    assert_eq!(identities(0), ["notsleep", "sleep"], "scenario 12, w1");
+    assert_eq!(identities(1), ["httpbin", "sleep"], "scenario 12, w2 (sleep2 runs as sleep)");
+
+    // 11. What an operator reads in config_dump.
+    let dump = rig.in_node(1, || config_dump(&rig.proxies[1]));
+    let httpbin = dump["workloads"].as_array().unwrap().iter().find(|w| w["name"] == "httpbin").unwrap();
+    for field in ["name", "namespace", "workloadIps", "node", "protocol"] {
+        assert!(!httpbin[field].is_null(), "workload field {field}: {httpbin}");
+    }
+    assert_eq!(dump["services"][0]["vips"], serde_json::json!([format!("/{VIP}")]));
+    let cert = &dump["certificates"][0];
+    for field in ["identity", "state"] {
+        assert!(cert[field].is_string(), "certificate {field}");
+    }
+    for field in ["serialNumber", "validFrom", "expirationTime"] {
+        assert!(cert["certChain"][0][field].is_string(), "certificate chain {field}: {cert}");
+    }
+    assert!(cert["rootCerts"].as_array().is_some_and(|r| !r.is_empty()));
+
+    // 7. A long-lived allowed connection is closed soon after a DENY policy arrives.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let held = std::thread::scope(|scope| {
+        let rig = &rig;
+        let h = scope.spawn(move || {
+            rig.in_pod("notsleep", move || {
+                let mut c = TcpStream::connect_timeout(&pod, PATIENCE).unwrap();
+                c.set_read_timeout(Some(PATIENCE)).unwrap();
+                assert_eq!(read_greeting(&mut c), "httpbin");
+                tx.send(()).unwrap();
+                let mut rest = Vec::new();
+                let _ = c.read_to_end(&mut rest);
+                std::time::Instant::now()
+            })
+        });
+        rx.recv().unwrap();
+        let edited = std::time::Instant::now();
+        rig.dir.write_config(&config(
+            "HBONE",
+            "[{name: deny-notsleep, namespace: ambient-demo, scope: Namespace, action: Deny, rules: [[[{principals: [!Exact cluster.local/ns/ambient-demo/sa/notsleep]}]]]}]",
+        ));
+        let closed = h.join().unwrap();
+        closed.saturating_duration_since(edited)
+    });
+    println!("scenario 7: the open connection was closed {held:?} after the policy edit");
+    assert!(held < PATIENCE);
+    assert!(rig.request("notsleep", pod).is_err(), "and new ones are refused");
+    assert_eq!(rig.request("sleep", pod).as_deref(), Ok("httpbin"), "others still pass");
+
+    // 8. A client outside the mesh (its node does not capture it) reaches the pod through w2's
+    // plaintext capture while PERMISSIVE, and is refused once STRICT.
+    let outsider = rig.add_outsider("10.10.9.2");
+    let reach = || {
+        run_in(outsider.name(), move || -> Result<String, String> {
+            let mut c = TcpStream::connect_timeout(&pod, PATIENCE).map_err(|e| e.to_string())?;
+            c.set_read_timeout(Some(PATIENCE)).unwrap();
+            let mut buf = [0u8; 64];
+            match c.read(&mut buf) {
+                Ok(0) | Err(_) => Err("closed".into()),
+                Ok(n) => Ok(String::from_utf8_lossy(&buf[..n]).trim_end().to_string()),
+            }
+        })
+        .unwrap()
+    };
+    rig.push_next("HBONE", "[]");
+    assert_eq!(reach().as_deref(), Ok("httpbin"), "scenario 8: PERMISSIVE");
+    let s = rig.scrape(1);
+    assert!(
+        counted(
+            &s,
+            "istio_tcp_connections_opened_total",
+            &[("reporter", "destination"), ("connection_security_policy", "unknown")]
+        ) >= 1.0
+    );
+    rig.push_next(
+        "HBONE",
+        "[{name: strict, namespace: ambient-demo, scope: Namespace, action: Deny, rules: [[[{notPrincipals: [!Presence []]}]]]}]",
+    );
+    assert!(reach().is_err(), "scenario 8: STRICT refuses plaintext");
+    assert_eq!(rig.request("sleep", pod).as_deref(), Ok("httpbin"), "mesh clients still pass under STRICT");
 }
