@@ -490,3 +490,111 @@ fn scenarios_7_8_11_12_reauthorization_non_mesh_client_and_operator_views() {
     assert!(reach().is_err(), "scenario 8: STRICT refuses plaintext");
     assert_eq!(rig.request("sleep", pod).as_deref(), Ok("httpbin"), "mesh clients still pass under STRICT");
 }
+
+#[test]
+fn scenarios_4_9_13_telemetry_an_hbone_speaking_client_and_drain() {
+    if skip("scenarios_4_9_13_telemetry_an_hbone_speaking_client_and_drain") {
+        return;
+    }
+    let mut rig = Rig::new("d");
+    let httpbin_ip = rig.pod("httpbin").ip;
+    let _server = rig.in_pod("httpbin", || EchoServer::start_on(httpbin_ip, 80, "httpbin"));
+    rig.push("HBONE", "[]");
+    for i in 0..2 {
+        assert!(rig.in_node(i, || eventually(|| {
+            config_dump(&rig.proxies[i])["certificates"]
+                .as_array()
+                .is_some_and(|c| c.iter().filter(|c| c["state"] == "Available").count() == 2)
+        })));
+    }
+    let pod: SocketAddr = format!("{httpbin_ip}:80").parse().unwrap();
+
+    // 4. Telemetry on both nodes, bytes equal to what moved.
+    let payload = vec![b'x'; 50_000];
+    let sent = payload.len() as f64;
+    rig.in_pod("sleep", || {
+        let mut c = TcpStream::connect_timeout(&pod, PATIENCE).unwrap();
+        c.set_read_timeout(Some(PATIENCE)).unwrap();
+        assert_eq!(read_greeting(&mut c), "httpbin");
+        echo_roundtrip(&mut c, &payload);
+        c.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut rest = Vec::new();
+        c.read_to_end(&mut rest).unwrap();
+    });
+    let base = |reporter: &'static str| {
+        [
+            ("reporter", reporter),
+            ("source_workload", "sleep"),
+            ("source_principal", "spiffe://cluster.local/ns/ambient-demo/sa/sleep"),
+            ("destination_workload", "httpbin"),
+            ("destination_principal", "spiffe://cluster.local/ns/ambient-demo/sa/httpbin"),
+            ("destination_workload_namespace", "ambient-demo"),
+            ("connection_security_policy", "mutual_tls"),
+        ]
+    };
+    for (node, reporter) in [(0, "source"), (1, "destination")] {
+        assert!(
+            eventually(|| counted(&rig.scrape(node), "istio_tcp_connections_closed_total", &base(reporter)) == 1.0),
+            "scenario 4: {reporter} on node {node}"
+        );
+        let s = rig.scrape(node);
+        assert_eq!(counted(&s, "istio_tcp_connections_opened_total", &base(reporter)), 1.0);
+        assert_eq!(counted(&s, "istio_tcp_sent_bytes_total", &base(reporter)), sent, "{reporter} sent bytes");
+        assert_eq!(
+            counted(&s, "istio_tcp_received_bytes_total", &base(reporter)),
+            sent + "httpbin\n".len() as f64,
+            "{reporter} received bytes"
+        );
+    }
+
+    // 9. A client speaking HBONE itself (a sidecar: not captured by its node) reaches httpbin
+    // through w2's HBONE capture, STRICT on: it has an identity.
+    rig.push_next(
+        "HBONE",
+        "[{name: strict, namespace: ambient-demo, scope: Namespace, action: Deny, rules: [[[{notPrincipals: [!Presence []]}]]]}]",
+    );
+    let ca_cfg = Config::for_tests(rig.dir.0.join("config.yaml")).ca;
+    let (ca, _) = ztunnel::tls::ca::LocalCa::from_config(&ca_cfg, "cluster.local", Duration::from_secs(3600)).unwrap();
+    let me = ca
+        .issue(&"spiffe://cluster.local/ns/ambient-demo/sa/sleep".parse().unwrap(), std::time::SystemTime::now())
+        .unwrap();
+    let server_id = "spiffe://cluster.local/ns/ambient-demo/sa/httpbin".parse().unwrap();
+    let sidecar = rig.add_outsider("10.10.9.3");
+    let greeting = run_in(sidecar.name(), move || {
+        block_on(async move {
+            let hbone: SocketAddr = format!("{httpbin_ip}:15008").parse().unwrap();
+            let mut send = hbone_client(hbone, &me, &server_id).await;
+            let (status, _up, mut down) = request(&mut send, http::Method::CONNECT, &format!("{httpbin_ip}:80")).await;
+            assert_eq!(status, http::StatusCode::OK);
+            let chunk = down.data().await.unwrap().unwrap();
+            String::from_utf8_lossy(&chunk).trim_end().to_string()
+        })
+    })
+    .unwrap();
+    assert_eq!(greeting, "httpbin", "scenario 9");
+
+    // 13. Drain: w2 stops while a connection is open; it may finish within the deadline, with
+    // every byte delivered.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let w2 = rig.proxies.remove(1);
+    std::thread::scope(|scope| {
+        let rig = &rig;
+        let client = scope.spawn(move || {
+            rig.in_pod("sleep", move || {
+                let mut c = TcpStream::connect_timeout(&pod, PATIENCE).unwrap();
+                c.set_read_timeout(Some(PATIENCE)).unwrap();
+                assert_eq!(read_greeting(&mut c), "httpbin");
+                tx.send(()).unwrap();
+                // Keep talking while w2 drains.
+                for i in 0..20 {
+                    echo_roundtrip(&mut c, format!("during drain {i}").as_bytes());
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            })
+        });
+        rx.recv().unwrap();
+        w2.shutdown();
+        client.join().expect("scenario 13: no byte lost while draining");
+    });
+    w2.wait().unwrap();
+}
