@@ -135,7 +135,13 @@ fn a_workload_switching_to_hbone_by_push_is_reached_over_hbone() {
     assert_eq!(read_greeting(&mut meshed), "pod");
     echo_roundtrip(&mut meshed, b"now in the mesh");
     echo_roundtrip(&mut plain, b"the plain connection opened before is untouched");
-    assert_eq!(established_on(proxy.addrs.inbound.port()), 1, "the new connection rides HBONE");
+    // The proxy's own count: the stream arrived over HBONE (mutual TLS) at the pod's side.
+    let hbone =
+        [("reporter", "destination"), ("destination_workload", "pod"), ("connection_security_policy", "mutual_tls")];
+    assert!(
+        eventually(|| sample(&scrape(&proxy), "istio_tcp_connections_opened_total", &hbone) == Some(1.0)),
+        "the new connection rides HBONE"
+    );
     stop(proxy);
 }
 
