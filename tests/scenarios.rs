@@ -50,6 +50,22 @@ struct Pod {
     ip: &'static str,
 }
 
+/// Connects namespace `ns` (address `ip`) to `node` by a veth pair, calico style: a /32 on the
+/// pod's side, a link-local gateway that every pod-facing interface of the node carries, and a
+/// /32 route on the node.
+fn attach(node: &Ns, ns: &Ns, host_if: &str, ip: &str) {
+    sh("ip", &["link", "add", host_if, "netns", &node.0, "type", "veth", "peer", "name", "eth0", "netns", &ns.0])
+        .unwrap();
+    ns.exec(&["ip", "addr", "add", &format!("{ip}/32"), "dev", "eth0"]);
+    ns.exec(&["ip", "link", "set", "eth0", "up"]);
+    ns.exec(&["ip", "route", "add", "169.254.1.1", "dev", "eth0"]);
+    ns.exec(&["ip", "route", "add", "default", "via", "169.254.1.1", "dev", "eth0"]);
+    node.exec(&["ip", "addr", "add", "169.254.1.1/32", "dev", host_if]);
+    node.exec(&["ip", "link", "set", host_if, "up"]);
+    node.exec(&["sysctl", "-q", "-w", &format!("net.ipv4.conf.{host_if}.rp_filter=0")]);
+    node.exec(&["ip", "route", "add", &format!("{ip}/32"), "dev", host_if]);
+}
+
 struct Rig {
     // Field order is drop order: proxies stop before their namespaces go.
     proxies: Vec<ztunnel::app::Proxy>,
@@ -108,35 +124,7 @@ impl Rig {
         for (name, node, ip) in PODS {
             let ns = Ns::new(format!("zp{pid}{tag}{name}"));
             let host_if = format!("vp{name}");
-            let host_if = &host_if[..host_if.len().min(15)];
-            sh(
-                "ip",
-                &[
-                    "link",
-                    "add",
-                    host_if,
-                    "netns",
-                    &nodes[node].0,
-                    "type",
-                    "veth",
-                    "peer",
-                    "name",
-                    "eth0",
-                    "netns",
-                    &ns.0,
-                ],
-            )
-            .unwrap();
-            ns.exec(&["ip", "addr", "add", &format!("{ip}/32"), "dev", "eth0"]);
-            ns.exec(&["ip", "link", "set", "eth0", "up"]);
-            ns.exec(&["ip", "route", "add", "169.254.1.1", "dev", "eth0"]);
-            ns.exec(&["ip", "route", "add", "default", "via", "169.254.1.1", "dev", "eth0"]);
-            let n = &nodes[node];
-            // The pod's gateway is a link-local address every pod-facing interface carries.
-            n.exec(&["ip", "addr", "add", "169.254.1.1/32", "dev", host_if]);
-            n.exec(&["ip", "link", "set", host_if, "up"]);
-            n.exec(&["sysctl", "-q", "-w", &format!("net.ipv4.conf.{host_if}.rp_filter=0")]);
-            n.exec(&["ip", "route", "add", &format!("{ip}/32"), "dev", host_if]);
+            attach(&nodes[node], &ns, &host_if[..host_if.len().min(15)], ip);
             pods.push((name, Pod { ns, ip }));
         }
         for (node, (_, _, cidr)) in nodes.iter().zip(NODES) {
@@ -200,32 +188,7 @@ impl Rig {
         let pid = std::process::id();
         let ns = Ns::new(format!("zo{pid}{}", ip.replace('.', "")));
         let host_if = format!("vo{}", ip.rsplit('.').next().unwrap());
-        sh(
-            "ip",
-            &[
-                "link",
-                "add",
-                &host_if,
-                "netns",
-                &self.nodes[0].0,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                "eth0",
-                "netns",
-                &ns.0,
-            ],
-        )
-        .unwrap();
-        ns.exec(&["ip", "addr", "add", &format!("{ip}/32"), "dev", "eth0"]);
-        ns.exec(&["ip", "link", "set", "eth0", "up"]);
-        ns.exec(&["ip", "route", "add", "169.254.1.1", "dev", "eth0"]);
-        ns.exec(&["ip", "route", "add", "default", "via", "169.254.1.1", "dev", "eth0"]);
-        self.nodes[0].exec(&["ip", "addr", "add", "169.254.1.1/32", "dev", &host_if]);
-        self.nodes[0].exec(&["ip", "link", "set", &host_if, "up"]);
-        self.nodes[0].exec(&["sysctl", "-q", "-w", &format!("net.ipv4.conf.{host_if}.rp_filter=0")]);
-        self.nodes[0].exec(&["ip", "route", "add", &format!("{ip}/32"), "dev", &host_if]);
+        attach(&self.nodes[0], &ns, &host_if, ip);
         self.nodes[1].exec(&["ip", "route", "add", &format!("{ip}/32"), "via", NODES[0].1]);
         ns
     }
