@@ -10,12 +10,14 @@ use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::Duration;
 
 use hdrhistogram::Histogram;
 
 use crate::model::{Identity, Workload};
 use crate::net::relay::RelayStats;
+use crate::snapshot::ServiceEntry;
 
 /// Label names, in the order `Labels` holds their values (COMPAT.md's list).
 pub const LABEL_NAMES: [&str; 23] = [
@@ -47,6 +49,45 @@ pub const LABEL_NAMES: [&str; 23] = [
 const UNKNOWN: &str = "unknown";
 /// Longest label value kept; longer ones (only a peer's baggage can be that long) are cut.
 const MAX_VALUE: usize = 128;
+/// Entries of the recent-labels cache before it starts over.
+const MAX_RECENT: usize = 4096;
+
+/// What a connection's labels are made of, compared by identity (the same `Arc`s): the
+/// reporter, the source and destination workloads, the service, the outcome.
+#[derive(Clone)]
+pub struct LabelKey {
+    pub reporter: &'static str,
+    pub src: Option<Arc<Workload>>,
+    pub dst: Option<Arc<Workload>>,
+    pub service: Option<Arc<ServiceEntry>>,
+    pub response_flags: &'static str,
+    pub mutual_tls: bool,
+}
+
+fn ptr<T>(a: &Option<Arc<T>>) -> *const T {
+    a.as_ref().map_or(std::ptr::null(), Arc::as_ptr)
+}
+
+impl PartialEq for LabelKey {
+    fn eq(&self, o: &LabelKey) -> bool {
+        self.reporter == o.reporter
+            && ptr(&self.src) == ptr(&o.src)
+            && ptr(&self.dst) == ptr(&o.dst)
+            && ptr(&self.service) == ptr(&o.service)
+            && self.response_flags == o.response_flags
+            && self.mutual_tls == o.mutual_tls
+    }
+}
+
+impl Eq for LabelKey {}
+
+impl std::hash::Hash for LabelKey {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        (self.reporter, ptr(&self.src), ptr(&self.dst), ptr(&self.service), self.response_flags, self.mutual_tls)
+            .hash(h);
+    }
+}
+
 /// Distinct label sets one worker keeps; past it, peer-supplied values collapse to `unknown`
 /// so a peer inventing a new name per connection cannot grow memory without bound.
 const MAX_SERIES: usize = 10_000;
@@ -247,6 +288,8 @@ pub struct Shard {
     series: RefCell<HashMap<Rc<Labels>, Totals>>,
     open: RefCell<HashMap<u64, OpenEntry>>,
     next: Cell<u64>,
+    /// Labels of recent connections by what they were made of (see [`Shard::labels`]).
+    recent: RefCell<HashMap<LabelKey, Rc<Labels>>>,
     setup: RefCell<Vec<Histogram<u64>>>,
 }
 
@@ -256,6 +299,7 @@ impl Default for Shard {
             series: RefCell::default(),
             open: RefCell::default(),
             next: Cell::new(0),
+            recent: RefCell::default(),
             setup: RefCell::new(SETUP_PATHS.iter().map(|_| new_histogram()).collect()),
         }
     }
@@ -280,7 +324,8 @@ impl Drop for OpenConn {
 }
 
 impl Shard {
-    fn intern(&self, labels: Labels) -> Rc<Labels> {
+    /// The shared copy of `labels` (a new series if it is new).
+    pub fn intern(&self, labels: Labels) -> Rc<Labels> {
         let mut series = self.series.borrow_mut();
         let labels = if series.len() >= MAX_SERIES && !series.contains_key(&labels) {
             labels.without_source_details()
@@ -297,9 +342,25 @@ impl Shard {
         }
     }
 
+    /// The series for `key`, built by `make` only the first time: a connection between the
+    /// same workloads (and service, reporter, outcome) as an earlier one reuses its labels
+    /// without building and hashing 23 strings again.
+    pub fn labels(&self, key: LabelKey, make: impl FnOnce() -> Labels) -> Rc<Labels> {
+        if let Some(l) = self.recent.borrow().get(&key) {
+            return l.clone();
+        }
+        let labels = self.intern(make());
+        let mut recent = self.recent.borrow_mut();
+        if recent.len() >= MAX_RECENT {
+            // It holds workloads of past configs alive; start again rather than grow.
+            recent.clear();
+        }
+        recent.insert(key, labels.clone());
+        labels
+    }
+
     /// Counts a connection opened; its bytes are read from `stats` until the guard drops.
-    pub fn open(self: &Rc<Self>, labels: Labels, stats: Rc<RelayStats>) -> OpenConn {
-        let labels = self.intern(labels);
+    pub fn open(self: &Rc<Self>, labels: Rc<Labels>, stats: Rc<RelayStats>) -> OpenConn {
         self.series.borrow_mut().entry(labels.clone()).or_default().opened += 1;
         let id = self.next.get();
         self.next.set(id + 1);
@@ -308,8 +369,7 @@ impl Shard {
     }
 
     /// Counts a connection that failed before any byte moved (denied, upstream unreachable).
-    pub fn failed(&self, labels: Labels) {
-        let labels = self.intern(labels);
+    pub fn failed(&self, labels: Rc<Labels>) {
         let mut series = self.series.borrow_mut();
         let t = series.entry(labels).or_default();
         t.opened += 1;
@@ -449,4 +509,43 @@ fn escape(v: &str) -> String {
         }
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_are_built_once_per_workload_pair_and_reporter() {
+        let shard = Shard::default();
+        let w = |name: &str| -> Arc<Workload> {
+            Arc::new(
+                serde_yaml_ng::from_str(&format!("{{uid: {name}, name: {name}, namespace: ns, workloadIps: []}}"))
+                    .unwrap(),
+            )
+        };
+        let (a, b) = (w("a"), w("b"));
+        let key = |reporter, src: &Arc<Workload>| LabelKey {
+            reporter,
+            src: Some(src.clone()),
+            dst: Some(b.clone()),
+            service: None,
+            response_flags: "-",
+            mutual_tls: true,
+        };
+        let built = Cell::new(0);
+        let make = |reporter: &str, src: &Workload| {
+            built.set(built.get() + 1);
+            Labels::new(reporter, &Peer::of(src, "c"), &Peer::of(&b, "c"), &ServiceLabels::default(), "-", true)
+        };
+        let first = shard.labels(key("source", &a), || make("source", &a));
+        let again = shard.labels(key("source", &a), || make("source", &a));
+        assert!(Rc::ptr_eq(&first, &again) && built.get() == 1, "the second connection reuses the series");
+        let other = shard.labels(key("destination", &a), || make("destination", &a));
+        assert!(!Rc::ptr_eq(&first, &other) && built.get() == 2);
+        // The same names in a new config (new Arcs) land on the same series, built once more.
+        let a2 = w("a");
+        let renewed = shard.labels(key("source", &a2), || make("source", &a2));
+        assert!(Rc::ptr_eq(&first, &renewed) && built.get() == 3);
+    }
 }

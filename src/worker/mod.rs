@@ -36,7 +36,7 @@ use crate::net::relay::{Halves, RelayEnd, RelayStats, relay};
 use crate::net::{ListenOpts, bind_listener, canonical, sockopt};
 use crate::snapshot::Snapshot;
 use crate::telemetry::access::ConnLog;
-use crate::telemetry::metrics::{OpenConn, SetupPath, Shard};
+use crate::telemetry::metrics::{LabelKey, Labels, OpenConn, SetupPath, Shard};
 use crate::tls::WorkloadCert;
 use channel::{WorkerMsg, WorkerRx};
 use conns::{ConnGuard, ConnTable, Direction, Signal};
@@ -468,10 +468,29 @@ pub(crate) fn count_open(ctx: &WorkerCtx, log: &ConnLog, stats: &Rc<RelayStats>)
     }
     let mut out = [None, None];
     for (slot, reporter) in out.iter_mut().zip(reporters(log)) {
-        let labels = log.labels(reporter, "-", mutual_tls(log), &ctx.cfg.cluster_id);
-        *slot = Some(ctx.metrics.open(labels, stats.clone()));
+        *slot = Some(ctx.metrics.open(series(ctx, log, reporter, "-"), stats.clone()));
     }
     out
+}
+
+/// The metric series of a connection as `reporter` sees it, from the worker's cache when the
+/// labels come from config alone (workloads and service), built afresh when a peer's identity
+/// or baggage had a say.
+fn series(ctx: &WorkerCtx, log: &ConnLog, reporter: &'static str, flags: &'static str) -> Rc<Labels> {
+    let make = || log.labels(reporter, flags, mutual_tls(log), &ctx.cfg.cluster_id);
+    let from_config = log.src_baggage.is_none() && (log.src_identity.is_none() || log.src_workload.is_some());
+    if !from_config {
+        return ctx.metrics.intern(make());
+    }
+    let key = LabelKey {
+        reporter,
+        src: log.src_workload.clone(),
+        dst: log.dst_workload.clone(),
+        service: log.dst_service.clone(),
+        response_flags: flags,
+        mutual_tls: mutual_tls(log),
+    };
+    ctx.metrics.labels(key, make)
 }
 
 /// Counts a connection that failed during setup, once the proxy knew whose it was.
@@ -480,7 +499,7 @@ pub(crate) fn count_failed(ctx: &WorkerCtx, log: &ConnLog, e: &ProxyError) {
         return;
     }
     for reporter in reporters(log) {
-        ctx.metrics.failed(log.labels(reporter, e.response_flags(), mutual_tls(log), &ctx.cfg.cluster_id));
+        ctx.metrics.failed(series(ctx, log, reporter, e.response_flags()));
     }
 }
 
