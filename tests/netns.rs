@@ -140,11 +140,7 @@ services:
     echo_roundtrip(&mut c, b"inbound");
     drop(c);
     // Inbound plaintext for a pod of another node: refused, closed without data.
-    let mut c = TcpStream::connect(remote.addr).map_err(|e| e.to_string())?;
-    c.set_read_timeout(Some(PATIENCE)).unwrap();
-    let mut buf = Vec::new();
-    let _ = c.read_to_end(&mut buf);
-    check(buf.is_empty(), "inbound for a non-local workload is refused")?;
+    check(closed_without_data(remote.addr), "inbound for a non-local workload is refused")?;
     proxy.shutdown();
     proxy.wait().map_err(|e| e.to_string())?;
     Ok(())
@@ -248,11 +244,7 @@ fn strict_scenario(ns: &Netns) -> Result<(), String> {
     let mut rest = Vec::new();
     let _ = open.read_to_end(&mut rest);
     check(rest.is_empty(), "STRICT closes the open plaintext connection")?;
-    let mut c = TcpStream::connect(pod.addr).map_err(|e| e.to_string())?;
-    c.set_read_timeout(Some(PATIENCE)).unwrap();
-    let mut buf = Vec::new();
-    let _ = c.read_to_end(&mut buf);
-    check(buf.is_empty(), "STRICT refuses new plaintext connections")?;
+    check(closed_without_data(pod.addr), "STRICT refuses new plaintext connections")?;
     proxy.shutdown();
     proxy.wait().map_err(|e| e.to_string())?;
     Ok(())

@@ -185,6 +185,16 @@ pub fn socks5_from(src: Option<IpAddr>, proxy: SocketAddr, dest: Dest) -> Result
     Ok(s)
 }
 
+/// Connects to `addr` and reads until the other side closes: true when it sent nothing (a
+/// refusal by closing). The connect itself must succeed.
+pub fn closed_without_data(addr: SocketAddr) -> bool {
+    let mut c = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connecting to {addr}: {e}"));
+    c.set_read_timeout(Some(PATIENCE)).unwrap();
+    let mut buf = Vec::new();
+    let _ = c.read_to_end(&mut buf);
+    buf.is_empty()
+}
+
 /// Sends `msg`, reads the echo back.
 pub fn echo_roundtrip(s: &mut TcpStream, msg: &[u8]) {
     s.write_all(msg).unwrap();
