@@ -236,20 +236,20 @@ pub fn spawn(
 }
 
 async fn run(mut spec: ControlSpec, ready: std::sync::mpsc::Sender<io::Result<ProxyAddrs>>) {
-    let bind = |addr: SocketAddr| async move {
-        tokio::net::TcpListener::bind(addr).await.map_err(|e| io::Error::new(e.kind(), format!("binding {addr}: {e}")))
+    // SO_REUSEPORT, as the data ports: a restarted proxy starts while this one drains.
+    let bind = |addr: SocketAddr| {
+        crate::net::bind_std(addr, crate::net::ListenOpts { transparent: false, backlog: 128 })
+            .and_then(tokio::net::TcpListener::from_std)
+            .map_err(|e| io::Error::new(e.kind(), format!("binding {addr}: {e}")))
     };
-    let (admin, readiness, metrics) = match (
-        bind(spec.cfg.listeners.admin).await,
-        bind(spec.cfg.listeners.readiness).await,
-        bind(spec.cfg.listeners.metrics).await,
-    ) {
-        (Ok(a), Ok(r), Ok(m)) => (a, r, m),
-        (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => {
-            let _ = ready.send(Err(e));
-            return;
-        }
-    };
+    let (admin, readiness, metrics) =
+        match (bind(spec.cfg.listeners.admin), bind(spec.cfg.listeners.readiness), bind(spec.cfg.listeners.metrics)) {
+            (Ok(a), Ok(r), Ok(m)) => (a, r, m),
+            (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => {
+                let _ = ready.send(Err(e));
+                return;
+            }
+        };
     let state = Rc::new(ControlState {
         cfg: spec.cfg.clone(),
         current: RefCell::new(spec.initial.clone()),
@@ -298,7 +298,8 @@ async fn run(mut spec: ControlSpec, ready: std::sync::mpsc::Sender<io::Result<Pr
     let s = state.clone();
     tokio::task::spawn_local(http::serve(admin, Rc::new(move |req| admin_handler(s.clone(), req))));
     let s = state.clone();
-    tokio::task::spawn_local(http::serve(readiness, Rc::new(move |req| readiness_handler(s.clone(), req))));
+    let readiness =
+        tokio::task::spawn_local(http::serve(readiness, Rc::new(move |req| readiness_handler(s.clone(), req))));
     let s = state.clone();
     tokio::task::spawn_local(http::serve(metrics, Rc::new(move |req| metrics_handler(s.clone(), req))));
     state.track_identities();
@@ -323,6 +324,9 @@ async fn run(mut spec: ControlSpec, ready: std::sync::mpsc::Sender<io::Result<Pr
 
     wait_for_shutdown(&mut spec.shutdown_rx, spec.handle_signals).await;
     state.draining.set(true);
+    // Probes now reach only the proxy that replaces this one (a port shared by SO_REUSEPORT
+    // hands what was queued here to it). Admin and metrics stay up until the exit.
+    readiness.abort();
     let deadline = Instant::now() + state.cfg.termination_deadline;
     tracing::info!(deadline = ?state.cfg.termination_deadline, "shutting down: draining workers");
     for w in &state.workers {

@@ -30,6 +30,12 @@ pub struct ListenOpts {
 /// Binds one `SO_REUSEPORT` listener. Every worker binds its own socket on the same address, so
 /// the kernel spreads new connections over the workers and no worker hands one to another.
 pub fn bind_listener(addr: SocketAddr, opts: ListenOpts) -> io::Result<TcpListener> {
+    TcpListener::from_std(bind_std(addr, opts)?)
+}
+
+/// The socket of [`bind_listener`], for any runtime. `SO_REUSEPORT` is also what lets a new
+/// proxy bind every port of the one it replaces while that one drains (a restart on a node).
+pub fn bind_std(addr: SocketAddr, opts: ListenOpts) -> io::Result<std::net::TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
     socket.set_reuse_port(true)?;
@@ -45,7 +51,7 @@ pub fn bind_listener(addr: SocketAddr, opts: ListenOpts) -> io::Result<TcpListen
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     socket.listen(opts.backlog)?;
-    TcpListener::from_std(socket.into())
+    Ok(socket.into())
 }
 
 /// Options of an upstream (proxy -> destination) connection.
