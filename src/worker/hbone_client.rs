@@ -105,9 +105,60 @@ pub async fn connect(
     dst_ids.sort();
     dst_ids.dedup();
     let key = PoolKey { src_id: identity.clone(), dst_ids, dst: hbone_addr, src_ip: client.ip() };
-    let (send_request, slot) = loop {
-        match ctx.pool.checkout(&key) {
-            Checkout::Ready(send, slot) => break (send, slot),
+    // A stream the peer never processed (it was going away: GOAWAY, REFUSED_STREAM, or the
+    // connection was already closing) is tried again on another connection; nothing of the
+    // client's has been sent yet. This is what keeps a restart of the peer invisible.
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        let (send_request, slot) = checkout(ctx, &key, &identity, expected, hbone_addr, client).await?;
+        let request = Request::builder()
+            .method(Method::CONNECT)
+            .uri(target.to_string())
+            .header("forwarded", forwarded(client, service_host))
+            .header("baggage", baggage(source, &ctx.cfg.cluster_id))
+            .header("traceparent", traceparent())
+            .body(())
+            .map_err(|e| hbone_err("building CONNECT", e))?;
+        let (stage, e) = match send_request.ready().await {
+            Err(e) => ("HTTP/2 connection", e),
+            Ok(mut ready) => match ready.send_request(request, false) {
+                Err(e) => ("sending CONNECT", e),
+                Ok((response, send)) => match response.await {
+                    Ok(response) if response.status() == StatusCode::OK => {
+                        return Ok(HboneStream { send, recv: response.into_body(), _slot: slot });
+                    }
+                    Ok(response) => {
+                        let status = response.status().as_u16();
+                        return Err(ProxyError::HboneRefused { peer: hbone_addr, target, status });
+                    }
+                    Err(e) if e.is_go_away() || e.reason() == Some(h2::Reason::REFUSED_STREAM) => {
+                        ("CONNECT response", e)
+                    }
+                    Err(e) => return Err(hbone_err("CONNECT response", e)),
+                },
+            },
+        };
+        slot.retire_connection();
+        if attempts >= 3 {
+            return Err(hbone_err(stage, e));
+        }
+        tracing::debug!(peer = %hbone_addr, error = %e, "{stage} failed before the stream was processed; retrying on another connection");
+    }
+}
+
+/// A stream's place on a pooled connection to `key`, dialing one when none has room.
+async fn checkout(
+    ctx: &WorkerCtx,
+    key: &PoolKey,
+    identity: &Identity,
+    expected: &[Identity],
+    hbone_addr: SocketAddr,
+    client: SocketAddr,
+) -> Result<(h2::client::SendRequest<Bytes>, StreamSlot), ProxyError> {
+    loop {
+        match ctx.pool.checkout(key) {
+            Checkout::Ready(send, slot) => return Ok((send, slot)),
             Checkout::Wait(dial) => {
                 // One dial per key: wait for it, then take a stream on what it made.
                 monoio::time::timeout(ctx.cfg.connect_timeout, dial.wait())
@@ -115,29 +166,14 @@ pub async fn connect(
                     .map_err(|_| hbone_err("waiting for a pooled connection", format!("to {hbone_addr} timed out")))?;
             }
             Checkout::Dial(_) => {
-                let mut guard = DialGuard { pool: &ctx.pool, key: &key, done: false };
-                let conn = dial_connection(ctx, &identity, expected, hbone_addr, client.ip()).await?;
+                let mut guard = DialGuard { pool: &ctx.pool, key, done: false };
+                let conn = dial_connection(ctx, identity, expected, hbone_addr, client.ip()).await?;
                 guard.done = true;
                 tracing::debug!(src = %identity, dst = %hbone_addr, "new pooled HBONE connection");
-                break ctx.pool.dialed(&key, conn);
+                return Ok(ctx.pool.dialed(key, conn));
             }
         }
-    };
-    let request = Request::builder()
-        .method(Method::CONNECT)
-        .uri(target.to_string())
-        .header("forwarded", forwarded(client, service_host))
-        .header("baggage", baggage(source, &ctx.cfg.cluster_id))
-        .header("traceparent", traceparent())
-        .body(())
-        .map_err(|e| hbone_err("building CONNECT", e))?;
-    let mut ready = send_request.ready().await.map_err(|e| hbone_err("HTTP/2 connection", e))?;
-    let (response, send) = ready.send_request(request, false).map_err(|e| hbone_err("sending CONNECT", e))?;
-    let response = response.await.map_err(|e| hbone_err("CONNECT response", e))?;
-    if response.status() != StatusCode::OK {
-        return Err(ProxyError::HboneRefused { peer: hbone_addr, target, status: response.status().as_u16() });
     }
-    Ok(HboneStream { send, recv: response.into_body(), _slot: slot })
 }
 
 /// A new mTLS + HTTP/2 connection to `hbone_addr`, with its driver task running.

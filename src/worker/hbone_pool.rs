@@ -40,6 +40,13 @@ pub struct StreamSlot {
     conn: Rc<PooledConn>,
 }
 
+impl StreamSlot {
+    /// The peer is going away (GOAWAY) or the connection failed: no new stream goes to it.
+    pub fn retire_connection(&self) {
+        self.conn.dead.set(true);
+    }
+}
+
 impl Drop for StreamSlot {
     fn drop(&mut self) {
         self.conn.active.set(self.conn.active.get().saturating_sub(1));
