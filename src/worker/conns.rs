@@ -106,9 +106,7 @@ pub enum Direction {
 
 struct Entry {
     close: Signal,
-    #[allow(dead_code)] // for dumps
     direction: Direction,
-    #[allow(dead_code)]
     peer: SocketAddr,
     /// Set when the connection was authorized: what to re-check when policies change.
     authz: Option<Box<AuthzInfo>>,
@@ -171,6 +169,18 @@ impl ConnTable {
 
     pub fn is_empty(&self) -> bool {
         self.entries.borrow().is_empty()
+    }
+
+    /// Up to `n` open connections as `direction peer`, for the log line of a drain that had to
+    /// close them.
+    pub fn describe(&self, n: usize) -> String {
+        let entries = self.entries.borrow();
+        let mut out: Vec<String> =
+            entries.values().take(n).map(|e| format!("{:?} {}", e.direction, e.peer).to_lowercase()).collect();
+        if entries.len() > n {
+            out.push(format!("and {} more", entries.len() - n));
+        }
+        out.join(", ")
     }
 
     /// Re-checks every authorized connection against `snap` and closes the ones it now denies.

@@ -173,7 +173,7 @@ impl Stream {
         };
         tracing::info!(
             peer_ip = %self.peer.ip(),
-            peer_id = self.peer_id.as_ref().map(|i| i.to_string()).as_deref().unwrap_or("unknown"),
+            peer_id = %self.peer_id.as_ref().map(|i| i as &dyn std::fmt::Display).unwrap_or(&"unknown"),
             "got CONNECT request to {target}"
         );
         log.dst_addr = Some(target);

@@ -567,7 +567,12 @@ async fn drain(ctx: &WorkerCtx, deadline: Instant) {
     while !ctx.conns.is_empty() {
         let now = Instant::now();
         if now >= deadline {
-            tracing::warn!(worker = ctx.id, open = ctx.conns.len(), "drain deadline reached; closing open connections");
+            tracing::warn!(
+                worker = ctx.id,
+                open = ctx.conns.len(),
+                connections = %ctx.conns.describe(8),
+                "drain deadline reached; closing open connections"
+            );
             ctx.conns.close_all();
             // Let the closed connections' tasks run to write their access logs.
             let grace = Instant::now() + Duration::from_secs(1);
