@@ -352,16 +352,23 @@ pub async fn hbone_client(
     client: &ztunnel::tls::WorkloadCert,
     server_id: &Identity,
 ) -> h2::client::SendRequest<Bytes> {
+    hbone_connect(hbone, client, server_id).await.0
+}
+
+/// [`hbone_client`], with the connection's driver: it ends once the connection is closed (all
+/// request handles and streams dropped, or the peer gone), so a client can await its own exit.
+pub async fn hbone_connect(
+    hbone: SocketAddr,
+    client: &ztunnel::tls::WorkloadCert,
+    server_id: &Identity,
+) -> (h2::client::SendRequest<Bytes>, monoio::task::JoinHandle<Result<(), h2::Error>>) {
     let tcp = monoio::net::TcpStream::connect_addr(hbone).await.unwrap();
     let conn = ClientConnection::new(client.client_config(), ServerName::IpAddress(hbone.ip().into())).unwrap();
     let tls = TlsStream::handshake(tcp, conn).await.unwrap();
     ztunnel::tls::check_server_identity(tls.conn().peer_certificates(), std::slice::from_ref(server_id))
         .expect("the proxy presents the destination workload's identity");
     let (send, connection) = h2::client::handshake(tls).await.unwrap();
-    monoio::spawn(async move {
-        let _ = connection.await;
-    });
-    send
+    (send, monoio::spawn(connection))
 }
 
 pub async fn request(

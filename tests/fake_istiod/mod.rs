@@ -233,6 +233,11 @@ pub struct Istiod {
 impl Istiod {
     /// Starts on 127.0.0.1 (port 0: any).
     pub fn start(port: u16) -> Istiod {
+        Istiod::start_at(SocketAddr::from(([127, 0, 0, 1], port)))
+    }
+
+    /// Starts on `addr`, in the calling thread's network namespace (as is [`Istiod::restart`]).
+    pub fn start_at(addr: SocketAddr) -> Istiod {
         let root_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
         let mut root_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
         root_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
@@ -253,7 +258,7 @@ impl Istiod {
         fake.0.lock().unwrap().mesh_root = Some((mesh_root.pem(), mesh_key.serialize_pem()));
         let mut istiod = Istiod {
             fake,
-            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            addr,
             root_pem: root.pem(),
             hostname: "istiod.test",
             identity,
