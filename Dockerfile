@@ -6,6 +6,9 @@ COPY . .
 RUN cargo build --release --locked --bin ztunnel
 
 FROM debian:bookworm-slim
+# Not pinned to package versions (DL3008): the archive replaces them with each security update,
+# so pins would break the build; the base image's release is the pin.
+# hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends iptables iproute2 \
     && rm -rf /var/lib/apt/lists/*
