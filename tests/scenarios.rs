@@ -47,6 +47,9 @@ const DENY_NOTSLEEP: &str = "[{name: deny-notsleep, namespace: ambient-demo, sco
 const STRICT: &str = "[{name: strict, namespace: ambient-demo, scope: Namespace, action: Deny, rules: [[[{notPrincipals: [!Presence []]}]]]}]";
 /// What istiod sends for an ALLOW policy whose rules need L7 (`methods: [GET]`): ztunnel can't
 /// check them, so the policy keeps no rule and matches nothing (fail closed).
+/// Selects only the workloads that name it (`httpbin`), and allows everything.
+const ALLOW_ALL_SELECTED: &str =
+    "[{name: allow-all, namespace: ambient-demo, scope: WorkloadSelector, action: Allow, rules: [[]]}]";
 const ALLOW_GET_ONLY: &str = "[{name: allow-get, namespace: ambient-demo, scope: Namespace, action: Allow, rules: []}]";
 
 #[test]
@@ -71,7 +74,7 @@ fn scenarios_1_2_3_before_the_mesh_then_hbone_by_a_push_and_same_node() {
     assert!(counted(&s, "istio_tcp_connections_opened_total", &plain) >= 1.0);
     let dump = rig.dump(0);
     let workloads = dump["workloads"].as_array().unwrap();
-    assert!(workloads.iter().filter(|w| w["name"] != "foreign").all(|w| w["protocol"] == "TCP"), "{dump}");
+    assert!(workloads.iter().all(|w| w["protocol"] == "TCP"), "{dump}");
 
     // 2. The mesh is enabled by a push (no restart): the same request works, over HBONE, and
     // the node link carries only TLS to 15008.
@@ -194,9 +197,14 @@ fn scenarios_7_8_11_12_reauthorization_non_mesh_client_and_operator_views() {
     if skip("scenarios_7_8_11_12_reauthorization_non_mesh_client_and_operator_views") {
         return;
     }
-    let mut rig = Rig::new("c");
+    // Certificates live 6 s here, so they renew (at half-life) while the test runs.
+    let mut rig = Rig::new_with("c", &[("SECRET_TTL", "6s")]);
     rig.http_server("httpbin");
-    rig.push(&Mesh::hbone());
+    rig.push(&Mesh {
+        policies: ALLOW_ALL_SELECTED.into(),
+        httpbin_policies: &["ambient-demo/allow-all"],
+        ..Mesh::hbone()
+    });
     let pod = pod_addr(&rig, "httpbin");
 
     // 12. Each node holds certificates for its own pods' identities only.
@@ -228,6 +236,10 @@ fn scenarios_7_8_11_12_reauthorization_non_mesh_client_and_operator_views() {
     }
     assert_eq!(httpbin["node"], "w2");
     assert_eq!(httpbin["protocol"], "HBONE");
+    // Policies, and which workloads reference them.
+    assert_eq!(httpbin["authorizationPolicies"], serde_json::json!(["ambient-demo/allow-all"]), "{httpbin}");
+    let policy = &dump["policies"][0];
+    assert_eq!((&policy["name"], &policy["scope"]), (&"allow-all".into(), &"WorkloadSelector".into()), "{policy}");
     assert_eq!(dump["services"][0]["vips"], serde_json::json!([format!("/{VIP}")]));
     let cert = &dump["certificates"][0];
     for field in ["identity", "state"] {
@@ -237,6 +249,24 @@ fn scenarios_7_8_11_12_reauthorization_non_mesh_client_and_operator_views() {
         assert!(cert["certChain"][0][field].is_string(), "certificate chain {field}: {cert}");
     }
     assert!(cert["rootCerts"].as_array().is_some_and(|r| !r.is_empty()));
+
+    // 12, continued: certificates renew before expiry, and a connection open across the
+    // renewal (on both ends) keeps working.
+    let serial = |i: usize, sa: &str| {
+        let dump = rig.dump(i);
+        let c = dump["certificates"].as_array().unwrap().iter().find(|c| c["identity"] == spiffe(sa).as_str()).cloned();
+        c.map(|c| c["certChain"][0]["serialNumber"].clone())
+    };
+    let (before_client, before_server) = (serial(0, "sleep"), serial(1, "httpbin"));
+    let mut open = rig.in_pod("sleep", || HttpClient::connect(pod).unwrap());
+    assert_eq!(open.get("/").unwrap().1, "httpbin\n");
+    assert!(
+        eventually(|| serial(0, "sleep") != before_client && serial(1, "httpbin") != before_server),
+        "both certificates renewed"
+    );
+    assert_eq!(open.get("/after-the-renewal").unwrap().1, "httpbin\n", "the open connection survived");
+    open.close();
+    assert_eq!(rig.curl("sleep", pod).as_deref(), Ok("httpbin"), "new connections use the new certificates");
 
     // 7. A long-lived allowed connection (keep-alive requests) is closed soon after a DENY
     // policy arrives.
@@ -300,7 +330,8 @@ fn scenarios_4_9_13_telemetry_an_hbone_speaking_client_and_restart() {
     if skip("scenarios_4_9_13_telemetry_an_hbone_speaking_client_and_restart") {
         return;
     }
-    let mut rig = Rig::new("d");
+    // A short drain deadline: scenario 13 waits for it.
+    let mut rig = Rig::new_with("d", &[("CONNECTION_TERMINATION_DEADLINE", "3s")]);
     rig.http_server("httpbin");
     rig.push(&Mesh::hbone());
     rig.wait_for_certificates(0, 2);
@@ -381,6 +412,9 @@ fn scenarios_4_9_13_telemetry_an_hbone_speaking_client_and_restart() {
     // old one gets SIGTERM and drains; clients connecting all along see no failure, and a
     // connection open across the swap finishes its work.
     rig.push(&Mesh::hbone());
+    // An idle connection through w2 that nobody closes: the drain deadline does.
+    let mut idle = rig.in_pod("notsleep", || HttpClient::connect(pod).unwrap());
+    assert_eq!(idle.get("/").unwrap().1, "httpbin\n");
     let mut old = rig.proxies[1].take().unwrap();
     let stop = AtomicBool::new(false);
     let (tx, rx) = std::sync::mpsc::channel();
@@ -417,6 +451,8 @@ fn scenarios_4_9_13_telemetry_an_hbone_speaking_client_and_restart() {
         (churn.join().unwrap(), held.join().expect("scenario 13: the open connection kept working"), new)
     });
     assert!(old.log().contains("all workers drained; exiting"), "{}", old.log());
+    assert!(old.log().contains("drain deadline reached; closing open connections"), "{}", old.log());
+    assert!(idle.get("/").is_err(), "the idle connection was closed at the deadline");
     rig.proxies[1] = Some(new);
     let (ok, failed) = churn;
     println!(
@@ -455,7 +491,7 @@ fn scenarios_9_10_another_hbone_implementation_and_a_waypoint() {
     let other = rig.in_outsider(other_ns, || {
         HbonePeer::start(format!("{FOREIGN_IP}:15008").parse().unwrap(), "foreign", other_cert, HashMap::new())
     });
-    rig.push(&Mesh { waypoint: true, ..Mesh::hbone() });
+    rig.push(&Mesh { waypoint: true, foreign: true, ..Mesh::hbone() });
     rig.wait_for_certificates(0, 2);
     rig.wait_for_certificates(1, 2);
 

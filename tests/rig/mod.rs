@@ -108,11 +108,22 @@ pub struct Mesh {
     pub replicas: usize,
     /// The service has a waypoint (at [`WAYPOINT_IP`]).
     pub waypoint: bool,
+    /// The `foreign` workload (at [`FOREIGN_IP`], on a node of another implementation).
+    pub foreign: bool,
+    /// Policies `httpbin` names in `authorizationPolicies` (for `WorkloadSelector` policies).
+    pub httpbin_policies: &'static [&'static str],
 }
 
 impl Mesh {
     pub fn tcp() -> Mesh {
-        Mesh { protocol: "TCP", policies: "[]".into(), replicas: 1, waypoint: false }
+        Mesh {
+            protocol: "TCP",
+            policies: "[]".into(),
+            replicas: 1,
+            waypoint: false,
+            foreign: false,
+            httpbin_policies: &[],
+        }
     }
 
     pub fn hbone() -> Mesh {
@@ -132,9 +143,13 @@ impl Mesh {
             }
             let sa = name.trim_end_matches('2');
             let svc = if sa == "httpbin" {
-                ", services: {\"ambient-demo/httpbin.ambient-demo.svc.cluster.local\": {8000: 80}}"
+                format!(
+                    ", services: {{\"ambient-demo/httpbin.ambient-demo.svc.cluster.local\": {{8000: 80}}}}, \
+                     authorizationPolicies: [{}]",
+                    self.httpbin_policies.join(", ")
+                )
             } else {
-                ""
+                String::new()
             };
             y.push_str(&format!(
                 "- {{uid: {name}, name: {name}, namespace: ambient-demo, serviceAccount: {sa}, workloadIps: [{ip}], \
@@ -148,11 +163,13 @@ impl Mesh {
                  workloadIps: [{WAYPOINT_IP}], protocol: HBONE}}\n"
             ));
         }
-        // A pod on a node run by another HBONE implementation.
-        y.push_str(&format!(
-            "- {{uid: foreign, name: foreign, namespace: ambient-demo, serviceAccount: foreign, \
-             workloadIps: [{FOREIGN_IP}], protocol: HBONE, node: w3}}\n"
-        ));
+        if self.foreign {
+            // A pod on a node run by another HBONE implementation.
+            y.push_str(&format!(
+                "- {{uid: foreign, name: foreign, namespace: ambient-demo, serviceAccount: foreign, \
+                 workloadIps: [{FOREIGN_IP}], protocol: HBONE, node: w3}}\n"
+            ));
+        }
         let waypoint = if self.waypoint {
             format!(", waypoint: {{destination: \"/{WAYPOINT_IP}\", hboneMtlsPort: 15008}}")
         } else {
@@ -247,10 +264,17 @@ pub struct Rig {
 impl Rig {
     /// The rig with both proxies on the local config file (and a shared local CA).
     pub fn new(tag: &str) -> Rig {
+        Rig::new_with(tag, &[])
+    }
+
+    /// [`Rig::new`] with more environment for both proxies.
+    pub fn new_with(tag: &str, extra: &[(&str, &str)]) -> Rig {
         let mut rig = Rig::network(tag);
         let config = rig.dir.write_config(&Mesh::tcp().yaml());
         // No istiod: the file is the only source (and the local CA signs).
-        rig.start(&[("LOCAL_XDS_PATH", config.display().to_string()), ("XDS_ADDRESS", String::new())]);
+        let mut env = vec![("LOCAL_XDS_PATH", config.display().to_string()), ("XDS_ADDRESS", String::new())];
+        env.extend(extra.iter().map(|(k, v)| (*k, v.to_string())));
+        rig.start(&env);
         rig
     }
 
