@@ -41,6 +41,13 @@ fn the_daemonset_has_what_a_node_proxy_needs() {
         ds["spec"]["template"]["metadata"]["labels"]["app"].as_str().map(|a| serde_json::json!({"app": a})).unwrap()
     );
     assert_eq!(pod["hostNetwork"], true, "shared mode runs in the node's network namespace");
+    // A rollout starts the new pod next to the old one. Declared ports would be hostPorts on a
+    // host-network pod, and the scheduler refuses a second pod with the same hostPorts.
+    let rolling = &ds["spec"]["updateStrategy"]["rollingUpdate"];
+    assert_eq!((&rolling["maxSurge"], &rolling["maxUnavailable"]), (&1.into(), &0.into()));
+    for ctr in pod["containers"].as_array().unwrap().iter().chain(pod["initContainers"].as_array().unwrap()) {
+        assert!(ctr["ports"].is_null(), "no declared (host) ports: {}", ctr["ports"]);
+    }
     assert_eq!(pod["serviceAccountName"], "ztunnel");
     let annotations = &ds["spec"]["template"]["metadata"]["annotations"];
     assert_eq!(annotations["prometheus.io/scrape"], "true");
