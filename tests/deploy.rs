@@ -112,6 +112,26 @@ fn the_daemonset_has_what_a_node_proxy_needs() {
 }
 
 #[test]
+fn the_uninstall_daemonset_removes_the_rules_on_every_node() {
+    let docs: Vec<Value> = serde_yaml_ng::Deserializer::from_str(include_str!("../deploy/ztunnel-uninstall.yaml"))
+        .map(|d| Value::deserialize(d).expect("valid YAML"))
+        .collect();
+    assert_eq!(docs.len(), 1);
+    let ds = kind(&docs, "DaemonSet");
+    assert_eq!(ds["metadata"]["namespace"], "istio-system");
+    let pod = &ds["spec"]["template"]["spec"];
+    assert_eq!(pod["hostNetwork"], true, "the rules live in the node's network namespace");
+    assert_eq!(pod["tolerations"], serde_json::json!([{"operator": "Exists"}]), "every node, as the proxy");
+    let remove = &pod["initContainers"][0];
+    assert_eq!(remove["command"], serde_json::json!(["/usr/local/bin/ztunnel-redirect.sh", "remove"]));
+    assert_eq!(remove["securityContext"]["capabilities"]["add"], serde_json::json!(["NET_ADMIN", "NET_RAW"]));
+    // The same image as the proxy's (the script ships in it).
+    let install = kind(&documents(), "DaemonSet")["spec"]["template"]["spec"]["initContainers"][0]["image"].clone();
+    assert_eq!(remove["image"], install);
+    assert_eq!(pod["containers"][0]["securityContext"]["capabilities"]["drop"], serde_json::json!(["ALL"]));
+}
+
+#[test]
 fn the_redirection_script_installs_and_removes_its_rules() {
     let syntax = Command::new("sh").args(["-n", SCRIPT]).status().unwrap();
     assert!(syntax.success(), "the script parses");
