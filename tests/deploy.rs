@@ -160,8 +160,16 @@ fn the_redirection_script_installs_and_removes_its_rules() {
     assert!(!run(&["sh", SCRIPT, "check"]).status.success(), "nothing installed yet");
     let added = run(&["sh", SCRIPT, "add"]);
     assert!(added.status.success(), "{}", String::from_utf8_lossy(&added.stderr));
-    // Idempotent: a second add replaces the first.
-    assert!(run(&["sh", SCRIPT, "add"]).status.success());
+    // Idempotent: a second add replaces the first, hooking its chains in before the first's
+    // go (traced: at no step is the pod traffic left uncaptured).
+    let again = run(&["sh", "-x", SCRIPT, "add"]);
+    assert!(again.status.success());
+    let trace = String::from_utf8_lossy(&again.stderr);
+    let step = |what: &str| trace.find(what).unwrap_or_else(|| panic!("{what} in the trace:\n{trace}"));
+    assert!(
+        step("-A PREROUTING -j ZTUNNEL-PREROUTING-NEXT") < step("-D PREROUTING -j ZTUNNEL-PREROUTING\n"),
+        "the new rules are in before the old go:\n{trace}"
+    );
     assert!(run(&["sh", SCRIPT, "check"]).status.success());
     let rules = out(&["iptables-save", "-t", "mangle"]);
     for want in
@@ -170,11 +178,23 @@ fn the_redirection_script_installs_and_removes_its_rules() {
         assert!(rules.contains(want), "{want} in\n{rules}");
     }
     assert_eq!(rules.matches("-A PREROUTING -j ZTUNNEL-PREROUTING").count(), 1, "installed once");
+    assert_eq!(rules.matches("-A OUTPUT -j ZTUNNEL-OUTPUT").count(), 1, "installed once");
+    assert!(!rules.contains("NEXT"), "the re-install's chains took the place of the first ones:\n{rules}");
+    assert_eq!(out(&["ip", "rule"]).matches("lookup 133").count(), 1, "one routing rule");
     assert!(out(&["ip", "rule"]).contains("lookup 133"));
     let rules6 = out(&["ip6tables-save", "-t", "mangle"]);
     assert!(rules6.contains("fd00:10:244::/48") && rules6.contains("--on-port 15001"), "IPv6 pods too:\n{rules6}");
     assert!(out(&["ip", "-6", "rule"]).contains("lookup 133"));
     assert_eq!(out(&["sysctl", "-n", "net.ipv4.tcp_migrate_req"]).trim(), "1");
+    // A re-install with other ranges replaces the rules (the IPv6 ones go with the range).
+    let v4_only = Command::new("ip")
+        .args(["netns", "exec", &ns, "env", "POD_CIDRS=10.245.0.0/16", "sh", SCRIPT, "add"])
+        .output()
+        .unwrap();
+    assert!(v4_only.status.success(), "{}", String::from_utf8_lossy(&v4_only.stderr));
+    let rules = out(&["iptables-save", "-t", "mangle"]);
+    assert!(rules.contains("10.245.0.0/16") && !rules.contains("10.244.0.0/16"), "{rules}");
+    assert!(!out(&["ip6tables-save", "-t", "mangle"]).contains("ZTUNNEL"));
     assert!(run(&["sh", SCRIPT, "remove"]).status.success());
     assert!(!run(&["sh", SCRIPT, "check"]).status.success(), "removed");
     assert!(!out(&["iptables-save", "-t", "mangle"]).contains("ZTUNNEL"));

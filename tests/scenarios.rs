@@ -439,6 +439,9 @@ fn scenarios_4_9_13_telemetry_an_hbone_speaking_client_and_restart() {
         });
         rx.recv().unwrap();
         std::thread::sleep(Duration::from_millis(200));
+        // The new pod: its init container installs the redirection again (in place: nothing
+        // escapes capture meanwhile), then its proxy starts next to the old one.
+        rig.reinstall_redirection(1);
         let new = rig.spawn(1, "-new");
         assert!(rig.in_node(1, || eventually(|| new.log().contains("control plane listening"))), "the new proxy is up");
         std::thread::sleep(Duration::from_millis(200));

@@ -99,6 +99,10 @@ fn attach(node: &Ns, ns: &Ns, host_if: &str, ip: &str) {
     node.exec(&["ip", "route", "add", &format!("{ip}/32"), "dev", host_if]);
 }
 
+fn install_redirection(node: &Ns, cidr: &str) {
+    node.exec(&["env", &format!("POD_CIDRS={cidr}"), "POD_IFACES=vp+", "sh", SCRIPT, "add"]);
+}
+
 /// What the mesh config says, written to the nodes' `LOCAL_XDS_PATH`.
 #[derive(Clone)]
 pub struct Mesh {
@@ -304,10 +308,16 @@ impl Rig {
             pods.push((name, Pod { ns, ip }));
         }
         for (node, (_, _, cidr)) in nodes.iter().zip(NODES) {
-            node.exec(&["env", &format!("POD_CIDRS={cidr}"), "POD_IFACES=vp+", "sh", SCRIPT, "add"]);
+            install_redirection(node, cidr);
         }
         let dir = TestDir::new(&format!("rig-{tag}"));
         Rig { proxies: Vec::new(), pods, outsiders: Vec::new(), nodes, dir, tag: tag.into(), env: Vec::new() }
+    }
+
+    /// Runs the redirection script's `add` on node `i` again, as a new pod of the DaemonSet
+    /// does (its init container) while the old one still serves.
+    pub fn reinstall_redirection(&self, i: usize) {
+        install_redirection(&self.nodes[i], NODES[i].2);
     }
 
     /// The local CA both nodes share (a cluster has one mesh root), created before the proxies
