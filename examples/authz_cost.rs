@@ -12,28 +12,18 @@ use ztunnel::snapshot::{LocalScope, Snapshot, SourceInfo};
 
 fn config(n: usize) -> String {
     let mut y = String::from(
-        "workloads:\n- {uid: server, name: server, namespace: perf, serviceAccount: server, workloadIps: [10.0.0.2], protocol: HBONE}\npolicies:\n",
+        "workloads:\n- {uid: server, name: server, namespace: perf, serviceAccount: server, workloadIps: [10.0.0.2], protocol: HBONE}\n",
     );
-    for i in 0..n.saturating_sub(1) {
-        y.push_str(&format!(
-            "- {{name: deny-{i}, namespace: perf, scope: Namespace, action: Deny, rules: [[[{{principals: \
-             [!Exact cluster.local/ns/other/sa/x{i}, !Prefix cluster.local/ns/blocked-{i}/]}}, \
-             {{sourceIps: [203.0.113.{}/32], destinationPorts: [{}]}}]]]}}\n",
-            i % 250,
-            1 + i % 1000
-        ));
+    // The benchmark's own policies (`perf run --policies N`)...
+    y.push_str(&perf::scenario::policies_yaml(n));
+    if n == 0 {
+        y.push_str("policies:\n");
     }
-    // Policies of other namespaces: in the mesh, not for this workload.
+    // ...and policies of other namespaces: in the mesh, not for this workload.
     for i in 0..n * 10 {
         y.push_str(&format!(
             "- {{name: elsewhere-{i}, namespace: ns-{i}, scope: Namespace, action: Deny, rules: [[[{{destinationPorts: [1]}}]]]}}\n"
         ));
-    }
-    if n > 0 {
-        y.push_str(
-            "- {name: allow-clients, namespace: perf, scope: Namespace, action: Allow, rules: [[[{principals: \
-             [!Exact cluster.local/ns/other/sa/a, !Suffix /sa/client]}]]]}\n",
-        );
     }
     y
 }

@@ -330,7 +330,7 @@ workloads:
 /// `n` authorization policies on the scenario's namespace, all evaluated for every inbound
 /// connection and all letting the benchmark through: `n - 1` DENY policies for principals
 /// that are not ours (each with several matches), and one ALLOW listing the client among others.
-fn policies_yaml(n: usize) -> String {
+pub fn policies_yaml(n: usize) -> String {
     if n == 0 {
         return String::new();
     }
