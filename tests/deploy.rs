@@ -135,8 +135,7 @@ fn the_uninstall_daemonset_removes_the_rules_on_every_node() {
 fn the_redirection_script_installs_and_removes_its_rules() {
     let syntax = Command::new("sh").args(["-n", SCRIPT]).status().unwrap();
     assert!(syntax.success(), "the script parses");
-    if let Some(why) = perf::netns::unavailable() {
-        println!("SKIPPED running the redirection script: {why}");
+    if common::skip_without_netns("running the redirection script") {
         return;
     }
     let ns = format!("zt-deploy-{}", std::process::id());

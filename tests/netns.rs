@@ -48,8 +48,7 @@ impl Drop for Netns {
 
 #[test]
 fn redirect_capture_uses_original_destination() {
-    if let Some(why) = perf::netns::unavailable() {
-        println!("SKIPPED redirect_capture_uses_original_destination: {why}");
+    if skip_without_netns("redirect_capture_uses_original_destination") {
         return;
     }
     in_fresh_netns(scenario);
@@ -149,8 +148,7 @@ services:
 #[test]
 fn two_nodes_carry_a_captured_connection_over_hbone() {
     use perf::netns::{HBONE_WORKLOAD_IP, NODE_A_IP, Topology, run_in};
-    if let Some(why) = perf::netns::unavailable() {
-        println!("SKIPPED two_nodes_carry_a_captured_connection_over_hbone: {why}");
+    if skip_without_netns("two_nodes_carry_a_captured_connection_over_hbone") {
         return;
     }
     let topo = Topology::create().expect("two namespaces joined by veth");
@@ -208,8 +206,7 @@ workloads:
 
 #[test]
 fn plaintext_inbound_permissive_then_strict() {
-    if let Some(why) = perf::netns::unavailable() {
-        println!("SKIPPED plaintext_inbound_permissive_then_strict: {why}");
+    if skip_without_netns("plaintext_inbound_permissive_then_strict") {
         return;
     }
     in_fresh_netns(strict_scenario);
@@ -252,8 +249,7 @@ fn strict_scenario(ns: &Netns) -> Result<(), String> {
 
 #[test]
 fn a_new_proxy_takes_over_the_ports_of_a_draining_one_without_refusals() {
-    if let Some(why) = perf::netns::unavailable() {
-        println!("SKIPPED a_new_proxy_takes_over_the_ports_of_a_draining_one_without_refusals: {why}");
+    if skip_without_netns("a_new_proxy_takes_over_the_ports_of_a_draining_one_without_refusals") {
         return;
     }
     in_fresh_netns(handoff_scenario);

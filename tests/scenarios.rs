@@ -17,14 +17,6 @@ use common::*;
 use fake_istiod::{Istiod, psec, pwl};
 use rig::*;
 
-fn skip(test: &str) -> bool {
-    if let Some(why) = perf::netns::unavailable() {
-        println!("SKIPPED {test}: {why}");
-        return true;
-    }
-    false
-}
-
 fn counted(samples: &[Sample], name: &str, want: &[(&str, &str)]) -> f64 {
     samples
         .iter()
@@ -54,7 +46,7 @@ const ALLOW_GET_ONLY: &str = "[{name: allow-get, namespace: ambient-demo, scope:
 
 #[test]
 fn scenarios_1_2_3_before_the_mesh_then_hbone_by_a_push_and_same_node() {
-    if skip("scenarios_1_2_3_before_the_mesh_then_hbone_by_a_push_and_same_node") {
+    if skip_without_netns("scenarios_1_2_3_before_the_mesh_then_hbone_by_a_push_and_same_node") {
         return;
     }
     let rig = Rig::new("a");
@@ -129,7 +121,7 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
 
 #[test]
 fn scenario_5_load_balancing_across_two_replicas() {
-    if skip("scenario_5_load_balancing_across_two_replicas") {
+    if skip_without_netns("scenario_5_load_balancing_across_two_replicas") {
         return;
     }
     let rig = Rig::new("e");
@@ -161,7 +153,7 @@ fn scenario_5_load_balancing_across_two_replicas() {
 
 #[test]
 fn scenario_6_authorization_between_nodes() {
-    if skip("scenario_6_authorization_between_nodes") {
+    if skip_without_netns("scenario_6_authorization_between_nodes") {
         return;
     }
     let rig = Rig::new("b");
@@ -194,7 +186,7 @@ fn scenario_6_authorization_between_nodes() {
 
 #[test]
 fn scenarios_7_8_11_12_reauthorization_non_mesh_client_and_operator_views() {
-    if skip("scenarios_7_8_11_12_reauthorization_non_mesh_client_and_operator_views") {
+    if skip_without_netns("scenarios_7_8_11_12_reauthorization_non_mesh_client_and_operator_views") {
         return;
     }
     // Certificates live 6 s here, so they renew (at half-life) while the test runs.
@@ -327,7 +319,7 @@ fn keep_fetching(rig: &Rig, from: &str, to: SocketAddr, stop: &AtomicBool) -> (u
 
 #[test]
 fn scenarios_4_9_13_telemetry_an_hbone_speaking_client_and_restart() {
-    if skip("scenarios_4_9_13_telemetry_an_hbone_speaking_client_and_restart") {
+    if skip_without_netns("scenarios_4_9_13_telemetry_an_hbone_speaking_client_and_restart") {
         return;
     }
     // A short drain deadline: scenario 13 waits for it.
@@ -470,7 +462,7 @@ fn scenarios_4_9_13_telemetry_an_hbone_speaking_client_and_restart() {
 
 #[test]
 fn scenarios_9_10_another_hbone_implementation_and_a_waypoint() {
-    if skip("scenarios_9_10_another_hbone_implementation_and_a_waypoint") {
+    if skip_without_netns("scenarios_9_10_another_hbone_implementation_and_a_waypoint") {
         return;
     }
     let mut rig = Rig::new("g");
@@ -568,7 +560,7 @@ fn deny_notsleep() -> psec::Authorization {
 
 #[test]
 fn scenario_14_istiod_loss() {
-    if skip("scenario_14_istiod_loss") {
+    if skip_without_netns("scenario_14_istiod_loss") {
         return;
     }
     // Both nodes are configured by a fake istiod (xDS and CA) on w1's node address.

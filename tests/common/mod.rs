@@ -16,6 +16,18 @@ use ztunnel::config::Config;
 use ztunnel::model::Identity;
 use ztunnel::tls::stream::TlsStream;
 
+/// True (after printing why) when this machine cannot run the root-only tests: network
+/// namespaces, iptables. The caller returns early.
+pub fn skip_without_netns(what: &str) -> bool {
+    match perf::netns::unavailable() {
+        Some(why) => {
+            println!("SKIPPED {what}: {why}");
+            true
+        }
+        None => false,
+    }
+}
+
 /// Generous bound for anything asynchronous: tests must pass on a slow, busy machine.
 pub const PATIENCE: Duration = Duration::from_secs(20);
 
