@@ -28,6 +28,13 @@ async fn read_at_least(body: &mut h2::RecvStream, n: usize) -> Vec<u8> {
     got
 }
 
+/// `sleep` on 127.0.0.1 calling `pod` (service account `httpbin`) on 127.0.0.3, both HBONE.
+const SLEEP_AND_POD: &str = r#"
+workloads:
+- {uid: sleep, name: sleep, namespace: ns, serviceAccount: sleep, workloadIps: [127.0.0.1], protocol: HBONE}
+- {uid: pod, name: pod, namespace: ns, serviceAccount: httpbin, workloadIps: [127.0.0.3], protocol: HBONE}
+"#;
+
 #[test]
 fn inbound_hbone_connect_statuses_and_bytes() {
     let pod = EchoServer::start("127.0.0.3", "pod");
@@ -165,11 +172,7 @@ services:
 fn pooled_connections_carry_100_streams_then_open_another() {
     let pod = EchoServer::start("127.0.0.3", "pod");
     let dir = TestDir::new("hbone-pool");
-    let yaml = r#"
-workloads:
-- {uid: sleep, name: sleep, namespace: ns, serviceAccount: sleep, workloadIps: [127.0.0.1], protocol: HBONE}
-- {uid: pod, name: pod, namespace: ns, serviceAccount: httpbin, workloadIps: [127.0.0.3], protocol: HBONE}
-"#;
+    let yaml = SLEEP_AND_POD;
     let mut cfg = Config::for_tests(dir.write_config(yaml));
     cfg.worker_threads = 1; // one worker, one pool
     cfg.pool_idle_timeout = Duration::from_secs(1);
@@ -201,11 +204,7 @@ workloads:
 fn node_local_fast_path_on_and_off_both_deliver() {
     let pod = EchoServer::start("127.0.0.3", "pod");
     let dir = TestDir::new("hbone-fast");
-    let yaml = r#"
-workloads:
-- {uid: sleep, name: sleep, namespace: ns, serviceAccount: sleep, workloadIps: [127.0.0.1], protocol: HBONE}
-- {uid: pod, name: pod, namespace: ns, serviceAccount: httpbin, workloadIps: [127.0.0.3], protocol: HBONE}
-"#;
+    let yaml = SLEEP_AND_POD;
     let path = dir.write_config(yaml);
     for fast in [true, false] {
         let mut cfg = Config::for_tests(path.clone());
@@ -343,11 +342,7 @@ services:
 fn certificate_renewal_under_an_open_connection_loses_no_bytes() {
     let pod = EchoServer::start("127.0.0.3", "pod");
     let dir = TestDir::new("hbone-renew");
-    let yaml = r#"
-workloads:
-- {uid: sleep, name: sleep, namespace: ns, serviceAccount: sleep, workloadIps: [127.0.0.1], protocol: HBONE}
-- {uid: pod, name: pod, namespace: ns, serviceAccount: httpbin, workloadIps: [127.0.0.3], protocol: HBONE}
-"#;
+    let yaml = SLEEP_AND_POD;
     let mut cfg = Config::for_tests(dir.write_config(yaml));
     cfg.secret_ttl = Duration::from_secs(3); // renewed about every 1.5 s
     let proxy = start_both_ends(cfg);
