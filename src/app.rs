@@ -3,7 +3,7 @@
 //! handle. `main` and the in-process tests both start the proxy through here.
 
 use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicBool, AtomicU64};
 
 use anyhow::{Context, bail};
 use tokio::sync::{mpsc, oneshot};
@@ -12,11 +12,13 @@ use crate::config::Config;
 use crate::control::CaChoice;
 use crate::control::{self, ControlSpec, LocalFileWatch, ProxyAddrs};
 use crate::model::ConfigState;
-use crate::net::sockopt;
+use crate::sys;
 use crate::snapshot::{LocalScope, Snapshot, SourceInfo};
 use crate::tls::ca::LocalCa;
-use crate::worker::{self, ListenAddrs, WorkerSpec, channel};
-use crate::xds::ca::CaOptions;
+use crate::control::istio_ca::CaOptions;
+use crate::net::ListenAddrs;
+use crate::snapshot::publish as channel;
+use crate::worker::{self, WorkerSpec};
 
 pub struct RunOptions {
     /// Drain on SIGTERM/SIGINT (the binary); tests stop the proxy through the handle instead.
@@ -70,7 +72,7 @@ pub fn start(cfg: Config, opts: RunOptions) -> anyhow::Result<Proxy> {
                 control::local::parse(&text).with_context(|| format!("invalid config file {}", path.display()))?;
             let source = SourceInfo { kind: "file", location: path.display().to_string() };
             let initial = Arc::new(Snapshot::build(1, source, scope, state.clone()));
-            sockopt::release_free_memory();
+            sys::release_free_memory();
             tracing::info!(
                 workloads = initial.workloads().count(),
                 services = initial.services().count(),
@@ -90,7 +92,7 @@ pub fn start(cfg: Config, opts: RunOptions) -> anyhow::Result<Proxy> {
         tracing::warn!(generation = 1, "config: {w}");
     }
 
-    match sockopt::raise_nofile_limit() {
+    match sys::raise_nofile_limit() {
         Ok(n) => tracing::debug!(limit = n, "open file limit"),
         Err(e) => tracing::warn!(error = %e, "could not raise the open file limit"),
     }
@@ -116,12 +118,12 @@ pub fn start(cfg: Config, opts: RunOptions) -> anyhow::Result<Proxy> {
     let spoof_source = match cfg.enable_orig_src {
         Some(false) => false,
         Some(true) => {
-            if !sockopt::can_spoof_source() {
+            if !sys::can_spoof_source() {
                 bail!("ENABLE_ORIG_SRC=true but IP_TRANSPARENT is not permitted (needs CAP_NET_ADMIN)");
             }
             true
         }
-        None => sockopt::can_spoof_source(),
+        None => sys::can_spoof_source(),
     };
 
     let cores = core_affinity::get_core_ids().unwrap_or_default();
@@ -133,13 +135,15 @@ pub fn start(cfg: Config, opts: RunOptions) -> anyhow::Result<Proxy> {
     };
     let mut txs = Vec::new();
     let mut generations = Vec::new();
+    let mut alive = Vec::new();
     let mut done_rxs = Vec::new();
-    let mut handles = Vec::new();
+    let mut workers = Vec::new();
     let mut driver = "";
     let (cert_tx, cert_rx) = mpsc::unbounded_channel();
     for id in 0..cfg.worker_threads {
         let (tx, rx) = channel::channel();
         let generation = Arc::new(AtomicU64::new(0));
+        let running = Arc::new(AtomicBool::new(false));
         let (done_tx, done_rx) = oneshot::channel::<()>();
         let spec = WorkerSpec {
             id,
@@ -150,10 +154,11 @@ pub fn start(cfg: Config, opts: RunOptions) -> anyhow::Result<Proxy> {
             core: (!cores.is_empty()).then(|| cores[id % cores.len()]),
             spoof_source,
             generation: generation.clone(),
+            alive: running.clone(),
+            done: done_tx,
             cert_requests: cert_tx.clone(),
         };
         let (handle, ready) = worker::spawn(spec).context("spawning a worker thread")?;
-        // The worker owns `done_tx` by being alive: move it into a thread-exit guard.
         let bound = ready.recv().map_err(|_| anyhow::anyhow!("worker {id} died during start-up"))?;
         let bound = bound.with_context(|| format!("worker {id}"))?;
         // The first worker resolved any port 0; the others must share its ports.
@@ -161,21 +166,9 @@ pub fn start(cfg: Config, opts: RunOptions) -> anyhow::Result<Proxy> {
         driver = bound.driver;
         txs.push(tx);
         generations.push(generation);
+        alive.push(running);
         done_rxs.push(done_rx);
-        handles.push((handle, done_tx));
-    }
-    // Each worker's done signal fires when its thread is joined by the watcher below.
-    let mut workers = Vec::new();
-    for (handle, done_tx) in handles {
-        let joiner = std::thread::Builder::new().name("worker-reaper".into()).spawn(move || {
-            let res = handle.join();
-            drop(done_tx);
-            if res.is_err() {
-                tracing::error!("a worker thread panicked");
-            }
-            res.map(|_| ()).ok();
-        })?;
-        workers.push(joiner);
+        workers.push(handle);
     }
     tracing::info!(workers = cfg.worker_threads, driver, spoof_source, "workers started");
 
@@ -185,6 +178,7 @@ pub fn start(cfg: Config, opts: RunOptions) -> anyhow::Result<Proxy> {
         initial,
         workers: txs,
         worker_generations: generations,
+        worker_alive: alive,
         worker_done: done_rxs,
         worker_addrs: addrs,
         driver,
@@ -203,7 +197,7 @@ pub fn start(cfg: Config, opts: RunOptions) -> anyhow::Result<Proxy> {
 
 /// The istiod client's settings from the config: the root CA read now (a missing one fails
 /// start-up naming `XDS_ROOT_CA`), Istio's node id and metadata.
-fn xds_options(cfg: &Config, address: &str) -> anyhow::Result<crate::xds::client::XdsOptions> {
+fn xds_options(cfg: &Config, address: &str) -> anyhow::Result<crate::control::xds::client::XdsOptions> {
     let root_ca = read_pem(&cfg.xds_root_ca, "XDS_ROOT_CA")?;
     let ns = cfg.pod_namespace.clone().unwrap_or_else(|| "istio-system".into());
     let pod = cfg.pod_name.clone().unwrap_or_else(|| "ztunnel".into());
@@ -220,7 +214,7 @@ fn xds_options(cfg: &Config, address: &str) -> anyhow::Result<crate::xds::client
     for (k, v) in std::env::vars().filter(|(k, _)| k.starts_with("ISTIO_META_")) {
         node_metadata.insert(k.trim_start_matches("ISTIO_META_").to_string(), v);
     }
-    Ok(crate::xds::client::XdsOptions {
+    Ok(crate::control::xds::client::XdsOptions {
         address: address.to_string(),
         root_ca,
         alt_hostname: cfg.alt_xds_hostname.clone(),

@@ -1,5 +1,9 @@
 //! Outbound routing decisions, pure: original destination + source workload + snapshot ->
 //! where to connect and how. No I/O; randomness comes in as a function so tests are exact.
+//!
+//! [`plan`] is the whole decision for one outbound connection (waypoint, node-local fast path,
+//! HBONE, plain TCP, passthrough, or refused with the reason); the worker then only dials what
+//! the plan says. Loop prevention lives here, in one place.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -41,6 +45,8 @@ pub enum RouteError {
     NoWorkloadAddress(String),
     #[error("waypoint {0} is not a known workload or service with a usable endpoint")]
     WaypointUnresolved(String),
+    #[error("HBONE destination {0} has no workload identity to verify; refusing rather than sending in clear")]
+    NoIdentity(SocketAddr),
 }
 
 /// The waypoint a connection must go through: HBONE to `hbone_addr`, the server being one of
@@ -101,9 +107,6 @@ pub fn outbound(
     dst: SocketAddr,
     rand: &mut dyn FnMut(u64) -> u64,
 ) -> Result<Route, RouteError> {
-    if crate::net::is_proxy_loop(dst) {
-        return Err(RouteError::Loop(dst));
-    }
     let network = source.network.as_str();
     if let Some(svc) = snap.service_by_vip(network, dst.ip()) {
         return via_service(svc, source, dst, rand);
@@ -150,6 +153,90 @@ fn via_service(
         workload: Some(ep.workload.clone()),
         service: Some(svc.clone()),
     })
+}
+
+/// What the proxy knows of itself when it plans a connection.
+#[derive(Debug, Clone, Copy)]
+pub struct PlanContext<'a> {
+    /// The network the proxy's own workloads are in (for "is this destination served here").
+    pub network: &'a str,
+    /// The proxy's own ports: a loopback destination with one of them would loop.
+    pub own_ports: &'a [u16],
+    /// `ENABLE_NODE_LOCAL_FAST_PATH`.
+    pub fast_path: bool,
+    /// The port peers accept HBONE on.
+    pub hbone_port: u16,
+}
+
+/// How an outbound connection leaves the proxy.
+#[derive(Debug)]
+pub enum Action {
+    /// HBONE to the destination's waypoint, with the original destination (untranslated) as the
+    /// CONNECT authority.
+    Waypoint { waypoint: WaypointRoute, authority: SocketAddr },
+    /// The destination runs on this node and is served by this proxy: no TLS, no HTTP/2; the
+    /// inbound checks run in-process before dialing the pod.
+    FastPath { target: SocketAddr, workload: Arc<Workload> },
+    /// HBONE to the destination workload's HBONE port, CONNECT to `target`, the server being one
+    /// of `identities` (the workload's, or any the service names).
+    Hbone { hbone_addr: SocketAddr, target: SocketAddr, identities: Vec<Identity> },
+    /// Plain TCP: to a workload outside the mesh, or passthrough to an address nobody knows.
+    Tcp { upstream: SocketAddr },
+}
+
+/// The decision for one outbound connection: the route (for logs and metrics) and the action.
+#[derive(Debug)]
+pub struct Plan {
+    pub route: Route,
+    pub action: Action,
+}
+
+/// True when `addr` would send the connection straight back into this proxy.
+fn is_loop(addr: SocketAddr, own_ports: &[u16]) -> bool {
+    addr.ip().is_loopback() && own_ports.contains(&addr.port())
+}
+
+/// Decides how a connection from `source` to the original destination `dst` leaves the proxy.
+/// Refusals carry their reason; a loop is refused whether it is the destination, the chosen
+/// endpoint or the waypoint that points back at the proxy.
+pub fn plan(
+    snap: &Snapshot,
+    at: &PlanContext<'_>,
+    source: &Workload,
+    dst: SocketAddr,
+    rand: &mut dyn FnMut(u64) -> u64,
+) -> Result<Plan, RouteError> {
+    if is_loop(dst, at.own_ports) {
+        return Err(RouteError::Loop(dst));
+    }
+    let route = outbound(snap, source, dst, rand)?;
+    if is_loop(route.upstream, at.own_ports) {
+        return Err(RouteError::Loop(route.upstream));
+    }
+    if let Some(waypoint) = waypoint(snap, source, &route, rand)? {
+        if is_loop(waypoint.hbone_addr, at.own_ports) {
+            return Err(RouteError::Loop(waypoint.hbone_addr));
+        }
+        return Ok(Plan { route, action: Action::Waypoint { waypoint, authority: dst } });
+    }
+    let action = match (route.transport, &route.workload) {
+        (Transport::Hbone, None) => return Err(RouteError::NoIdentity(dst)),
+        (Transport::Hbone, Some(wl))
+            if at.fast_path && snap.local_workload_by_ip(at.network, route.upstream.ip()).is_some() =>
+        {
+            Action::FastPath { target: route.upstream, workload: wl.clone() }
+        }
+        (Transport::Hbone, Some(wl)) => {
+            let mut identities = vec![wl.identity()];
+            if let Some(svc) = &route.service {
+                identities.extend(svc.service.subject_alt_names.iter().filter_map(|s| s.parse().ok()));
+            }
+            let hbone_addr = SocketAddr::new(route.upstream.ip(), at.hbone_port);
+            Action::Hbone { hbone_addr, target: route.upstream, identities }
+        }
+        (Transport::Tcp | Transport::Passthrough, _) => Action::Tcp { upstream: route.upstream },
+    };
+    Ok(Plan { route, action })
 }
 
 /// The workload address to use: same IP family as the original destination when it has one.
@@ -203,14 +290,15 @@ pub fn pick_endpoint<'a>(
 
 /// How many leading routing preferences the endpoint shares with the source.
 fn locality_rank(prefs: &[RoutingPreference], src: &Workload, dst: &Workload) -> usize {
-    let loc = |w: &Workload| w.locality.clone().unwrap_or_default();
-    let (sl, dl) = (loc(src), loc(dst));
+    // No locality compares as all-empty fields.
+    let (sl, dl) = (src.locality.as_ref(), dst.locality.as_ref());
+    let same = |f: for<'x> fn(&'x crate::model::Locality) -> &'x str| sl.map(f).unwrap_or("") == dl.map(f).unwrap_or("");
     prefs
         .iter()
         .take_while(|p| match p {
-            RoutingPreference::Region => sl.region == dl.region,
-            RoutingPreference::Zone => sl.zone == dl.zone,
-            RoutingPreference::Subzone => sl.subzone == dl.subzone,
+            RoutingPreference::Region => same(|l| l.region.as_str()),
+            RoutingPreference::Zone => same(|l| l.zone.as_str()),
+            RoutingPreference::Subzone => same(|l| l.subzone.as_str()),
             RoutingPreference::Node => src.node == dst.node,
             RoutingPreference::Cluster => src.cluster_id == dst.cluster_id,
             RoutingPreference::Network => src.network == dst.network,
@@ -299,7 +387,8 @@ services:
             outbound(&snap, &src, "10.96.0.1:81".parse().unwrap(), &mut r0),
             Err(RouteError::NoServicePort { port: 81, .. })
         ));
-        assert!(matches!(outbound(&snap, &src, "127.0.0.1:15001".parse().unwrap(), &mut r0), Err(RouteError::Loop(_))));
+        let at = PlanContext { network: "", own_ports: &[15001, 15006, 15008], fast_path: true, hbone_port: 15008 };
+        assert!(matches!(plan(&snap, &at, &src, "127.0.0.1:15001".parse().unwrap(), &mut r0), Err(RouteError::Loop(_))));
         assert!(
             outbound(&snap, &src, "127.0.0.1:8080".parse().unwrap(), &mut r0).is_ok(),
             "other loopback ports are fine"
@@ -400,5 +489,61 @@ services:
         let broken = snapshot(&yaml.replace("ns/waypoint.ns.svc\", hbone", "ns/nowhere.ns.svc\", hbone"));
         let route = outbound(&broken, &src, "10.96.0.1:80".parse().unwrap(), &mut |_| 0).unwrap();
         assert!(matches!(waypoint(&broken, &src, &route, &mut |_| 0), Err(RouteError::WaypointUnresolved(_))));
+    }
+    #[test]
+    fn plan_decides_each_path_and_refuses_loops() {
+        let yaml = r#"
+workloads:
+- {uid: src, name: src, namespace: ns, workloadIps: [10.0.0.1], node: n1, protocol: HBONE}
+- {uid: near, name: near, namespace: ns, workloadIps: [10.0.0.2], node: n1, protocol: HBONE}
+- {uid: far, name: far, namespace: ns, serviceAccount: far, workloadIps: [10.0.1.2], node: n2, protocol: HBONE, services: {"ns/far": {80: 8080}}}
+- {uid: legacy, name: legacy, namespace: ns, workloadIps: [10.0.2.1], node: n2}
+- {uid: wp, name: wp, namespace: ns, serviceAccount: waypoint, workloadIps: [10.0.5.5], node: n2, protocol: HBONE}
+- {uid: behind, name: behind, namespace: ns, workloadIps: [10.0.3.1], node: n2, protocol: HBONE, waypoint: {destination: "/10.0.5.5", hboneMtlsPort: 15008}}
+- {uid: looping, name: looping, namespace: ns, workloadIps: [127.0.0.1], node: n2, services: {"ns/loop": {80: 15001}}}
+- {uid: self-wp, name: self-wp, namespace: ns, workloadIps: [10.0.3.2], node: n2, protocol: HBONE, waypoint: {destination: "/127.0.0.1", hboneMtlsPort: 15008}}
+services:
+- {name: far, namespace: ns, hostname: far, vips: ["/10.96.0.2"], ports: {80: 8080}, subjectAltNames: ["spiffe://cluster.local/ns/ns/sa/extra"]}
+- {name: loop, namespace: ns, hostname: loop, vips: ["/10.96.0.9"], ports: {80: 15001}}
+"#;
+        let state = crate::control::local::parse(yaml).unwrap();
+        let source = SourceInfo { kind: "test", location: String::new() };
+        let snap = Snapshot::build(1, source, LocalScope::Node(Some("n1".into())), state);
+        let src = snap.workload_by_uid("src").unwrap().clone();
+        let own = [15001, 15006, 15008];
+        let at = PlanContext { network: "", own_ports: &own, fast_path: true, hbone_port: 15008 };
+        let sa = |s: &str| s.parse::<SocketAddr>().unwrap();
+        let plan_for = |at: &PlanContext<'_>, dst: &str| plan(&snap, at, &src, sa(dst), &mut |_| 0);
+
+        let p = plan_for(&at, "10.0.0.2:80").unwrap();
+        assert!(matches!(&p.action, Action::FastPath { target, workload } if *target == sa("10.0.0.2:80") && workload.uid == "near"));
+        let no_fast = PlanContext { fast_path: false, ..at };
+        let p = plan_for(&no_fast, "10.0.0.2:80").unwrap();
+        assert!(matches!(p.action, Action::Hbone { hbone_addr, .. } if hbone_addr == sa("10.0.0.2:15008")));
+
+        let p = plan_for(&at, "10.96.0.2:80").unwrap();
+        let Action::Hbone { hbone_addr, target, identities } = p.action else { panic!("far is HBONE: {:?}", p.action) };
+        assert_eq!((hbone_addr, target), (sa("10.0.1.2:15008"), sa("10.0.1.2:8080")));
+        let ids: Vec<String> = identities.iter().map(|i| i.to_string()).collect();
+        assert_eq!(ids, ["spiffe://cluster.local/ns/ns/sa/far", "spiffe://cluster.local/ns/ns/sa/extra"]);
+        assert_eq!(p.route.service.unwrap().service.name, "far");
+
+        let p = plan_for(&at, "10.0.2.1:5432").unwrap();
+        assert!(matches!(p.action, Action::Tcp { upstream } if upstream == sa("10.0.2.1:5432")));
+        assert_eq!(p.route.transport, Transport::Tcp);
+        let p = plan_for(&at, "192.0.2.1:443").unwrap();
+        assert!(matches!(p.action, Action::Tcp { .. }));
+        assert_eq!(p.route.transport, Transport::Passthrough);
+
+        let p = plan_for(&at, "10.0.3.1:80").unwrap();
+        let Action::Waypoint { waypoint, authority } = p.action else { panic!("behind a waypoint: {:?}", p.action) };
+        assert_eq!((waypoint.hbone_addr, authority), (sa("10.0.5.5:15008"), sa("10.0.3.1:80")));
+
+        // Loops, wherever they come from: the destination, the endpoint a service picks, the
+        // waypoint. A proxy port on another address is not a loop.
+        assert!(matches!(plan_for(&at, "127.0.0.1:15006"), Err(RouteError::Loop(a)) if a == sa("127.0.0.1:15006")));
+        assert!(matches!(plan_for(&at, "10.96.0.9:80"), Err(RouteError::Loop(a)) if a == sa("127.0.0.1:15001")));
+        assert!(matches!(plan_for(&at, "10.0.3.2:80"), Err(RouteError::Loop(a)) if a == sa("127.0.0.1:15008")));
+        assert!(plan_for(&at, "192.0.2.1:15001").is_ok());
     }
 }

@@ -5,8 +5,8 @@
 
 use libfuzzer_sys::fuzz_target;
 use prost::Message;
-use ztunnel::xds::convert::AddressResource;
-use ztunnel::xds::proto::{security, workload};
+use ztunnel::control::xds::convert::AddressResource;
+use ztunnel::control::xds::proto::{security, workload};
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(a) = workload::Address::decode(data) {

@@ -4,7 +4,7 @@
 //! A file is accepted whole or not at all: any error leaves the last good snapshot in place.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::SystemTime;
 
 use serde::Deserialize;
@@ -13,8 +13,6 @@ use crate::model::{Authorization, ConfigState, Service, Workload};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LocalConfigError {
-    #[error("reading {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
     #[error("{0}")]
     Parse(String),
     #[error("{field}: {reason}")]
@@ -110,19 +108,6 @@ pub fn parse(yaml: &str) -> Result<ConfigState, LocalConfigError> {
         }
     }
     Ok(state)
-}
-
-/// Reads and parses the file.
-pub fn load(path: &Path) -> Result<ConfigState, LocalConfigError> {
-    let text =
-        std::fs::read_to_string(path).map_err(|source| LocalConfigError::Read { path: path.to_path_buf(), source })?;
-    parse(&text).map_err(|e| match e {
-        LocalConfigError::Parse(m) => LocalConfigError::Parse(format!("{}: {m}", path.display())),
-        LocalConfigError::Invalid { field, reason } => {
-            LocalConfigError::Invalid { field: format!("{}: {field}", path.display()), reason }
-        }
-        other => other,
-    })
 }
 
 /// What identifies a version of the file without reading it. Follows symlinks, so a

@@ -6,7 +6,9 @@
 
 pub mod certs;
 pub mod http;
+pub mod istio_ca;
 pub mod local;
+pub mod xds;
 
 use std::cell::{Cell, RefCell};
 use std::collections::BTreeSet;
@@ -15,7 +17,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Instant;
 
 use serde_json::json;
@@ -26,9 +28,9 @@ use crate::model::{ConfigState, Identity};
 use crate::snapshot::{CertMap, ConfigIndex, Snapshot, SourceInfo};
 use crate::telemetry::metrics::Dump;
 use crate::tls::ca::LocalCa;
-use crate::worker::channel::{WorkerMsg, WorkerTx};
-use crate::xds::ca::IstioCa;
-use crate::xds::client::{XdsClient, XdsOptions};
+use crate::snapshot::publish::{WorkerMsg, WorkerTx};
+use istio_ca::IstioCa;
+use xds::client::{XdsClient, XdsOptions};
 use certs::CertManager;
 use http::{Request, Response};
 use local::FileStamp;
@@ -59,7 +61,7 @@ pub struct LocalFileWatch {
 /// is not `Send`).
 pub enum CaChoice {
     Local(Box<LocalCa>),
-    Istio(crate::xds::ca::CaOptions),
+    Istio(istio_ca::CaOptions),
 }
 
 /// Everything the control thread starts from; all of it `Send`.
@@ -68,9 +70,11 @@ pub struct ControlSpec {
     pub initial: Arc<Snapshot>,
     pub workers: Vec<WorkerTx>,
     pub worker_generations: Vec<Arc<AtomicU64>>,
+    /// False once a worker thread ended (a panic, before drain): readiness fails.
+    pub worker_alive: Vec<Arc<AtomicBool>>,
     /// Each resolves (with an error) when its worker thread has ended.
     pub worker_done: Vec<oneshot::Receiver<()>>,
-    pub worker_addrs: crate::worker::ListenAddrs,
+    pub worker_addrs: crate::net::ListenAddrs,
     pub driver: &'static str,
     pub local_file: Option<LocalFileWatch>,
     pub shutdown_rx: mpsc::UnboundedReceiver<()>,
@@ -89,6 +93,7 @@ struct ControlState {
     current: RefCell<Arc<Snapshot>>,
     workers: Vec<WorkerTx>,
     worker_generations: Vec<Arc<AtomicU64>>,
+    worker_alive: Vec<Arc<AtomicBool>>,
     draining: Cell<bool>,
     addrs: Cell<Option<ProxyAddrs>>,
     driver: &'static str,
@@ -175,7 +180,7 @@ impl ControlState {
         self.track_identities();
         // Parsing and building a large config leaves freed heap the allocator keeps: hand it
         // back, or a node proxy's RSS stays at the high-water mark of its biggest push.
-        crate::net::sockopt::release_free_memory();
+        crate::sys::release_free_memory();
     }
 
     /// Asks every worker for its metrics shard and merges them. A worker that does not answer
@@ -205,13 +210,15 @@ impl ControlState {
                 return Err("waiting for istiod's first answer for workloads and policies".into());
             }
         }
-        let pending: Vec<String> = self
-            .worker_generations
-            .iter()
-            .enumerate()
-            .filter(|(_, g)| g.load(Ordering::Acquire) == 0)
-            .map(|(i, _)| format!("worker {i} has no config yet"))
-            .collect();
+        let dead = self.worker_alive.iter().enumerate().filter(|(_, a)| !a.load(Ordering::Acquire));
+        let mut pending: Vec<String> = dead.map(|(i, _)| format!("worker {i} stopped (see its panic in the log)")).collect();
+        pending.extend(
+            self.worker_generations
+                .iter()
+                .enumerate()
+                .filter(|(_, g)| g.load(Ordering::Acquire) == 0)
+                .map(|(i, _)| format!("worker {i} has no config yet")),
+        );
         if pending.is_empty() { Ok(()) } else { Err(pending.join(", ")) }
     }
 }
@@ -255,6 +262,7 @@ async fn run(mut spec: ControlSpec, ready: std::sync::mpsc::Sender<io::Result<Pr
         current: RefCell::new(spec.initial.clone()),
         workers: spec.workers,
         worker_generations: spec.worker_generations,
+        worker_alive: spec.worker_alive,
         draining: Cell::new(false),
         addrs: Cell::new(None),
         driver: spec.driver,

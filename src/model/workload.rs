@@ -212,17 +212,6 @@ impl Workload {
             },
         }
     }
-
-    /// The canonical service name, as telemetry reports it.
-    pub fn canonical_service(&self) -> &str {
-        if !self.canonical_name.is_empty() {
-            &self.canonical_name
-        } else if !self.workload_name.is_empty() {
-            &self.workload_name
-        } else {
-            &self.name
-        }
-    }
 }
 
 #[cfg(test)]

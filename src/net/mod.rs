@@ -1,12 +1,13 @@
 //! Socket plumbing shared by every worker: listener and upstream socket creation with the
-//! options the mesh needs, original-destination lookup, and the relay between two streams.
+//! options the mesh needs, and the relay between two streams. The system calls themselves (and
+//! every `unsafe` block) are in `crate::sys`.
 //!
-//! All `unsafe` of the crate lives in this module (`sockopt`), each block with its argument.
 //! Nothing here keeps state: a worker calls these on its own sockets, on its own thread.
 
 pub mod bufpool;
 pub mod relay;
-pub mod sockopt;
+
+use crate::sys;
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -18,6 +19,16 @@ use socket2::{Domain, Protocol, Socket, Type};
 /// Ports the proxy itself listens on. A destination on loopback with one of these ports would
 /// send a connection straight back into the proxy, so it is never dialed.
 pub const PROXY_PORTS: [u16; 4] = [15001, 15006, 15008, 15080];
+
+/// The data-plane listener addresses. The first worker resolves port 0; the others bind what it
+/// got.
+#[derive(Debug, Clone, Copy)]
+pub struct ListenAddrs {
+    pub outbound: SocketAddr,
+    pub inbound_plain: SocketAddr,
+    pub inbound: SocketAddr,
+    pub socks5: Option<SocketAddr>,
+}
 
 /// How a listener socket is set up before it is handed to a worker's runtime.
 #[derive(Debug, Clone, Copy)]
@@ -44,7 +55,7 @@ pub fn bind_std(addr: SocketAddr, opts: ListenOpts) -> io::Result<std::net::TcpL
         socket.set_only_v6(!addr.ip().is_unspecified())?;
     }
     if opts.transparent {
-        if let Err(e) = sockopt::set_ip_transparent(&socket, addr.is_ipv6()) {
+        if let Err(e) = sys::set_ip_transparent(&socket, addr.is_ipv6()) {
             tracing::debug!(%addr, error = %e, "IP_TRANSPARENT not permitted; TPROXY capture unavailable");
         }
     }
@@ -96,8 +107,8 @@ pub async fn dial(dst: SocketAddr, opts: DialOpts) -> Result<TcpStream, DialErro
     prep().map_err(|e| DialError::Socket(dst, e))?;
     if let Some(src) = opts.spoof_source {
         let bind = || -> io::Result<()> {
-            sockopt::set_ip_transparent(&socket, dst.is_ipv6())?;
-            sockopt::set_freebind(&socket, dst.is_ipv6())?;
+            sys::set_ip_transparent(&socket, dst.is_ipv6())?;
+            sys::set_freebind(&socket, dst.is_ipv6())?;
             socket.bind(&SocketAddr::new(src, 0).into())
         };
         bind().map_err(|e| DialError::Spoof(src, e))?;
@@ -113,7 +124,7 @@ pub async fn dial(dst: SocketAddr, opts: DialOpts) -> Result<TcpStream, DialErro
         Ok(Err(e)) => return Err(DialError::Connect(dst, e)),
         Ok(Ok(())) => {}
     }
-    match sockopt::take_error(&stream) {
+    match sys::take_error(&stream) {
         Ok(None) => Ok(stream),
         Ok(Some(e)) | Err(e) => Err(DialError::Connect(dst, e)),
     }
@@ -130,9 +141,4 @@ pub fn prepare_accepted(stream: &TcpStream) {
 /// address see one form only.
 pub fn canonical(addr: SocketAddr) -> SocketAddr {
     SocketAddr::new(addr.ip().to_canonical(), addr.port())
-}
-
-/// True for a destination that would loop back into this proxy.
-pub fn is_proxy_loop(dst: SocketAddr) -> bool {
-    dst.ip().is_loopback() && PROXY_PORTS.contains(&dst.port())
 }

@@ -15,7 +15,8 @@ use monoio::buf::IoBuf;
 use monoio::io::{AsyncReadRent, AsyncWriteRent, OwnedReadHalf, OwnedWriteHalf, Splitable};
 use monoio::net::TcpStream;
 
-use super::{bufpool, sockopt};
+use super::bufpool;
+use crate::sys;
 
 /// Bytes moved so far, updated as they flow so live metrics can read them.
 #[derive(Debug, Default)]
@@ -101,7 +102,7 @@ async fn copy_one_way(
         let buf = match held.take() {
             Some(buf) => buf,
             None => {
-                sockopt::readable(&src).await?;
+                sys::readable(&src).await?;
                 bufpool::take()
             }
         };
@@ -153,12 +154,6 @@ async fn copy_one_way(
     }
 }
 
-/// The fd behind a split half.
-fn fd_of<T: std::os::fd::AsRawFd>(rc: &std::rc::Rc<std::cell::UnsafeCell<T>>) -> std::os::fd::RawFd {
-    // SAFETY: read-only access to the fd number of a stream the halves keep alive.
-    unsafe { &*rc.get() }.as_raw_fd()
-}
-
 /// Moves one direction's bytes through a pipe with `splice(2)`: the data never enters user
 /// space. Called from the worker thread directly (not as io_uring ops, which the kernel would
 /// punt to worker threads), waiting on io_uring readiness when a side would block.
@@ -168,15 +163,15 @@ async fn splice_one_way(
     counter: &Cell<u64>,
 ) -> io::Result<()> {
     use std::os::fd::AsRawFd;
-    let (src_fd, dst_fd) = (fd_of(&src.0), fd_of(&dst.0));
-    sockopt::set_nonblocking(src_fd)?;
-    sockopt::set_nonblocking(dst_fd)?;
-    let pipe = sockopt::Pipe::new(1024 * 1024)?;
+    let (src_fd, dst_fd) = (sys::half_fd(&src.0), sys::half_fd(&dst.0));
+    sys::set_nonblocking(src_fd)?;
+    sys::set_nonblocking(dst_fd)?;
+    let pipe = sys::Pipe::new(1024 * 1024)?;
     let (pipe_r, pipe_w) = (pipe.read.as_raw_fd(), pipe.write.as_raw_fd());
     let mut in_pipe = 0usize;
     loop {
         let mut eof = false;
-        match sockopt::splice(src_fd, pipe_w, pipe.capacity - in_pipe) {
+        match sys::splice(src_fd, pipe_w, pipe.capacity - in_pipe) {
             Ok(0) => eof = true,
             Ok(n) => {
                 in_pipe += n;
@@ -184,16 +179,16 @@ async fn splice_one_way(
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 if in_pipe == 0 {
-                    sockopt::readable(&src).await?;
+                    sys::readable(&src).await?;
                     continue;
                 }
             }
             Err(e) => return Err(e),
         }
         while in_pipe > 0 {
-            match sockopt::splice(pipe_r, dst_fd, in_pipe) {
+            match sys::splice(pipe_r, dst_fd, in_pipe) {
                 Ok(n) => in_pipe -= n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => sockopt::writable(&dst).await?,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => sys::writable(&dst).await?,
                 Err(e) => return Err(e),
             }
         }

@@ -1,5 +1,8 @@
 //! The worker's table of open connections, and a one-shot local signal.
 //!
+//! The table is where drain and live re-authorization reach a connection: each entry has a close
+//! signal and the reason it fired, so the connection's log says why it ended.
+//!
 //! Owned by one worker (`Rc`, `Cell`, `RefCell`; never shared across threads, no borrow held
 //! across an await). Every proxied connection registers here for its whole life, so drain can
 //! wait for the table to empty and then close what is left (and, with authorization, policy
@@ -104,8 +107,28 @@ pub enum Direction {
     Inbound,
 }
 
+/// Why the proxy closed a connection before its peers did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    /// The drain deadline passed with the connection still open.
+    DrainDeadline,
+    /// A new config's policies deny it.
+    PolicyDenied,
+}
+
+impl std::fmt::Display for CloseReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            CloseReason::DrainDeadline => "closed by the proxy at the drain deadline",
+            CloseReason::PolicyDenied => "closed by the proxy: the current authorization policies deny it",
+        })
+    }
+}
+
 struct Entry {
     close: Signal,
+    /// Set just before `close` fires.
+    reason: Cell<CloseReason>,
     direction: Direction,
     peer: SocketAddr,
     /// Set when the connection was authorized: what to re-check when policies change.
@@ -139,6 +162,11 @@ impl ConnGuard {
         &self.close
     }
 
+    /// Why the close signal fired (meaningful once it has).
+    pub fn close_reason(&self) -> CloseReason {
+        self.table.entries.borrow().get(&self.id).map(|e| e.reason.get()).unwrap_or(CloseReason::DrainDeadline)
+    }
+
     /// Records what the connection was authorized as, for re-checks when policies change. Call
     /// it in the same synchronous step as the decision, so no config can slip in between.
     pub fn set_authz(&self, info: AuthzInfo) {
@@ -159,7 +187,8 @@ impl ConnTable {
         let id = self.next.get();
         self.next.set(id + 1);
         let close = Signal::default();
-        self.entries.borrow_mut().insert(id, Entry { close: close.clone(), direction, peer, authz: None });
+        let reason = Cell::new(CloseReason::DrainDeadline);
+        self.entries.borrow_mut().insert(id, Entry { close: close.clone(), reason, direction, peer, authz: None });
         ConnGuard { table: self.clone(), id, close }
     }
 
@@ -195,6 +224,7 @@ impl ConnTable {
                 let info = e.authz.as_ref()?;
                 let wl = snap.workload_by_uid(&info.workload_uid)?;
                 super::authz::check(snap, wl, &info.conn, "re-check after a config change").err()?;
+                e.reason.set(CloseReason::PolicyDenied);
                 Some(e.close.clone())
             })
             .collect();
@@ -204,9 +234,18 @@ impl ConnTable {
         denied.len()
     }
 
-    /// Asks every open connection to close now.
-    pub fn close_all(&self) {
-        let signals: Vec<Signal> = self.entries.borrow().values().map(|e| e.close.clone()).collect();
+    /// Asks every open connection to close now, for `reason`.
+    pub fn close_all(&self, reason: CloseReason) {
+        let signals: Vec<Signal> = self
+            .entries
+            .borrow()
+            .values()
+            .filter(|e| !e.close.fired())
+            .map(|e| {
+                e.reason.set(reason);
+                e.close.clone()
+            })
+            .collect();
         for s in signals {
             s.fire();
         }
@@ -258,8 +297,9 @@ mod tests {
         let a = t.register(Direction::Outbound, peer);
         let b = t.register(Direction::Inbound, peer);
         assert_eq!(t.len(), 2);
-        t.close_all();
+        t.close_all(CloseReason::DrainDeadline);
         assert!(a.close_signal().fired() && b.close_signal().fired());
+        assert_eq!(a.close_reason(), CloseReason::DrainDeadline);
         drop(a);
         assert_eq!(t.len(), 1);
         drop(b);

@@ -1,7 +1,10 @@
-//! Why a proxied connection failed, in words an operator can act on.
+//! Why a proxied connection failed, in words an operator can act on, and the one place that
+//! classifies it for metrics (`response_flags`).
 
 use std::net::{IpAddr, SocketAddr};
 
+use super::conns::CloseReason;
+use crate::hbone::target::Refusal;
 use crate::net::DialError;
 use crate::routing::RouteError;
 
@@ -22,10 +25,12 @@ pub enum ProxyError {
     #[error("HBONE destination {0} has no workload identity to verify; refusing rather than sending in clear")]
     HboneUnavailable(String),
     #[error("refused by the destination's inbound checks: {0}")]
-    Refused(String),
+    Refused(Refusal),
     #[error(transparent)]
     Dial(#[from] DialError),
-    #[error("no certificate for {0} yet (is the local CA reachable?)")]
+    #[error(
+        "no certificate for {0} yet (the certificate source has not delivered one; see the control thread's log)"
+    )]
     NoCertificate(String),
     #[error("HBONE: {0}")]
     Hbone(String),
@@ -33,19 +38,22 @@ pub enum ProxyError {
     HboneRefused { peer: SocketAddr, target: SocketAddr, status: u16 },
     #[error("SOCKS5: {0}")]
     Socks5(String),
+    #[error("SOCKS5: writing to the client: {0}")]
+    Socks5Write(std::io::Error),
     #[error("relay: {0}")]
-    Io(std::io::Error),
+    Relay(std::io::Error),
     #[error("the client did not complete its handshake within {0:?}")]
     SetupTimeout(std::time::Duration),
-    #[error("closed by the proxy at the drain deadline")]
-    Drained,
+    #[error("{0}")]
+    Closed(CloseReason),
 }
 
 impl ProxyError {
     /// Istio's `response_flags` for a connection that failed this way.
     pub fn response_flags(&self) -> &'static str {
         match self {
-            ProxyError::Refused(_) | ProxyError::HboneRefused { status: 401 | 403, .. } => "DENY",
+            ProxyError::Refused(Refusal::Denied(_)) | ProxyError::HboneRefused { status: 401 | 403, .. } => "DENY",
+            ProxyError::Refused(Refusal::Upstream(_)) => "CONNECT",
             ProxyError::Dial(_)
             | ProxyError::Hbone(_)
             | ProxyError::HboneRefused { .. }

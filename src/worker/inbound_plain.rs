@@ -7,37 +7,38 @@ use std::net::SocketAddr;
 use monoio::net::TcpStream;
 
 use super::authz;
-use super::conns::{AuthzInfo, ConnGuard};
+use super::conns::AuthzInfo;
 use super::error::ProxyError;
-use super::{Established, Upstream, WorkerCtx, original_dst};
+use super::lifecycle::{Connection, Established, Upstream};
+use super::{WorkerCtx, original_dst};
+use crate::hbone::target::Refusal;
 use crate::net::{DialOpts, dial};
 use crate::rbac;
 use crate::routing::RouteError;
-use crate::telemetry::access::ConnLog;
 use crate::telemetry::metrics::SetupPath;
 
 pub async fn handle(
     ctx: &WorkerCtx,
-    guard: &ConnGuard,
+    conn: &mut Connection,
     stream: TcpStream,
     peer: SocketAddr,
-    log: &mut ConnLog,
 ) -> Result<Established, ProxyError> {
     let dst = original_dst(&stream, peer, ctx.addrs.inbound_plain)?;
-    if ctx.is_own_port(dst) {
+    if dst.ip().is_loopback() && ctx.own_ports.contains(&dst.port()) {
         return Err(RouteError::Loop(dst).into());
     }
     let snap = ctx.snapshot();
     let network = ctx.cfg.network.as_str();
     let target = snap.local_workload_by_ip(network, dst.ip()).ok_or(ProxyError::UnknownLocalDestination(dst))?;
+    let log = &mut conn.log;
     log.dst_workload = Some(target.clone());
     log.src_workload = snap.workload_by_ip(network, peer.ip()).cloned();
     log.dst_addr = Some(dst);
     log.path = Some(SetupPath::InboundPlain);
     // No identity in plaintext: STRICT mode (a DENY for connections without a principal) refuses.
-    let conn = rbac::Conn { src_ip: peer.ip(), identity: None, dst };
-    authz::check(&snap, target, &conn, "plaintext inbound").map_err(|d| ProxyError::Refused(format!("RBAC: {d}")))?;
-    guard.set_authz(AuthzInfo { conn, workload_uid: target.uid.clone() });
+    let rbac_conn = rbac::Conn { src_ip: peer.ip(), identity: None, dst };
+    authz::check(&snap, target, &rbac_conn, "plaintext inbound").map_err(|d| ProxyError::Refused(Refusal::Denied(d)))?;
+    conn.guard().set_authz(AuthzInfo { conn: rbac_conn, workload_uid: target.uid.clone() });
     let spoof_source = (ctx.spoof_source && peer.ip() != dst.ip()).then_some(peer.ip());
     let opts = DialOpts { mark: ctx.cfg.packet_mark, spoof_source, timeout: ctx.cfg.connect_timeout };
     let upstream = dial(dst, opts).await?;

@@ -10,14 +10,13 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
 use monoio::net::TcpStream;
 
-use super::conns::ConnGuard;
+use super::WorkerCtx;
 use super::error::ProxyError;
+use super::lifecycle::{Connection, Established, Upstream};
 use super::outbound::connect;
-use super::{Established, Upstream, WorkerCtx};
 use crate::net::DialError;
 use crate::routing::RouteError;
 use crate::snapshot::Snapshot;
-use crate::telemetry::access::ConnLog;
 
 pub const REPLY_OK: u8 = 0x00;
 pub const REPLY_GENERAL_FAILURE: u8 = 0x01;
@@ -160,10 +159,9 @@ fn reply_code(e: &ProxyError) -> u8 {
     match e {
         ProxyError::UnknownSource(_)
         | ProxyError::NoCertificate(_)
-        | ProxyError::HboneUnavailable(_)
         | ProxyError::Refused(_)
         | ProxyError::HboneRefused { status: 401 | 403, .. }
-        | ProxyError::Route(RouteError::Loop(_)) => REPLY_NOT_ALLOWED,
+        | ProxyError::Route(RouteError::Loop(_) | RouteError::NoIdentity(_)) => REPLY_NOT_ALLOWED,
         ProxyError::Route(_) | ProxyError::Dial(DialError::Timeout(..)) => REPLY_HOST_UNREACHABLE,
         ProxyError::Dial(DialError::Connect(_, io)) => match io.raw_os_error() {
             Some(libc::ECONNREFUSED) => REPLY_CONNECTION_REFUSED,
@@ -199,16 +197,15 @@ async fn read_message<T>(
 
 async fn write(stream: &mut TcpStream, bytes: Vec<u8>) -> Result<(), ProxyError> {
     let (res, _) = stream.write_all(bytes).await;
-    res.map(|_| ()).map_err(ProxyError::Io)
+    res.map(|_| ()).map_err(ProxyError::Socks5Write)
 }
 
 /// The SOCKS5 handshake, then the upstream connect; the reply tells the client how it went.
 pub async fn handle(
     ctx: &WorkerCtx,
-    guard: &ConnGuard,
+    conn: &mut Connection,
     mut stream: TcpStream,
     peer: SocketAddr,
-    log: &mut ConnLog,
 ) -> Result<Established, ProxyError> {
     let socks = |e: Socks5Error| ProxyError::Socks5(e.message);
     let mut acc = Vec::new();
@@ -244,7 +241,7 @@ pub async fn handle(
             }
         }
     };
-    let mut upstream = match connect(ctx, guard, &snap, log, peer, dst).await {
+    let mut upstream = match connect(ctx, conn, &snap, peer, dst).await {
         Ok(u) => u,
         Err(e) => {
             let _ = write(&mut stream, reply(reply_code(&e), None)).await;
@@ -260,7 +257,10 @@ pub async fn handle(
     if !acc.is_empty() {
         // Bytes the client sent right behind its request belong to the stream.
         match &mut upstream {
-            Upstream::Tcp(t) => write(t, acc).await?,
+            Upstream::Tcp(t) => {
+                let (res, _) = t.write_all(acc).await;
+                res.map_err(ProxyError::Relay)?;
+            }
             Upstream::Hbone(h) => h.send.send_data(acc.into(), false).map_err(|e| ProxyError::Hbone(e.to_string()))?,
         }
     }

@@ -13,18 +13,18 @@ use prost::Message;
 use tokio::sync::mpsc;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
-use ztunnel::xds::proto::ca::istio_certificate_service_server::{
+use ztunnel::control::xds::proto::ca::istio_certificate_service_server::{
     IstioCertificateService, IstioCertificateServiceServer,
 };
-use ztunnel::xds::proto::ca::{IstioCertificateRequest, IstioCertificateResponse};
-use ztunnel::xds::proto::discovery::aggregated_discovery_service_server::{
+use ztunnel::control::xds::proto::ca::{IstioCertificateRequest, IstioCertificateResponse};
+use ztunnel::control::xds::proto::discovery::aggregated_discovery_service_server::{
     AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
 };
-use ztunnel::xds::proto::discovery::{DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource};
+use ztunnel::control::xds::proto::discovery::{DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource};
 
-pub use ztunnel::xds::proto::security as psec;
-pub use ztunnel::xds::proto::workload as pwl;
-pub use ztunnel::xds::{ADDRESS_TYPE, AUTHORIZATION_TYPE};
+pub use ztunnel::control::xds::proto::security as psec;
+pub use ztunnel::control::xds::proto::workload as pwl;
+pub use ztunnel::control::xds::{ADDRESS_TYPE, AUTHORIZATION_TYPE};
 
 /// What the fake saw and holds.
 #[derive(Default)]

@@ -1,6 +1,9 @@
-//! Raw socket options that socket2 does not cover, and the one place with `unsafe` FFI.
+//! System calls the libraries do not cover, and the only module with `unsafe` code: socket
+//! options (original destination, transparent, freebind, pending error), file limits, pipes and
+//! `splice`, handing freed heap back to the kernel, and readiness on monoio's split halves.
 //!
 //! Every call here works on a file descriptor the caller owns for the duration of the call.
+//! Each `unsafe` block says why it is sound.
 
 use std::io;
 use std::mem::{MaybeUninit, size_of};
@@ -116,16 +119,6 @@ pub fn can_spoof_source() -> bool {
     set_ip_transparent(&sock, false).is_ok()
 }
 
-/// Waits for a read-readiness event on the stream behind a monoio read half, without holding a
-/// buffer: an idle connection then pins no memory for its pending read.
-pub async fn readable(half: &monoio::io::OwnedReadHalf<monoio::net::TcpStream>) -> io::Result<()> {
-    // SAFETY: the halves share one TcpStream through an UnsafeCell (monoio's split). We only
-    // take a shared reference for `readable`, which builds a poll operation from the fd and
-    // touches no state that a concurrent write on the other half mutates.
-    let stream: &monoio::net::TcpStream = unsafe { &*half.0.get() };
-    stream.readable(true).await
-}
-
 /// Raises the soft open-file limit to the hard limit: a node proxy holds two sockets per
 /// proxied connection. Returns the soft limit in force afterwards.
 pub fn raise_nofile_limit() -> io::Result<u64> {
@@ -144,13 +137,6 @@ pub fn raise_nofile_limit() -> io::Result<u64> {
         }
     }
     Ok(lim.rlim_cur)
-}
-
-/// Waits for write readiness on the stream behind a monoio write half (see [`readable`]).
-pub async fn writable(half: &monoio::io::OwnedWriteHalf<monoio::net::TcpStream>) -> io::Result<()> {
-    // SAFETY: as in `readable`: a shared reference used only to build a poll operation on the fd.
-    let stream: &monoio::net::TcpStream = unsafe { &*half.0.get() };
-    stream.writable(true).await
 }
 
 /// Puts a socket in non-blocking mode (raw `splice` calls must never block the worker).
@@ -215,4 +201,43 @@ pub fn release_free_memory() {
     unsafe {
         libc::malloc_trim(0);
     }
+}
+
+// Readiness on monoio's split halves.
+//
+// The relays wait for readiness before taking a buffer (an idle connection then pins no
+// memory), and splice needs the raw descriptor; monoio's halves offer neither, but expose the
+// shared stream as a public field (`Rc<UnsafeCell<TcpStream>>`). Why a shared reference into it
+// is sound, given monoio 0.2.4 (pinned with `=` in Cargo.toml because this argument reads its
+// code: `src/io/util/split.rs`, `src/net/tcp/stream.rs`):
+// 1. One thread. The halves hold an `Rc`, so they are `!Send`; only the worker that owns the
+//    connection can reach the stream.
+// 2. No access overlaps another. Every `TcpStream` method reached through the halves (monoio's
+//    own `read`, `write`, `writev`, `shutdown`, and `readable`/`writable` here) touches the
+//    stream only synchronously, when called or first polled, to clone its `SharedFd` (an `Rc`)
+//    into an io_uring or epoll operation, or to read the descriptor number. The futures they
+//    return own that clone and never read the stream again. Two tasks of one thread never run
+//    at the same time, so the `&mut` monoio makes for a write on one half and the `&` made here
+//    for the other half are never used at the same moment.
+// 3. The stream outlives the reference: both halves keep the `Rc` alive, and the caller holds a
+//    half for the whole call.
+
+/// Waits for read readiness on the stream behind a monoio read half, without holding a buffer.
+pub async fn readable(half: &monoio::io::OwnedReadHalf<monoio::net::TcpStream>) -> io::Result<()> {
+    // SAFETY: see "Readiness on monoio's split halves" above.
+    let stream: &monoio::net::TcpStream = unsafe { &*half.0.get() };
+    stream.readable(true).await
+}
+
+/// Waits for write readiness on the stream behind a monoio write half.
+pub async fn writable(half: &monoio::io::OwnedWriteHalf<monoio::net::TcpStream>) -> io::Result<()> {
+    // SAFETY: see "Readiness on monoio's split halves" above.
+    let stream: &monoio::net::TcpStream = unsafe { &*half.0.get() };
+    stream.writable(true).await
+}
+
+/// The descriptor behind a split half (for `splice`).
+pub fn half_fd<T: AsRawFd>(shared: &std::rc::Rc<std::cell::UnsafeCell<T>>) -> RawFd {
+    // SAFETY: see "Readiness on monoio's split halves" above; only the number is read.
+    unsafe { &*shared.get() }.as_raw_fd()
 }

@@ -10,12 +10,12 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
 
-use super::client::{XdsClient, tls_endpoint};
-use super::proto::ca::IstioCertificateRequest;
-use super::proto::ca::istio_certificate_service_client::IstioCertificateServiceClient;
+use super::xds::client::{XdsClient, tls_endpoint};
+use super::xds::error::XdsError;
+use super::xds::proto::ca::IstioCertificateRequest;
+use super::xds::proto::ca::istio_certificate_service_client::IstioCertificateServiceClient;
 use crate::control::certs::CertSource;
 use crate::model::Identity;
 use crate::tls::{TlsError, WorkloadCert};
@@ -47,7 +47,7 @@ impl IstioCa {
         IstioCa { opts, channel: RefCell::new(None) }
     }
 
-    async fn channel(&self) -> anyhow::Result<tonic::transport::Channel> {
+    async fn channel(&self) -> Result<tonic::transport::Channel, XdsError> {
         if let Some(c) = self.channel.borrow().clone() {
             return Ok(c);
         }
@@ -56,7 +56,7 @@ impl IstioCa {
                 .timeout(Duration::from_secs(30))
                 .connect()
                 .await
-                .with_context(|| format!("connecting to {}", self.opts.address))?;
+                .map_err(|source| XdsError::Connect { address: self.opts.address.clone(), source })?;
         *self.channel.borrow_mut() = Some(channel.clone());
         Ok(channel)
     }
@@ -83,7 +83,7 @@ impl IstioCa {
         };
         let mut request = tonic::Request::new(body);
         XdsClient::authorize(self.opts.token_path.as_ref(), &self.opts.cluster_id, &mut request).map_err(ca_err)?;
-        let channel = self.channel().await.map_err(|e| ca_err(format!("{e:#}")))?;
+        let channel = self.channel().await.map_err(|e| ca_err(e.describe()))?;
         let response = IstioCertificateServiceClient::new(channel).create_certificate(request).await.map_err(|s| {
             // A broken connection is redialed next time.
             self.channel.borrow_mut().take();

@@ -3,7 +3,7 @@
 //! Built on the control thread, numbered by a generation and shared read-only with every worker
 //! behind an `Arc`. A worker never mutates it; a connection takes the worker's current snapshot
 //! once, at accept, and keeps it for its life. A change of config, or a new or renewed
-//! certificate, is a new snapshot published whole (see `worker::channel`). The config part is
+//! certificate, is a new snapshot published whole (see `publish`). The config part is
 //! itself shared, so a certificate renewal does not rebuild the indexes.
 
 use std::collections::{BTreeMap, HashMap};
@@ -13,6 +13,8 @@ use std::sync::Arc;
 
 use crate::model::Identity;
 use crate::tls::WorkloadCert;
+
+pub mod publish;
 
 /// Certificates by identity, as published to workers.
 pub type CertMap = BTreeMap<Identity, Arc<WorkloadCert>>;
@@ -33,11 +35,6 @@ impl Deref for Snapshot {
 }
 
 impl Snapshot {
-    /// An empty snapshot (generation 0), what workers hold before the first config arrives.
-    pub fn empty(scope: LocalScope) -> Snapshot {
-        Snapshot::build(0, SourceInfo { kind: "none", location: String::new() }, scope, ConfigState::default())
-    }
-
     /// Builds the indexes of a new config, with no certificates yet.
     pub fn build(generation: u64, source: SourceInfo, scope: LocalScope, state: ConfigState) -> Snapshot {
         Snapshot {
@@ -127,9 +124,9 @@ pub struct ConfigIndex {
     pub source: SourceInfo,
     pub scope: LocalScope,
     workloads: BTreeMap<String, Arc<Workload>>,
-    workload_by_addr: HashMap<NetworkAddress, Arc<Workload>>,
+    workload_by_addr: ByAddr<Workload>,
     services: BTreeMap<NamespacedHostname, Arc<ServiceEntry>>,
-    service_by_vip: HashMap<NetworkAddress, Arc<ServiceEntry>>,
+    service_by_vip: ByAddr<ServiceEntry>,
     service_by_host: HashMap<String, Vec<Arc<ServiceEntry>>>,
     policies: BTreeMap<String, Arc<Authorization>>,
     /// `Global` policies, and `Namespace` policies by namespace: a connection's policies are
@@ -145,94 +142,14 @@ impl ConfigIndex {
     /// that can arise between valid pieces (a workload naming an unknown service) are warnings.
     pub fn build(config_generation: u64, source: SourceInfo, scope: LocalScope, state: ConfigState) -> ConfigIndex {
         let mut warnings = Vec::new();
-        let mut workloads = BTreeMap::new();
-        let mut workload_by_addr = HashMap::new();
-        for wl in state.workloads {
-            let wl = Arc::new(wl);
-            for ip in &wl.workload_ips {
-                let key = NetworkAddress { network: wl.network.clone(), address: ip.to_canonical() };
-                if let Some(prev) = workload_by_addr.insert(key.clone(), wl.clone()) {
-                    warnings
-                        .push(format!("workloads {} and {} share address {key}; using {}", prev.uid, wl.uid, wl.uid));
-                }
-            }
-            workloads.insert(wl.uid.clone(), wl);
-        }
-
-        let mut endpoints: HashMap<NamespacedHostname, BTreeMap<String, ServiceEndpoint>> = HashMap::new();
-        for wl in workloads.values() {
-            for (svc, ports) in &wl.services {
-                endpoints.entry(svc.clone()).or_default().insert(
-                    wl.uid.clone(),
-                    ServiceEndpoint { workload: wl.clone(), ports: ports.clone(), status: wl.status },
-                );
-            }
-        }
-
-        let mut services = BTreeMap::new();
-        let mut service_by_vip = HashMap::new();
-        let mut service_by_host: HashMap<String, Vec<Arc<ServiceEntry>>> = HashMap::new();
-        for mut svc in state.services {
-            let key = svc.namespaced_hostname();
-            let mut eps = endpoints.remove(&key).unwrap_or_default();
-            for (uid, ep) in &svc.endpoints {
-                match workloads.get(&ep.workload_uid) {
-                    Some(wl) => {
-                        eps.entry(uid.clone()).or_insert_with(|| ServiceEndpoint {
-                            workload: wl.clone(),
-                            ports: ep.port.clone(),
-                            status: ep.status,
-                        });
-                    }
-                    None => warnings
-                        .push(format!("service {key}: endpoint {uid} names unknown workload {}", ep.workload_uid)),
-                }
-            }
-            svc.endpoints = eps
-                .iter()
-                .map(|(uid, ep)| {
-                    (
-                        uid.clone(),
-                        Endpoint { workload_uid: ep.workload.uid.clone(), port: ep.ports.clone(), status: ep.status },
-                    )
-                })
-                .collect();
-            let entry = Arc::new(ServiceEntry { service: svc, endpoints: eps.into_values().collect() });
-            for vip in &entry.service.vips {
-                if let Some(prev) = service_by_vip.insert(vip.clone(), entry.clone()) {
-                    warnings.push(format!("services {} and {key} share VIP {vip}", prev.service.namespaced_hostname()));
-                }
-            }
-            service_by_host.entry(entry.service.hostname.clone()).or_default().push(entry.clone());
-            services.insert(key, entry);
-        }
-        for (svc, eps) in endpoints {
-            for uid in eps.keys() {
-                warnings.push(format!("workload {uid} names service {svc}, which is not configured"));
-            }
-        }
-
-        let mut policies = BTreeMap::new();
-        for p in state.policies {
-            policies.insert(p.key(), Arc::new(p));
-        }
-        let mut global_policies = Vec::new();
-        let mut namespace_policies: HashMap<String, Vec<Arc<Authorization>>> = HashMap::new();
-        for p in policies.values() {
-            match p.scope {
-                PolicyScope::Global => global_policies.push(p.clone()),
-                PolicyScope::Namespace => namespace_policies.entry(p.namespace.clone()).or_default().push(p.clone()),
-                PolicyScope::WorkloadSelector => {}
-            }
-        }
-        for wl in workloads.values() {
-            for p in &wl.authorization_policies {
-                if !policies.contains_key(p) {
-                    warnings.push(format!("workload {} names policy {p}, which is not configured", wl.uid));
-                }
-            }
-        }
-
+        let (workloads, workload_by_addr) = index_workloads(state.workloads, &mut warnings);
+        let endpoints = endpoints_named_by_workloads(&workloads);
+        let (services, service_by_vip, service_by_host) =
+            index_services(state.services, &workloads, endpoints, &mut warnings);
+        let policies: BTreeMap<String, Arc<Authorization>> =
+            state.policies.into_iter().map(|p| (p.key(), Arc::new(p))).collect();
+        let (global_policies, namespace_policies) = policies_by_scope(&policies);
+        warn_unknown_policy_names(&workloads, &policies, &mut warnings);
         ConfigIndex {
             config_generation,
             source,
@@ -254,11 +171,11 @@ impl ConfigIndex {
     }
 
     pub fn workload_by_ip(&self, network: &str, ip: IpAddr) -> Option<&Arc<Workload>> {
-        self.workload_by_addr.get(&NetworkAddress { network: network.to_string(), address: ip.to_canonical() })
+        get_by_addr(&self.workload_by_addr, network, ip)
     }
 
     pub fn service_by_vip(&self, network: &str, ip: IpAddr) -> Option<&Arc<ServiceEntry>> {
-        self.service_by_vip.get(&NetworkAddress { network: network.to_string(), address: ip.to_canonical() })
+        get_by_addr(&self.service_by_vip, network, ip)
     }
 
     /// A service by hostname; with several namespaces using the name, the caller's namespace wins.
@@ -319,6 +236,146 @@ impl ConfigIndex {
 
     pub fn policies(&self) -> impl Iterator<Item = &Arc<Authorization>> {
         self.policies.values()
+    }
+}
+
+type ByAddr<T> = HashMap<IpAddr, Vec<(String, Arc<T>)>>;
+
+/// Inserts `value` at `network`/`ip`; returns what was there before.
+fn insert_by_addr<T>(map: &mut ByAddr<T>, network: &str, ip: IpAddr, value: Arc<T>) -> Option<Arc<T>> {
+    let list = map.entry(ip.to_canonical()).or_default();
+    match list.iter_mut().find(|(n, _)| n == network) {
+        Some((_, v)) => Some(std::mem::replace(v, value)),
+        None => {
+            list.push((network.to_string(), value));
+            None
+        }
+    }
+}
+
+/// A lookup by address that allocates nothing: by IP, then the (usually one) network.
+fn get_by_addr<'a, T>(map: &'a ByAddr<T>, network: &str, ip: IpAddr) -> Option<&'a Arc<T>> {
+    map.get(&ip.to_canonical())?.iter().find(|(n, _)| n == network).map(|(_, v)| v)
+}
+
+/// Workloads by uid and by network address; a shared address is a warning, the later one wins.
+fn index_workloads(
+    list: Vec<Workload>,
+    warnings: &mut Vec<String>,
+) -> (BTreeMap<String, Arc<Workload>>, ByAddr<Workload>) {
+    let mut workloads = BTreeMap::new();
+    let mut by_addr = HashMap::new();
+    for wl in list {
+        let wl = Arc::new(wl);
+        for ip in &wl.workload_ips {
+            if let Some(prev) = insert_by_addr(&mut by_addr, &wl.network, *ip, wl.clone()) {
+                let key = NetworkAddress { network: wl.network.clone(), address: ip.to_canonical() };
+                warnings.push(format!("workloads {} and {} share address {key}; using {}", prev.uid, wl.uid, wl.uid));
+            }
+        }
+        workloads.insert(wl.uid.clone(), wl);
+    }
+    (workloads, by_addr)
+}
+
+/// The endpoints each service gets from the workloads that name it, by service and uid.
+fn endpoints_named_by_workloads(
+    workloads: &BTreeMap<String, Arc<Workload>>,
+) -> HashMap<NamespacedHostname, BTreeMap<String, ServiceEndpoint>> {
+    let mut endpoints: HashMap<NamespacedHostname, BTreeMap<String, ServiceEndpoint>> = HashMap::new();
+    for wl in workloads.values() {
+        for (svc, ports) in &wl.services {
+            endpoints
+                .entry(svc.clone())
+                .or_default()
+                .insert(wl.uid.clone(), ServiceEndpoint { workload: wl.clone(), ports: ports.clone(), status: wl.status });
+        }
+    }
+    endpoints
+}
+
+type ServiceIndexes = (
+    BTreeMap<NamespacedHostname, Arc<ServiceEntry>>,
+    ByAddr<ServiceEntry>,
+    HashMap<String, Vec<Arc<ServiceEntry>>>,
+);
+
+/// Services with their endpoints resolved (named by workloads, or listed by the service), by
+/// key, by VIP and by hostname. Endpoints of services nobody configured are warnings.
+fn index_services(
+    list: Vec<Service>,
+    workloads: &BTreeMap<String, Arc<Workload>>,
+    mut endpoints: HashMap<NamespacedHostname, BTreeMap<String, ServiceEndpoint>>,
+    warnings: &mut Vec<String>,
+) -> ServiceIndexes {
+    let mut services = BTreeMap::new();
+    let mut by_vip = HashMap::new();
+    let mut by_host: HashMap<String, Vec<Arc<ServiceEntry>>> = HashMap::new();
+    for mut svc in list {
+        let key = svc.namespaced_hostname();
+        let mut eps = endpoints.remove(&key).unwrap_or_default();
+        for (uid, ep) in &svc.endpoints {
+            match workloads.get(&ep.workload_uid) {
+                Some(wl) => {
+                    eps.entry(uid.clone()).or_insert_with(|| ServiceEndpoint {
+                        workload: wl.clone(),
+                        ports: ep.port.clone(),
+                        status: ep.status,
+                    });
+                }
+                None => warnings.push(format!("service {key}: endpoint {uid} names unknown workload {}", ep.workload_uid)),
+            }
+        }
+        svc.endpoints = eps
+            .iter()
+            .map(|(uid, ep)| {
+                let endpoint = Endpoint { workload_uid: ep.workload.uid.clone(), port: ep.ports.clone(), status: ep.status };
+                (uid.clone(), endpoint)
+            })
+            .collect();
+        let entry = Arc::new(ServiceEntry { service: svc, endpoints: eps.into_values().collect() });
+        for vip in &entry.service.vips {
+            if let Some(prev) = insert_by_addr(&mut by_vip, &vip.network, vip.address, entry.clone()) {
+                warnings.push(format!("services {} and {key} share VIP {vip}", prev.service.namespaced_hostname()));
+            }
+        }
+        by_host.entry(entry.service.hostname.clone()).or_default().push(entry.clone());
+        services.insert(key, entry);
+    }
+    for (svc, eps) in endpoints {
+        for uid in eps.keys() {
+            warnings.push(format!("workload {uid} names service {svc}, which is not configured"));
+        }
+    }
+    (services, by_vip, by_host)
+}
+
+type PolicyLists = (Vec<Arc<Authorization>>, HashMap<String, Vec<Arc<Authorization>>>);
+
+/// `Global` policies, and `Namespace` policies by namespace (selector policies are named by
+/// their workloads instead).
+fn policies_by_scope(policies: &BTreeMap<String, Arc<Authorization>>) -> PolicyLists {
+    let mut global = Vec::new();
+    let mut by_namespace: HashMap<String, Vec<Arc<Authorization>>> = HashMap::new();
+    for p in policies.values() {
+        match p.scope {
+            PolicyScope::Global => global.push(p.clone()),
+            PolicyScope::Namespace => by_namespace.entry(p.namespace.clone()).or_default().push(p.clone()),
+            PolicyScope::WorkloadSelector => {}
+        }
+    }
+    (global, by_namespace)
+}
+
+fn warn_unknown_policy_names(
+    workloads: &BTreeMap<String, Arc<Workload>>,
+    policies: &BTreeMap<String, Arc<Authorization>>,
+    warnings: &mut Vec<String>,
+) {
+    for wl in workloads.values() {
+        for p in wl.authorization_policies.iter().filter(|p| !policies.contains_key(*p)) {
+            warnings.push(format!("workload {} names policy {p}, which is not configured", wl.uid));
+        }
     }
 }
 

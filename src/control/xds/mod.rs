@@ -1,9 +1,10 @@
-//! istiod: the generated protobuf types (from `proto/`), their conversion into the model, and the
-//! delta ADS client that keeps the proxy's workloads, services and policies in sync.
+//! istiod's workload xDS, on the control thread: the generated protobuf types (from `proto/`),
+//! their conversion into the model, and the delta ADS client that keeps the proxy's workloads,
+//! services and policies in sync.
 
-pub mod ca;
 pub mod client;
 pub mod convert;
+pub mod error;
 
 /// Generated from `proto/` by `build.rs`.
 #[allow(clippy::all, clippy::pedantic, missing_docs, unreachable_pub)]

@@ -2,31 +2,34 @@
 //! certificate, the server checked to be the destination's identity, HTTP/2 with Istio's
 //! settings, then `CONNECT ip:targetPort`.
 //!
-//! Streams share connections through the worker's pool (`hbone_pool`).
+//! Streams share connections through the worker's pool (`pool`).
 
 use std::cell::Cell;
 use std::net::SocketAddr;
 use std::rc::Rc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{Method, Request, StatusCode};
 use rustls::ClientConnection;
 use rustls::pki_types::ServerName;
 
-use super::WorkerCtx;
-use super::error::ProxyError;
-use super::hbone_pool::{Checkout, HbonePool, PoolKey, PooledConn, StreamSlot};
+use super::headers;
+use super::pool::{Checkout, HbonePool, PoolKey, StreamSlot};
 use crate::model::{Identity, Workload};
 use crate::net::{DialOpts, dial};
 use crate::tls::stream::TlsStream;
+use crate::worker::WorkerCtx;
+use crate::worker::error::ProxyError;
+
+type SendRequest = h2::client::SendRequest<Bytes>;
 
 /// An established CONNECT stream.
 pub struct HboneStream {
     pub send: h2::SendStream<Bytes>,
     pub recv: h2::RecvStream,
     /// The stream's place on its pooled connection, given back when the stream ends.
-    pub _slot: StreamSlot,
+    pub _slot: StreamSlot<SendRequest>,
 }
 
 /// Releases a key's dial if the dialing request goes away before it finishes.
@@ -46,47 +49,6 @@ impl Drop for DialGuard<'_> {
 
 fn hbone_err(what: &str, e: impl std::fmt::Display) -> ProxyError {
     ProxyError::Hbone(format!("{what}: {e}"))
-}
-
-/// A random W3C trace id for the `traceparent` header (also the log correlation id).
-fn traceparent() -> String {
-    format!("00-{:016x}{:016x}-{:016x}-01", fastrand::u64(..), fastrand::u64(..), fastrand::u64(1..))
-}
-
-/// The `baggage` header describing the source workload, for the peer's telemetry: Istio's keys,
-/// empty values left out.
-pub fn baggage(source: &Workload, default_cluster: &str) -> String {
-    let cluster = if source.cluster_id.is_empty() { default_cluster } else { source.cluster_id.as_str() };
-    let kind = if source.workload_type.is_empty() { "pod" } else { source.workload_type.as_str() };
-    let locality = source.locality.as_ref();
-    let kind_key = format!("k8s.{kind}.name");
-    let pairs = [
-        ("k8s.cluster.name", cluster),
-        ("k8s.namespace.name", source.namespace.as_str()),
-        (kind_key.as_str(), if source.workload_name.is_empty() { source.name.as_str() } else { &source.workload_name }),
-        ("service.name", source.canonical_name.as_str()),
-        ("service.version", source.canonical_revision.as_str()),
-        ("cloud.region", locality.map(|l| l.region.as_str()).unwrap_or("")),
-        ("cloud.availability_zone", locality.map(|l| l.zone.as_str()).unwrap_or("")),
-    ];
-    let mut out = String::new();
-    for (k, v) in pairs.iter().filter(|(_, v)| !v.is_empty()) {
-        if !out.is_empty() {
-            out.push(',');
-        }
-        out.push_str(k);
-        out.push('=');
-        out.push_str(v);
-    }
-    out
-}
-
-/// The `forwarded` header: the client's address, and the service hostname when there is one.
-fn forwarded(client: SocketAddr, service_host: Option<&str>) -> String {
-    match service_host {
-        Some(host) => format!("for=\"{client}\";host={host}"),
-        None => format!("for=\"{client}\""),
-    }
 }
 
 /// Opens a CONNECT stream to `target` through `hbone_addr`: the workload's `ip:targetPort`, or
@@ -111,13 +73,14 @@ pub async fn connect(
     let mut attempts = 0;
     loop {
         attempts += 1;
-        let (send_request, slot) = checkout(ctx, &key, &identity, expected, hbone_addr, client).await?;
+        let slot = checkout(ctx, &key, &identity, expected, hbone_addr, client).await?;
+        let send_request = slot.conn().clone();
         let request = Request::builder()
             .method(Method::CONNECT)
             .uri(target.to_string())
-            .header("forwarded", forwarded(client, service_host))
-            .header("baggage", baggage(source, &ctx.cfg.cluster_id))
-            .header("traceparent", traceparent())
+            .header("forwarded", headers::forwarded(client, service_host))
+            .header("baggage", headers::baggage(source, &ctx.cfg.cluster_id))
+            .header("traceparent", headers::traceparent(fastrand::u128(..), fastrand::u64(..)))
             .body(())
             .map_err(|e| hbone_err("building CONNECT", e))?;
         let (stage, e) = match send_request.ready().await {
@@ -155,35 +118,36 @@ async fn checkout(
     expected: &[Identity],
     hbone_addr: SocketAddr,
     client: SocketAddr,
-) -> Result<(h2::client::SendRequest<Bytes>, StreamSlot), ProxyError> {
+) -> Result<StreamSlot<SendRequest>, ProxyError> {
     loop {
-        match ctx.pool.checkout(key) {
-            Checkout::Ready(send, slot) => return Ok((send, slot)),
+        match ctx.pool.checkout(key, Instant::now()) {
+            Checkout::Ready(slot) => return Ok(slot),
             Checkout::Wait(dial) => {
                 // One dial per key: wait for it, then take a stream on what it made.
                 monoio::time::timeout(ctx.cfg.connect_timeout, dial.wait())
                     .await
                     .map_err(|_| hbone_err("waiting for a pooled connection", format!("to {hbone_addr} timed out")))?;
             }
-            Checkout::Dial(_) => {
+            Checkout::Dial => {
                 let mut guard = DialGuard { pool: &ctx.pool, key, done: false };
-                let conn = dial_connection(ctx, identity, expected, hbone_addr, client.ip()).await?;
+                let (conn, dead) = dial_connection(ctx, identity, expected, hbone_addr, client.ip()).await?;
                 guard.done = true;
                 tracing::debug!(src = %identity, dst = %hbone_addr, "new pooled HBONE connection");
-                return Ok(ctx.pool.dialed(key, conn));
+                return Ok(ctx.pool.dialed(key, conn, dead, Instant::now()));
             }
         }
     }
 }
 
-/// A new mTLS + HTTP/2 connection to `hbone_addr`, with its driver task running.
+/// A new mTLS + HTTP/2 connection to `hbone_addr`, with its driver task running; the flag is set
+/// when the driver ends.
 async fn dial_connection(
     ctx: &WorkerCtx,
     identity: &Identity,
     expected: &[Identity],
     hbone_addr: SocketAddr,
     client_ip: std::net::IpAddr,
-) -> Result<Rc<PooledConn>, ProxyError> {
+) -> Result<(SendRequest, Rc<Cell<bool>>), ProxyError> {
     let cert = ctx.certificate(identity, ctx.cfg.connect_timeout).await?;
     // From the client's own address when allowed (as Istio's node proxy does): the destination
     // then sees, and authorizes, the real source IP. That is why the pool key has the source IP.
@@ -225,7 +189,7 @@ async fn dial_connection(
         }
         flag.set(true);
     });
-    Ok(PooledConn::new(send_request, dead))
+    Ok((send_request, dead))
 }
 
 /// Sends a PING every `interval` and returns when one goes unanswered for `timeout` (or the

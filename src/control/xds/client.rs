@@ -14,11 +14,11 @@ use std::path::PathBuf;
 use std::rc::Rc;
 use std::time::Duration;
 
-use anyhow::Context;
 use prost::Message;
 use serde::Serialize;
 
 use super::convert::AddressResource;
+use super::error::XdsError;
 use super::proto::discovery::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
 use super::proto::discovery::{DeltaDiscoveryRequest, DeltaDiscoveryResponse, Node, Status};
 use super::proto::security as psec;
@@ -129,12 +129,9 @@ impl XdsClient {
     pub async fn run(self: Rc<Self>) {
         let mut backoff = BACKOFF_START;
         loop {
-            let reason = match self.session(&mut backoff).await {
-                Ok(()) => "stream closed by istiod".to_string(),
-                Err(e) => format!("{e:#}"),
-            };
-            let kind = if reason.contains("connect") || reason.contains("transport") { "connect" } else { "stream" };
-            *self.counters.borrow_mut().terminations.entry(kind.into()).or_default() += 1;
+            let ended = self.session(&mut backoff).await.err().unwrap_or(XdsError::ClosedByServer);
+            let reason = ended.describe();
+            *self.counters.borrow_mut().terminations.entry(ended.kind().into()).or_default() += 1;
             {
                 let mut st = self.status.borrow_mut();
                 st.connected = false;
@@ -146,12 +143,12 @@ impl XdsClient {
         }
     }
 
-    async fn connect(&self) -> anyhow::Result<tonic::transport::Channel> {
+    async fn connect(&self) -> Result<tonic::transport::Channel, XdsError> {
         let endpoint =
             tls_endpoint(&self.opts.address, &self.opts.root_ca, self.opts.alt_hostname.as_deref(), "XDS_ADDRESS")?
                 .http2_keep_alive_interval(Duration::from_secs(30))
                 .keep_alive_timeout(Duration::from_secs(10));
-        endpoint.connect().await.with_context(|| format!("connecting to {}", self.opts.address))
+        endpoint.connect().await.map_err(|source| XdsError::Connect { address: self.opts.address.clone(), source })
     }
 
     /// Adds the bearer token (read now) and the cluster id to a request.
@@ -159,14 +156,16 @@ impl XdsClient {
         token_path: Option<&PathBuf>,
         cluster_id: &str,
         req: &mut tonic::Request<T>,
-    ) -> anyhow::Result<()> {
+    ) -> Result<(), XdsError> {
         if let Some(path) = token_path {
-            let token =
-                std::fs::read_to_string(path).with_context(|| format!("reading the token {}", path.display()))?;
-            let value = format!("Bearer {}", token.trim()).parse().context("the token is not a valid header value")?;
+            let token = std::fs::read_to_string(path)
+                .map_err(|source| XdsError::Token { path: path.clone(), source })?;
+            let value =
+                format!("Bearer {}", token.trim()).parse().map_err(|_| XdsError::Header { what: "the token" })?;
             req.metadata_mut().insert("authorization", value);
         }
-        req.metadata_mut().insert("clusterid", cluster_id.parse().context("CLUSTER_ID is not a valid header value")?);
+        let cluster = cluster_id.parse().map_err(|_| XdsError::Header { what: "CLUSTER_ID" })?;
+        req.metadata_mut().insert("clusterid", cluster);
         Ok(())
     }
 
@@ -186,7 +185,7 @@ impl XdsClient {
         }
     }
 
-    async fn session(&self, backoff: &mut Duration) -> anyhow::Result<()> {
+    async fn session(&self, backoff: &mut Duration) -> Result<(), XdsError> {
         let channel = self.connect().await?;
         let (tx, rx) = tokio::sync::mpsc::channel::<DeltaDiscoveryRequest>(16);
         for type_url in [ADDRESS_TYPE, AUTHORIZATION_TYPE] {
@@ -198,7 +197,7 @@ impl XdsClient {
                 initial_resource_versions: self.store.borrow().versions(type_url),
                 ..Default::default()
             };
-            tx.send(initial).await.context("queueing the initial requests")?;
+            tx.send(initial).await.map_err(|_| XdsError::RequestClosed)?;
         }
         let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
         XdsClient::authorize(self.opts.token_path.as_ref(), &self.opts.cluster_id, &mut request)?;
@@ -206,19 +205,19 @@ impl XdsClient {
             .max_decoding_message_size(256 * 1024 * 1024)
             .max_encoding_message_size(16 * 1024 * 1024);
         let mut responses =
-            client.delta_aggregated_resources(request).await.context("opening the ADS stream")?.into_inner();
+            client.delta_aggregated_resources(request).await.map_err(XdsError::Open)?.into_inner();
         {
             let mut st = self.status.borrow_mut();
             st.connected = true;
             st.connects += 1;
         }
         tracing::info!(address = %self.opts.address, "xDS stream open");
-        while let Some(resp) = responses.message().await.context("reading from the ADS stream")? {
+        while let Some(resp) = responses.message().await.map_err(XdsError::Stream)? {
             *backoff = BACKOFF_START;
             let answer = self.handle(resp);
-            tx.send(answer).await.context("the ADS stream's request side closed")?;
+            tx.send(answer).await.map_err(|_| XdsError::RequestClosed)?;
         }
-        Ok(())
+        Err(XdsError::ClosedByServer)
     }
 
     /// Applies one response and returns its ACK (or NACK).
@@ -310,17 +309,18 @@ where
 }
 
 /// A gRPC endpoint at `address` over TLS, istiod's certificate checked against `root_ca` for
-/// `alt_hostname` (or the address's host). `var` names the setting in errors.
+/// `alt_hostname` (or the address's host). `setting` names the setting in errors.
 pub fn tls_endpoint(
     address: &str,
     root_ca: &[u8],
     alt_hostname: Option<&str>,
-    var: &str,
-) -> anyhow::Result<tonic::transport::Endpoint> {
+    setting: &'static str,
+) -> Result<tonic::transport::Endpoint, XdsError> {
     use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
-    let endpoint = Endpoint::from_shared(address.to_string()).with_context(|| format!("{var} {address}"))?;
+    let invalid = |source| XdsError::Endpoint { setting, address: address.to_string(), source };
+    let endpoint = Endpoint::from_shared(address.to_string()).map_err(invalid)?;
     let host =
         alt_hostname.map(str::to_string).unwrap_or_else(|| endpoint.uri().host().unwrap_or_default().to_string());
     let tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(root_ca)).domain_name(host);
-    Ok(endpoint.tls_config(tls).with_context(|| format!("TLS for {var}"))?.connect_timeout(Duration::from_secs(5)))
+    Ok(endpoint.tls_config(tls).map_err(invalid)?.connect_timeout(Duration::from_secs(5)))
 }

@@ -14,7 +14,7 @@ use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, OwnedReadHalf
 use monoio::net::TcpStream;
 
 use crate::net::relay::RelayEnd;
-use crate::net::sockopt;
+use crate::sys;
 
 /// Read size on the TCP side: a whole HTTP/2 frame's worth at Istio's 1 MiB frames would pin
 /// too much per stream; 64 KiB keeps bulk efficient.
@@ -83,7 +83,7 @@ async fn tcp_to_h2(
     counter: &Cell<u64>,
 ) -> io::Result<()> {
     loop {
-        sockopt::readable(&r).await?;
+        sys::readable(&r).await?;
         let (res, buf) = r.read(Vec::with_capacity(CHUNK)).await;
         let n = res?;
         if n == 0 {

@@ -1,0 +1,163 @@
+//! What a CONNECT may ask for, decided without I/O: the request's shape, then its target against
+//! the snapshot, in COMPAT.md's order. Shared by the HBONE server and the node-local fast path
+//! (where the connection's destination is the target itself).
+
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+
+use http::{Method, StatusCode};
+
+use crate::net::DialError;
+use crate::rbac::Denied;
+use crate::snapshot::Snapshot;
+
+/// Why a CONNECT is refused; each maps to the status the peer gets.
+#[derive(Debug)]
+pub enum Refusal {
+    NotConnect(Method),
+    BadAuthority(String),
+    /// No workload served here owns the address.
+    NotLocal(SocketAddr),
+    /// The target is not the workload the connection was accepted for.
+    NotThisWorkload { target: SocketAddr, conn_dst: IpAddr },
+    /// Port 0, or one of the proxy's own ports.
+    ForbiddenPort(u16),
+    Denied(Denied),
+    Upstream(DialError),
+}
+
+impl Refusal {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Refusal::NotConnect(_) | Refusal::BadAuthority(_) | Refusal::NotThisWorkload { .. } => {
+                StatusCode::BAD_REQUEST
+            }
+            Refusal::NotLocal(_) | Refusal::ForbiddenPort(_) | Refusal::Upstream(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Refusal::Denied(_) => StatusCode::UNAUTHORIZED,
+        }
+    }
+}
+
+impl fmt::Display for Refusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Refusal::NotConnect(m) => write!(f, "method {m} is not CONNECT"),
+            Refusal::BadAuthority(a) => write!(f, "authority {a:?} is not ip:port"),
+            Refusal::NotLocal(t) => write!(f, "{t} is not a workload served here"),
+            Refusal::NotThisWorkload { target, conn_dst } => {
+                write!(f, "target {target} is not the workload this connection is for ({conn_dst})")
+            }
+            Refusal::ForbiddenPort(p) => write!(f, "port {p} is not allowed"),
+            Refusal::Denied(d) => write!(f, "RBAC: {d}"),
+            Refusal::Upstream(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+impl std::error::Error for Refusal {}
+
+/// The longest authority quoted back in a refusal; the rest of a peer's string is cut.
+const MAX_QUOTED: usize = 128;
+
+/// The request's shape: the CONNECT method and an `ip:port` authority.
+pub fn parse_request(method: &Method, authority: Option<&str>) -> Result<SocketAddr, Refusal> {
+    if method != Method::CONNECT {
+        return Err(Refusal::NotConnect(method.clone()));
+    }
+    let authority = authority.unwrap_or("");
+    authority.parse().map(crate::net::canonical).map_err(|_| {
+        let mut quoted = authority.to_string();
+        if quoted.len() > MAX_QUOTED {
+            let mut end = MAX_QUOTED;
+            while !quoted.is_char_boundary(end) {
+                end -= 1;
+            }
+            quoted.truncate(end);
+        }
+        Refusal::BadAuthority(quoted)
+    })
+}
+
+/// The checks on a target after its syntax: a workload served here, the one this connection is
+/// for (`conn_dst`), a port that is not 0 nor the proxy's own.
+pub fn check_target(
+    snap: &Snapshot,
+    network: &str,
+    own_ports: &[u16],
+    conn_dst: IpAddr,
+    target: SocketAddr,
+) -> Result<(), Refusal> {
+    if snap.local_workload_by_ip(network, target.ip()).is_none() {
+        return Err(Refusal::NotLocal(target));
+    }
+    if target.ip() != conn_dst {
+        return Err(Refusal::NotThisWorkload { target, conn_dst });
+    }
+    if target.port() == 0 || own_ports.contains(&target.port()) {
+        return Err(Refusal::ForbiddenPort(target.port()));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{ConfigState, Workload};
+    use crate::snapshot::{LocalScope, SourceInfo};
+
+    fn snap() -> Snapshot {
+        let wl = |uid: &str, ip: &str, node: &str| -> Workload {
+            serde_yaml_ng::from_str(&format!(
+                "uid: {uid}\nname: {uid}\nnamespace: ns\nworkloadIps: [{ip}]\nnode: {node}\nprotocol: HBONE\n"
+            ))
+            .unwrap()
+        };
+        let state = ConfigState {
+            workloads: vec![wl("here", "10.0.0.1", "n1"), wl("here-too", "10.0.0.2", "n1"), wl("there", "10.0.1.1", "n2")],
+            ..ConfigState::default()
+        };
+        let source = SourceInfo { kind: "test", location: String::new() };
+        Snapshot::build(1, source, LocalScope::Node(Some("n1".into())), state)
+    }
+
+    fn sa(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn request_shape() {
+        assert_eq!(parse_request(&Method::CONNECT, Some("10.0.0.1:80")).unwrap(), sa("10.0.0.1:80"));
+        assert_eq!(parse_request(&Method::CONNECT, Some("[::ffff:10.0.0.1]:80")).unwrap(), sa("10.0.0.1:80"));
+        let get = parse_request(&Method::GET, Some("10.0.0.1:80")).unwrap_err();
+        assert_eq!(get.status(), StatusCode::BAD_REQUEST);
+        for bad in ["", "example.com:80", "10.0.0.1", "10.0.0.1:70000", "user@10.0.0.1:80"] {
+            let e = parse_request(&Method::CONNECT, Some(bad)).unwrap_err();
+            assert!(matches!(e, Refusal::BadAuthority(_)), "{bad}: {e}");
+            assert_eq!(e.status(), StatusCode::BAD_REQUEST);
+        }
+        let long = "x".repeat(10_000);
+        let e = parse_request(&Method::CONNECT, Some(&long)).unwrap_err();
+        assert!(e.to_string().len() < 200, "a peer's string is not quoted at full length");
+    }
+
+    #[test]
+    fn targets_in_compat_order() {
+        let s = snap();
+        let own = [15001, 15006, 15008];
+        let dst: IpAddr = "10.0.0.1".parse().unwrap();
+        let check = |t: &str| check_target(&s, "", &own, dst, sa(t));
+        assert!(check("10.0.0.1:80").is_ok());
+        let e = check("10.0.1.1:80").unwrap_err();
+        assert!(matches!(e, Refusal::NotLocal(_)), "a workload of another node");
+        assert_eq!(e.status(), StatusCode::SERVICE_UNAVAILABLE);
+        let e = check("10.0.0.2:80").unwrap_err();
+        assert!(matches!(e, Refusal::NotThisWorkload { .. }), "another local pod");
+        assert_eq!(e.status(), StatusCode::BAD_REQUEST);
+        for port in [0, 15001, 15006, 15008] {
+            let e = check(&format!("10.0.0.1:{port}")).unwrap_err();
+            assert!(matches!(e, Refusal::ForbiddenPort(p) if p == port));
+            assert_eq!(e.status(), StatusCode::SERVICE_UNAVAILABLE);
+        }
+        assert_eq!(Refusal::Denied(Denied::NotAllowed).status(), StatusCode::UNAUTHORIZED);
+    }
+}

@@ -1,0 +1,286 @@
+//! Starting a worker: its thread, pinned to a core; its runtime (io_uring, or epoll); its
+//! listeners, bound before it reports start-up; its control-message task; its drain.
+
+use std::cell::{Cell, RefCell};
+use std::io;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use monoio::net::TcpListener;
+
+use super::accept::{Listener, accept_loop};
+use super::conns::{CloseReason, ConnTable, Signal};
+use super::{WorkerCtx, own_ports};
+use crate::config::{Config, IoDriver};
+use crate::hbone::pool::HbonePool;
+use crate::model::Identity;
+use crate::net::{ListenAddrs, ListenOpts, bind_listener};
+use crate::snapshot::Snapshot;
+use crate::snapshot::publish::{WorkerMsg, WorkerRx};
+use crate::telemetry::metrics::Shard;
+
+/// What a worker reports once it listens.
+#[derive(Debug, Clone, Copy)]
+pub struct Bound {
+    pub addrs: ListenAddrs,
+    pub driver: &'static str,
+}
+
+/// Everything a worker thread starts from; all of it `Send`.
+pub struct WorkerSpec {
+    pub id: usize,
+    pub cfg: Arc<Config>,
+    pub addrs: ListenAddrs,
+    pub initial: Arc<Snapshot>,
+    pub rx: WorkerRx,
+    pub core: Option<core_affinity::CoreId>,
+    pub spoof_source: bool,
+    /// The generation this worker applied last, for readiness and `config_dump`.
+    pub generation: Arc<AtomicU64>,
+    /// True while the worker thread runs; false once it ended, whether by drain or by a panic.
+    pub alive: Arc<AtomicBool>,
+    /// Dropped when the worker thread ends, however it ends: the control thread awaits it.
+    pub done: tokio::sync::oneshot::Sender<()>,
+    /// Asks the control thread for a certificate nobody fetched ahead of time.
+    pub cert_requests: tokio::sync::mpsc::UnboundedSender<Identity>,
+}
+
+/// Marks the worker as ended when its thread unwinds or returns, so a panicking worker fails
+/// readiness instead of going unnoticed.
+struct ExitGuard {
+    id: usize,
+    alive: Arc<AtomicBool>,
+    _done: tokio::sync::oneshot::Sender<()>,
+}
+
+impl Drop for ExitGuard {
+    fn drop(&mut self) {
+        self.alive.store(false, Ordering::Release);
+        if std::thread::panicking() {
+            tracing::error!(worker = self.id, "worker thread panicked; its listeners and connections are gone");
+        }
+    }
+}
+
+/// Starts a worker thread. The receiver yields once: the bound addresses, or why binding failed.
+pub fn spawn(
+    mut spec: WorkerSpec,
+) -> io::Result<(std::thread::JoinHandle<()>, std::sync::mpsc::Receiver<io::Result<Bound>>)> {
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let (done, _) = tokio::sync::oneshot::channel();
+    let done = std::mem::replace(&mut spec.done, done);
+    spec.alive.store(true, Ordering::Release);
+    let guard = ExitGuard { id: spec.id, alive: spec.alive.clone(), _done: done };
+    let handle = std::thread::Builder::new().name(format!("worker-{}", spec.id)).spawn(move || {
+        let _guard = guard;
+        if let Some(core) = spec.core {
+            if !core_affinity::set_for_current(core) {
+                tracing::warn!(worker = spec.id, core = core.id, "could not pin worker to its core");
+            }
+        }
+        let driver = match spec.cfg.io_driver {
+            IoDriver::Auto if monoio::utils::detect_uring() => IoDriver::Uring,
+            IoDriver::Auto => IoDriver::Epoll,
+            forced => forced,
+        };
+        let res = match driver {
+            IoDriver::Uring => uring_runtime().map(|mut rt| rt.block_on(run(spec, "io_uring", ready_tx.clone()))),
+            _ => monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+                .enable_timer()
+                .build()
+                .map(|mut rt| rt.block_on(run(spec, "epoll", ready_tx.clone()))),
+        };
+        if let Err(e) = res {
+            let _ = ready_tx.send(Err(io::Error::new(e.kind(), format!("starting the {driver:?} runtime: {e}"))));
+        }
+    })?;
+    Ok((handle, ready_rx))
+}
+
+/// An io_uring runtime for this thread. The ring is only ever used by the thread that made it,
+/// which lets the kernel skip inter-processor interrupts for completions (`COOP_TASKRUN`) and
+/// per-submission locking (`SINGLE_ISSUER`); kernels without those flags get a plain ring.
+fn uring_runtime() -> io::Result<monoio::Runtime<monoio::time::TimeDriver<monoio::IoUringDriver>>> {
+    let build = |tuned: bool| {
+        let mut urb = io_uring::IoUring::builder();
+        if tuned {
+            urb.setup_coop_taskrun().setup_single_issuer();
+        }
+        monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
+            .with_entries(1024)
+            .uring_builder(urb)
+            .enable_timer()
+            .build()
+    };
+    build(true).or_else(|e| {
+        tracing::debug!(error = %e, "io_uring without COOP_TASKRUN/SINGLE_ISSUER");
+        build(false)
+    })
+}
+
+/// Binds this worker's listeners: captured ones may be TPROXY targets; SOCKS5 only when on.
+fn bind_all(addrs: &ListenAddrs) -> io::Result<Vec<(Listener, TcpListener)>> {
+    let captured = ListenOpts { transparent: true, backlog: 1024 };
+    let bind = |kind: Listener, addr: SocketAddr, opts: ListenOpts| {
+        bind_listener(addr, opts)
+            .map(|l| (kind, l))
+            .map_err(|e| io::Error::new(e.kind(), format!("binding {kind:?} listener on {addr}: {e}")))
+    };
+    let mut out = vec![
+        bind(Listener::Outbound, addrs.outbound, captured)?,
+        bind(Listener::InboundPlain, addrs.inbound_plain, captured)?,
+        bind(Listener::InboundHbone, addrs.inbound, captured)?,
+    ];
+    if let Some(socks) = addrs.socks5 {
+        out.push(bind(Listener::Socks5, socks, ListenOpts { transparent: false, backlog: 1024 })?);
+    }
+    Ok(out)
+}
+
+/// The addresses the listeners got (port 0 resolved), falling back to what was asked.
+fn bound_addrs(listeners: &[(Listener, TcpListener)], asked: &ListenAddrs) -> ListenAddrs {
+    let addr_of = |k: Listener| listeners.iter().find(|(kind, _)| *kind == k).and_then(|(_, l)| l.local_addr().ok());
+    ListenAddrs {
+        outbound: addr_of(Listener::Outbound).unwrap_or(asked.outbound),
+        inbound_plain: addr_of(Listener::InboundPlain).unwrap_or(asked.inbound_plain),
+        inbound: addr_of(Listener::InboundHbone).unwrap_or(asked.inbound),
+        socks5: addr_of(Listener::Socks5),
+    }
+}
+
+async fn run(spec: WorkerSpec, driver: &'static str, ready: std::sync::mpsc::Sender<io::Result<Bound>>) {
+    let listeners = match bind_all(&spec.addrs) {
+        Ok(l) => l,
+        Err(e) => {
+            let _ = ready.send(Err(e));
+            return;
+        }
+    };
+    let addrs = bound_addrs(&listeners, &spec.addrs);
+    tracing::info!(worker = spec.id, driver, outbound = %addrs.outbound, inbound_plain = %addrs.inbound_plain, inbound = %addrs.inbound,
+        socks5 = ?addrs.socks5, "worker listening");
+    // Acknowledge the initial generation before reporting start-up: once `start` returns,
+    // readiness must not see a worker without config.
+    spec.generation.store(spec.initial.generation, Ordering::Release);
+    let _ = ready.send(Ok(Bound { addrs, driver }));
+
+    let ctx = Rc::new(WorkerCtx {
+        id: spec.id,
+        cfg: spec.cfg.clone(),
+        snapshot: RefCell::new(Rc::new(spec.initial)),
+        conns: Rc::new(ConnTable::default()),
+        draining: Signal::default(),
+        accepting: Cell::new(0),
+        own_ports: own_ports(&addrs),
+        spoof_source: spec.spoof_source,
+        addrs,
+        // Raw splice calls rely on io_uring readiness polls; the epoll driver keeps copying.
+        splice: spec.cfg.splice && driver == "io_uring",
+        pool: HbonePool::new(spec.cfg.pool_max_streams, spec.cfg.pool_idle_timeout),
+        cert_requests: spec.cert_requests,
+        metrics: Rc::new(Shard::default()),
+        snapshot_waiters: RefCell::new(Signal::default()),
+    });
+    for (kind, listener) in listeners {
+        ctx.accepting.set(ctx.accepting.get() + 1);
+        monoio::spawn(accept_loop(ctx.clone(), kind, listener));
+    }
+    monoio::spawn(sweep_pool(ctx.clone()));
+    // Control messages are handled by their own task, so scrapes are answered during drain too.
+    let drain_at: Rc<Cell<Option<Instant>>> = Rc::default();
+    let drain_now = Signal::default();
+    monoio::spawn(control_messages(ctx.clone(), spec.rx, spec.generation, drain_at.clone(), drain_now.clone()));
+    drain_now.wait().await;
+    let deadline = drain_at.get().unwrap_or_else(|| Instant::now() + ctx.cfg.termination_deadline);
+    drain(&ctx, deadline).await;
+}
+
+/// Applies what the control thread sends: snapshots (re-checking authorization when the config
+/// changed), scrapes, and the drain order (passed on through `drain_now`).
+async fn control_messages(
+    ctx: Rc<WorkerCtx>,
+    rx: WorkerRx,
+    generation: Arc<AtomicU64>,
+    drain_at: Rc<Cell<Option<Instant>>>,
+    drain_now: Signal,
+) {
+    loop {
+        match rx.recv().await {
+            Some(WorkerMsg::Scrape(reply)) => {
+                let _ = reply.send(ctx.metrics.dump());
+            }
+            Some(WorkerMsg::Snapshot(s)) => {
+                tracing::debug!(worker = ctx.id, generation = s.generation, "applied new config snapshot");
+                generation.store(s.generation, Ordering::Release);
+                let policies_may_differ = s.config_generation != ctx.snapshot.borrow().config_generation;
+                ctx.apply(s);
+                if policies_may_differ {
+                    let snap = ctx.snapshot();
+                    let closed = ctx.conns.reauthorize(&snap);
+                    if closed > 0 {
+                        tracing::info!(worker = ctx.id, closed, "closed connections the new config denies");
+                    }
+                }
+            }
+            Some(WorkerMsg::Drain { deadline }) => {
+                drain_at.set(Some(deadline));
+                drain_now.fire();
+            }
+            None => {
+                drain_now.fire();
+                return;
+            }
+        }
+    }
+}
+
+/// Releases idle and dead pooled HBONE connections now and then, until drain.
+async fn sweep_pool(ctx: Rc<WorkerCtx>) {
+    let every = (ctx.cfg.pool_idle_timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(30));
+    loop {
+        monoio::select! {
+            _ = monoio::time::sleep(every) => ctx.pool.sweep(Instant::now()),
+            _ = ctx.draining.wait() => return,
+        }
+    }
+}
+
+/// Stops accepting, waits for open connections until the deadline, then closes the rest.
+async fn drain(ctx: &WorkerCtx, deadline: Instant) {
+    ctx.draining.fire();
+    // The accept loops must run to drop their listeners, and under io_uring a dropped socket is
+    // a queued close that only reaches the kernel when the runtime next parks: without this a
+    // worker with no connections would exit with its listeners still open in the process, and
+    // the kernel would keep queueing new connections on them.
+    let stop_accepting = Instant::now() + Duration::from_secs(1);
+    while ctx.accepting.get() > 0 && Instant::now() < stop_accepting {
+        monoio::time::sleep(Duration::from_millis(1)).await;
+    }
+    monoio::time::sleep(Duration::from_millis(1)).await;
+    tracing::info!(worker = ctx.id, open = ctx.conns.len(), "draining");
+    while !ctx.conns.is_empty() {
+        let now = Instant::now();
+        if now >= deadline {
+            tracing::warn!(
+                worker = ctx.id,
+                open = ctx.conns.len(),
+                connections = %ctx.conns.describe(8),
+                "drain deadline reached; closing open connections"
+            );
+            ctx.conns.close_all(CloseReason::DrainDeadline);
+            // Let the closed connections' tasks run to write their access logs.
+            let grace = Instant::now() + Duration::from_secs(1);
+            while !ctx.conns.is_empty() && Instant::now() < grace {
+                monoio::time::sleep(Duration::from_millis(5)).await;
+            }
+            break;
+        }
+        monoio::time::sleep((deadline - now).min(Duration::from_millis(20))).await;
+    }
+    // Flush the closes of the last connections' sockets before the runtime goes away.
+    monoio::time::sleep(Duration::from_millis(1)).await;
+    tracing::info!(worker = ctx.id, "drained");
+}
