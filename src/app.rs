@@ -10,14 +10,14 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::config::Config;
 use crate::control::CaChoice;
+use crate::control::istio_ca::CaOptions;
 use crate::control::{self, ControlSpec, LocalFileWatch, ProxyAddrs};
 use crate::model::ConfigState;
-use crate::sys;
-use crate::snapshot::{LocalScope, Snapshot, SourceInfo};
-use crate::tls::ca::LocalCa;
-use crate::control::istio_ca::CaOptions;
 use crate::net::ListenAddrs;
 use crate::snapshot::publish as channel;
+use crate::snapshot::{LocalScope, Snapshot, SourceInfo};
+use crate::sys;
+use crate::tls::ca::LocalCa;
 use crate::worker::{self, WorkerSpec};
 
 pub struct RunOptions {
@@ -57,142 +57,162 @@ impl Proxy {
 /// Starts the proxy. Fails, naming the cause, when the config cannot be loaded or a port bound.
 pub fn start(cfg: Config, opts: RunOptions) -> anyhow::Result<Proxy> {
     let cfg = Arc::new(cfg);
-    let scope = LocalScope::from_config(&cfg);
-    if cfg.local_xds_path.is_none() && cfg.xds_address.is_none() {
-        bail!("no config source: set LOCAL_XDS_PATH or XDS_ADDRESS");
-    }
     let xds = cfg.xds_address.as_ref().map(|addr| xds_options(&cfg, addr)).transpose()?;
-    let (local_file, initial) = match cfg.local_xds_path.clone() {
-        Some(path) => {
-            // Stamp before reading: a change racing the read is then seen by the watcher.
-            let stamp = control::local::stamp(&path);
-            let text =
-                std::fs::read_to_string(&path).with_context(|| format!("reading LOCAL_XDS_PATH {}", path.display()))?;
-            let state =
-                control::local::parse(&text).with_context(|| format!("invalid config file {}", path.display()))?;
-            let source = SourceInfo { kind: "file", location: path.display().to_string() };
-            let initial = Arc::new(Snapshot::build(1, source, scope, state.clone()));
-            sys::release_free_memory();
-            tracing::info!(
-                workloads = initial.workloads().count(),
-                services = initial.services().count(),
-                policies = initial.policies().count(),
-                path = %path.display(),
-                "loaded local config"
-            );
-            (Some(LocalFileWatch { path, stamp, text, state }), initial)
-        }
-        None => {
-            // Everything comes from istiod; readiness waits for its first answers.
-            let source = SourceInfo { kind: "xds", location: cfg.xds_address.clone().unwrap_or_default() };
-            (None, Arc::new(Snapshot::build(1, source, scope, ConfigState::default())))
-        }
-    };
-    for w in &initial.warnings {
-        tracing::warn!(generation = 1, "config: {w}");
-    }
-
+    let (local_file, initial) = first_config(&cfg)?;
     match sys::raise_nofile_limit() {
         Ok(n) => tracing::debug!(limit = n, "open file limit"),
         Err(e) => tracing::warn!(error = %e, "could not raise the open file limit"),
     }
-    let ca = match &cfg.ca_address {
-        None => {
-            let (ca, root) =
-                LocalCa::from_config(&cfg.ca, &cfg.trust_domain, cfg.secret_ttl).context("starting the local CA")?;
-            tracing::info!(root = %root, ttl = ?cfg.secret_ttl, "local CA ready");
-            CaChoice::Local(Box::new(ca))
-        }
-        Some(address) => {
-            tracing::info!(%address, ttl = ?cfg.secret_ttl, "certificates from the Istio CA");
-            CaChoice::Istio(CaOptions {
-                address: address.clone(),
-                root_ca: read_pem(&cfg.ca_root_ca, "CA_ROOT_CA")?,
-                alt_hostname: cfg.alt_xds_hostname.clone(),
-                token_path: cfg.auth_token.clone(),
-                cluster_id: cfg.cluster_id.clone(),
-                ttl: cfg.secret_ttl,
-            })
-        }
-    };
-    let spoof_source = match cfg.enable_orig_src {
-        Some(false) => false,
-        Some(true) => {
-            if !sys::can_spoof_source() {
-                bail!("ENABLE_ORIG_SRC=true but IP_TRANSPARENT is not permitted (needs CAP_NET_ADMIN)");
-            }
-            true
-        }
-        None => sys::can_spoof_source(),
-    };
-
-    let cores = core_affinity::get_core_ids().unwrap_or_default();
-    let mut addrs = ListenAddrs {
-        outbound: cfg.listeners.outbound,
-        inbound_plain: cfg.listeners.inbound_plain,
-        inbound: cfg.listeners.inbound,
-        socks5: cfg.socks5.then_some(cfg.listeners.socks5),
-    };
-    let mut txs = Vec::new();
-    let mut generations = Vec::new();
-    let mut alive = Vec::new();
-    let mut done_rxs = Vec::new();
-    let mut workers = Vec::new();
-    let mut driver = "";
+    let ca = certificate_source(&cfg)?;
+    let spoof_source = original_source_allowed(&cfg)?;
     let (cert_tx, cert_rx) = mpsc::unbounded_channel();
+    let workers = start_workers(&cfg, &initial, spoof_source, cert_tx)?;
+    let (shutdown_tx, shutdown_rx) = mpsc::unbounded_channel();
+    let spec = ControlSpec {
+        cfg: cfg.clone(),
+        initial,
+        workers: workers.txs,
+        worker_generations: workers.generations,
+        worker_alive: workers.alive,
+        worker_done: workers.done,
+        worker_addrs: workers.addrs,
+        driver: workers.driver,
+        local_file,
+        shutdown_rx,
+        shutdown_tx: shutdown_tx.clone(),
+        handle_signals: opts.handle_signals,
+        cert_requests: cert_rx,
+        xds,
+    };
+    let (control, ready) = control::spawn(spec, ca).context("spawning the control thread")?;
+    let addrs = ready.recv().map_err(|_| anyhow::anyhow!("control thread died during start-up"))??;
+    Ok(Proxy { addrs, shutdown: shutdown_tx, control, workers: workers.handles })
+}
+
+/// The first generation: the config file, read and validated now (a bad file stops start-up,
+/// naming the field), or an empty config that istiod fills in (readiness waits for it).
+fn first_config(cfg: &Config) -> anyhow::Result<(Option<LocalFileWatch>, Arc<Snapshot>)> {
+    let scope = LocalScope::from_config(cfg);
+    let Some(path) = cfg.local_xds_path.clone() else {
+        let source = SourceInfo { kind: "xds", location: cfg.xds_address.clone().unwrap_or_default() };
+        return Ok((None, Arc::new(Snapshot::build(1, source, scope, ConfigState::default()))));
+    };
+    // Stamp before reading: a change racing the read is then seen by the watcher.
+    let stamp = control::local::stamp(&path);
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading LOCAL_XDS_PATH {}", path.display()))?;
+    let state = control::local::parse(&text).with_context(|| format!("invalid config file {}", path.display()))?;
+    let source = SourceInfo { kind: "file", location: path.display().to_string() };
+    let initial = Arc::new(Snapshot::build(1, source, scope, state.clone()));
+    sys::release_free_memory();
+    tracing::info!(
+        workloads = initial.workloads().count(),
+        services = initial.services().count(),
+        policies = initial.policies().count(),
+        path = %path.display(),
+        "loaded local config"
+    );
+    for w in &initial.warnings {
+        tracing::warn!(generation = 1, "config: {w}");
+    }
+    Ok((Some(LocalFileWatch { path, stamp, text, state }), initial))
+}
+
+/// The local CA (created or loaded now), or the Istio CA's settings (its root read now).
+fn certificate_source(cfg: &Config) -> anyhow::Result<CaChoice> {
+    let Some(address) = &cfg.ca_address else {
+        let (ca, root) =
+            LocalCa::from_config(&cfg.ca, &cfg.trust_domain, cfg.secret_ttl).context("starting the local CA")?;
+        tracing::info!(root = %root, ttl = ?cfg.secret_ttl, "local CA ready");
+        return Ok(CaChoice::Local(Box::new(ca)));
+    };
+    tracing::info!(%address, ttl = ?cfg.secret_ttl, "certificates from the Istio CA");
+    Ok(CaChoice::Istio(CaOptions {
+        address: address.clone(),
+        root_ca: read_pem(&cfg.ca_root_ca, "CA_ROOT_CA")?,
+        alt_hostname: cfg.alt_xds_hostname.clone(),
+        token_path: cfg.auth_token.clone(),
+        cluster_id: cfg.cluster_id.clone(),
+        ttl: cfg.secret_ttl,
+    }))
+}
+
+/// Whether upstream connections may keep the client's address: as asked (failing when asked for
+/// and not permitted), or whenever the process may (`ENABLE_ORIG_SRC` unset).
+fn original_source_allowed(cfg: &Config) -> anyhow::Result<bool> {
+    match cfg.enable_orig_src {
+        Some(false) => Ok(false),
+        Some(true) if !sys::can_spoof_source() => {
+            bail!("ENABLE_ORIG_SRC=true but IP_TRANSPARENT is not permitted (needs CAP_NET_ADMIN)")
+        }
+        Some(true) => Ok(true),
+        None => Ok(sys::can_spoof_source()),
+    }
+}
+
+/// What the control thread needs of the running workers, and their threads.
+struct StartedWorkers {
+    txs: Vec<channel::WorkerTx>,
+    generations: Vec<Arc<AtomicU64>>,
+    alive: Vec<Arc<AtomicBool>>,
+    done: Vec<oneshot::Receiver<()>>,
+    addrs: ListenAddrs,
+    driver: &'static str,
+    handles: Vec<std::thread::JoinHandle<()>>,
+}
+
+/// Starts the workers one by one: the first resolves any port 0, the others bind the same ports.
+fn start_workers(
+    cfg: &Arc<Config>,
+    initial: &Arc<Snapshot>,
+    spoof_source: bool,
+    cert_tx: mpsc::UnboundedSender<crate::model::Identity>,
+) -> anyhow::Result<StartedWorkers> {
+    let cores = core_affinity::get_core_ids().unwrap_or_default();
+    let mut started = StartedWorkers {
+        txs: Vec::new(),
+        generations: Vec::new(),
+        alive: Vec::new(),
+        done: Vec::new(),
+        addrs: ListenAddrs {
+            outbound: cfg.listeners.outbound,
+            inbound_plain: cfg.listeners.inbound_plain,
+            inbound: cfg.listeners.inbound,
+            socks5: cfg.socks5.then_some(cfg.listeners.socks5),
+        },
+        driver: "",
+        handles: Vec::new(),
+    };
     for id in 0..cfg.worker_threads {
         let (tx, rx) = channel::channel();
         let generation = Arc::new(AtomicU64::new(0));
-        let running = Arc::new(AtomicBool::new(false));
+        let alive = Arc::new(AtomicBool::new(false));
         let (done_tx, done_rx) = oneshot::channel::<()>();
         let spec = WorkerSpec {
             id,
             cfg: cfg.clone(),
-            addrs,
+            addrs: started.addrs,
             initial: initial.clone(),
             rx,
             core: (!cores.is_empty()).then(|| cores[id % cores.len()]),
             spoof_source,
             generation: generation.clone(),
-            alive: running.clone(),
+            alive: alive.clone(),
             done: done_tx,
             cert_requests: cert_tx.clone(),
         };
         let (handle, ready) = worker::spawn(spec).context("spawning a worker thread")?;
         let bound = ready.recv().map_err(|_| anyhow::anyhow!("worker {id} died during start-up"))?;
         let bound = bound.with_context(|| format!("worker {id}"))?;
-        // The first worker resolved any port 0; the others must share its ports.
-        addrs = bound.addrs;
-        driver = bound.driver;
-        txs.push(tx);
-        generations.push(generation);
-        alive.push(running);
-        done_rxs.push(done_rx);
-        workers.push(handle);
+        started.addrs = bound.addrs;
+        started.driver = bound.driver;
+        started.txs.push(tx);
+        started.generations.push(generation);
+        started.alive.push(alive);
+        started.done.push(done_rx);
+        started.handles.push(handle);
     }
-    tracing::info!(workers = cfg.worker_threads, driver, spoof_source, "workers started");
-
-    let (shutdown_tx, shutdown_rx) = mpsc::unbounded_channel();
-    let spec = ControlSpec {
-        cfg: cfg.clone(),
-        initial,
-        workers: txs,
-        worker_generations: generations,
-        worker_alive: alive,
-        worker_done: done_rxs,
-        worker_addrs: addrs,
-        driver,
-        local_file,
-        shutdown_rx,
-        shutdown_tx: shutdown_tx.clone(),
-        handle_signals: opts.handle_signals,
-        ca,
-        cert_requests: cert_rx,
-        xds,
-    };
-    let (control, ready) = control::spawn(spec).context("spawning the control thread")?;
-    let addrs = ready.recv().map_err(|_| anyhow::anyhow!("control thread died during start-up"))??;
-    Ok(Proxy { addrs, shutdown: shutdown_tx, control, workers })
+    tracing::info!(workers = cfg.worker_threads, driver = started.driver, spoof_source, "workers started");
+    Ok(started)
 }
 
 /// The istiod client's settings from the config: the root CA read now (a missing one fails

@@ -362,6 +362,148 @@ fn parse_workers(v: &str, cores: usize) -> Result<usize, String> {
 }
 
 /// True when the host has an IPv6 stack, so wildcard listeners can be dual-stack.
+/// `PROXY_MODE`, and the workload a dedicated proxy serves (`PROXY_WORKLOAD_INFO`, required there).
+fn proxy_mode(src: &Source) -> Result<(ProxyMode, Option<WorkloadInfo>), ConfigError> {
+    let mode = match src.value("PROXY_MODE").as_deref() {
+        None => ProxyMode::Shared,
+        Some(v) => match v.to_ascii_lowercase().as_str() {
+            "shared" => ProxyMode::Shared,
+            "dedicated" => ProxyMode::Dedicated,
+            _ => return Err(invalid("PROXY_MODE", v, "expected shared or dedicated")),
+        },
+    };
+    let info = src.parse("PROXY_WORKLOAD_INFO", parse_workload_info)?;
+    if mode == ProxyMode::Dedicated && info.is_none() {
+        return Err(ConfigError::Missing {
+            var: "PROXY_WORKLOAD_INFO",
+            why: "in dedicated mode (namespace/name/serviceaccount of the proxied workload)",
+        });
+    }
+    Ok((mode, info))
+}
+
+/// Where config comes from: `LOCAL_XDS_PATH` and/or istiod at `XDS_ADDRESS` (Istio's semantics:
+/// unset means the in-cluster istiod, an empty value disables xDS). At least one is required.
+fn config_sources(src: &Source) -> Result<(Option<PathBuf>, Option<String>), ConfigError> {
+    let local_xds_path = src.value("LOCAL_XDS_PATH").map(PathBuf::from);
+    let xds_address = match src.raw("XDS_ADDRESS") {
+        None => Some("https://istiod.istio-system.svc:15012".to_string()),
+        Some(v) if v.trim().is_empty() => None,
+        Some(v) => Some(v.trim().to_string()),
+    };
+    if let Some(addr) = &xds_address {
+        if !addr.starts_with("https://") {
+            return Err(invalid("XDS_ADDRESS", addr, "expected https://host:port (istiod serves xDS over TLS)"));
+        }
+    }
+    if local_xds_path.is_none() && xds_address.is_none() {
+        return Err(ConfigError::Missing {
+            var: "LOCAL_XDS_PATH",
+            why: "when xDS is disabled (XDS_ADDRESS=): the proxy needs a config source",
+        });
+    }
+    Ok((local_xds_path, xds_address))
+}
+
+/// Where certificates come from: `FAKE_CA` (Istio's name) or an empty `CA_ADDRESS` select the
+/// local CA; otherwise the Istio CA at `CA_ADDRESS`, by default istiod (when xDS is on). With
+/// the local CA's settings and the certificate lifetime.
+fn certificate_source(
+    src: &Source,
+    xds_address: Option<&String>,
+) -> Result<(Option<String>, LocalCaConfig, Duration), ConfigError> {
+    let fake_ca = src.bool("FAKE_CA")?.unwrap_or(false);
+    let ca_address = if fake_ca {
+        None
+    } else {
+        match src.raw("CA_ADDRESS") {
+            None => xds_address.cloned(),
+            Some(v) if v.trim().is_empty() => None,
+            Some(v) => Some(v.trim().to_string()),
+        }
+    };
+    if let Some(addr) = &ca_address {
+        if !addr.starts_with("https://") {
+            return Err(invalid("CA_ADDRESS", addr, "expected https://host:port (the Istio CA serves TLS)"));
+        }
+    }
+    let ca = LocalCaConfig {
+        cert: src.value("LOCAL_CA_CERT").map(PathBuf::from),
+        key: src.value("LOCAL_CA_KEY").map(PathBuf::from),
+        dir: src
+            .value("ZTUNNEL_LOCAL_CA_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| std::env::temp_dir().join("ztunnel-local-ca")),
+    };
+    match (&ca.cert, &ca.key) {
+        (Some(_), None) => return Err(ConfigError::Missing { var: "LOCAL_CA_KEY", why: "when LOCAL_CA_CERT is set" }),
+        (None, Some(_)) => return Err(ConfigError::Missing { var: "LOCAL_CA_CERT", why: "when LOCAL_CA_KEY is set" }),
+        _ => {}
+    }
+    let secret_ttl = src.duration("SECRET_TTL", Duration::from_secs(24 * 3600))?;
+    if secret_ttl < Duration::from_secs(2) {
+        return Err(invalid("SECRET_TTL", &format!("{secret_ttl:?}"), "must be at least 2s"));
+    }
+    Ok((ca_address, ca, secret_ttl))
+}
+
+/// `PACKET_MARK` (decimal or 0x hex; 0 disables). Istio marks by default only in shared mode,
+/// where the redirection rules need it.
+fn packet_mark(src: &Source, mode: ProxyMode) -> Result<Option<u32>, ConfigError> {
+    let mark = src.parse("PACKET_MARK", |v| {
+        let v = v.trim();
+        let n = match v.strip_prefix("0x").or_else(|| v.strip_prefix("0X")) {
+            Some(hex) => u32::from_str_radix(hex, 16),
+            None => v.parse::<u32>(),
+        };
+        n.map_err(|_| "expected a 32-bit unsigned integer (decimal or 0x hex)".to_string())
+    })?;
+    Ok(match mark {
+        None if mode == ProxyMode::Shared => Some(DEFAULT_PACKET_MARK),
+        None | Some(0) => None,
+        Some(m) => Some(m),
+    })
+}
+
+fn io_driver(src: &Source) -> Result<IoDriver, ConfigError> {
+    Ok(match src.value("ZTUNNEL_IO_DRIVER").as_deref() {
+        None => IoDriver::Auto,
+        Some(v) => match v.to_ascii_lowercase().as_str() {
+            "auto" => IoDriver::Auto,
+            "uring" | "io_uring" | "iouring" => IoDriver::Uring,
+            "epoll" | "legacy" => IoDriver::Epoll,
+            _ => return Err(invalid("ZTUNNEL_IO_DRIVER", v, "expected auto, uring or epoll")),
+        },
+    })
+}
+
+fn log_format(src: &Source) -> Result<LogFormat, ConfigError> {
+    Ok(match src.value("LOG_FORMAT").as_deref() {
+        None => LogFormat::Plain,
+        Some(v) => match v.to_ascii_lowercase().as_str() {
+            "plain" | "text" => LogFormat::Plain,
+            "json" => LogFormat::Json,
+            _ => return Err(invalid("LOG_FORMAT", v, "expected plain or json")),
+        },
+    })
+}
+
+/// Every listener address: the data ports on the wildcard address (IPv6 when the host has it),
+/// SOCKS5 and admin on localhost.
+fn listeners(src: &Source) -> Result<Listeners, ConfigError> {
+    let wildcard: IpAddr = if ipv6_available() { Ipv6Addr::UNSPECIFIED.into() } else { Ipv4Addr::UNSPECIFIED.into() };
+    let localhost: IpAddr = Ipv4Addr::LOCALHOST.into();
+    Ok(Listeners {
+        outbound: src.addr("ZTUNNEL_OUTBOUND_ADDR", SocketAddr::new(wildcard, 15001))?,
+        inbound_plain: src.addr("ZTUNNEL_INBOUND_PLAINTEXT_ADDR", SocketAddr::new(wildcard, 15006))?,
+        inbound: src.addr("ZTUNNEL_INBOUND_ADDR", SocketAddr::new(wildcard, 15008))?,
+        socks5: src.addr("ZTUNNEL_SOCKS5_ADDR", SocketAddr::new(localhost, 15080))?,
+        admin: src.addr("ZTUNNEL_ADMIN_ADDR", SocketAddr::new(localhost, 15000))?,
+        readiness: src.addr("ZTUNNEL_READINESS_ADDR", SocketAddr::new(wildcard, 15021))?,
+        metrics: src.addr("ZTUNNEL_METRICS_ADDR", SocketAddr::new(wildcard, 15020))?,
+    })
+}
+
 fn ipv6_available() -> bool {
     std::net::TcpListener::bind((Ipv6Addr::LOCALHOST, 0)).is_ok()
 }
@@ -369,130 +511,15 @@ fn ipv6_available() -> bool {
 impl Config {
     /// Builds and validates the configuration.
     pub fn from_source(src: &Source) -> Result<Config, ConfigError> {
-        let proxy_mode = match src.value("PROXY_MODE").as_deref() {
-            None => ProxyMode::Shared,
-            Some(v) => match v.to_ascii_lowercase().as_str() {
-                "shared" => ProxyMode::Shared,
-                "dedicated" => ProxyMode::Dedicated,
-                _ => return Err(invalid("PROXY_MODE", v, "expected shared or dedicated")),
-            },
-        };
-        let workload_info = src.parse("PROXY_WORKLOAD_INFO", parse_workload_info)?;
-        if proxy_mode == ProxyMode::Dedicated && workload_info.is_none() {
-            return Err(ConfigError::Missing {
-                var: "PROXY_WORKLOAD_INFO",
-                why: "in dedicated mode (namespace/name/serviceaccount of the proxied workload)",
-            });
-        }
-        let node_name = src.value("NODE_NAME");
-        let local_xds_path = src.value("LOCAL_XDS_PATH").map(PathBuf::from);
-        // Istio's semantics: unset means the in-cluster istiod, an empty value disables xDS.
-        let xds_address = match src.raw("XDS_ADDRESS") {
-            None => Some("https://istiod.istio-system.svc:15012".to_string()),
-            Some(v) if v.trim().is_empty() => None,
-            Some(v) => Some(v.trim().to_string()),
-        };
-        if let Some(addr) = &xds_address {
-            if !addr.starts_with("https://") {
-                return Err(invalid("XDS_ADDRESS", addr, "expected https://host:port (istiod serves xDS over TLS)"));
-            }
-        }
-        if local_xds_path.is_none() && xds_address.is_none() {
-            return Err(ConfigError::Missing {
-                var: "LOCAL_XDS_PATH",
-                why: "when xDS is disabled (XDS_ADDRESS=): the proxy needs a config source",
-            });
-        }
-        let packet_mark = match src.parse("PACKET_MARK", |v| {
-            let v = v.trim();
-            let n = match v.strip_prefix("0x").or_else(|| v.strip_prefix("0X")) {
-                Some(hex) => u32::from_str_radix(hex, 16),
-                None => v.parse::<u32>(),
-            };
-            n.map_err(|_| "expected a 32-bit unsigned integer (decimal or 0x hex)".to_string())
-        })? {
-            // Istio marks by default only in shared mode, where redirection rules need it.
-            None if proxy_mode == ProxyMode::Shared => Some(DEFAULT_PACKET_MARK),
-            None => None,
-            Some(0) => None,
-            Some(m) => Some(m),
-        };
+        let (proxy_mode, workload_info) = proxy_mode(src)?;
+        let (local_xds_path, xds_address) = config_sources(src)?;
+        let (ca_address, ca, secret_ttl) = certificate_source(src, xds_address.as_ref())?;
         let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-        let worker_threads = src.parse("ZTUNNEL_WORKER_THREADS", |v| parse_workers(v, cores))?.unwrap_or(cores);
-        let io_driver = match src.value("ZTUNNEL_IO_DRIVER").as_deref() {
-            None => IoDriver::Auto,
-            Some(v) => match v.to_ascii_lowercase().as_str() {
-                "auto" => IoDriver::Auto,
-                "uring" | "io_uring" | "iouring" => IoDriver::Uring,
-                "epoll" | "legacy" => IoDriver::Epoll,
-                _ => return Err(invalid("ZTUNNEL_IO_DRIVER", v, "expected auto, uring or epoll")),
-            },
-        };
-        let log_format = match src.value("LOG_FORMAT").as_deref() {
-            None => LogFormat::Plain,
-            Some(v) => match v.to_ascii_lowercase().as_str() {
-                "plain" | "text" => LogFormat::Plain,
-                "json" => LogFormat::Json,
-                _ => return Err(invalid("LOG_FORMAT", v, "expected plain or json")),
-            },
-        };
-        let instance_ip = src.parse("INSTANCE_IP", |v| v.parse::<IpAddr>().map_err(|e| e.to_string()))?;
-        let wildcard: IpAddr =
-            if ipv6_available() { Ipv6Addr::UNSPECIFIED.into() } else { Ipv4Addr::UNSPECIFIED.into() };
-        let localhost: IpAddr = Ipv4Addr::LOCALHOST.into();
-        let listeners = Listeners {
-            outbound: src.addr("ZTUNNEL_OUTBOUND_ADDR", SocketAddr::new(wildcard, 15001))?,
-            inbound_plain: src.addr("ZTUNNEL_INBOUND_PLAINTEXT_ADDR", SocketAddr::new(wildcard, 15006))?,
-            inbound: src.addr("ZTUNNEL_INBOUND_ADDR", SocketAddr::new(wildcard, 15008))?,
-            socks5: src.addr("ZTUNNEL_SOCKS5_ADDR", SocketAddr::new(localhost, 15080))?,
-            admin: src.addr("ZTUNNEL_ADMIN_ADDR", SocketAddr::new(localhost, 15000))?,
-            readiness: src.addr("ZTUNNEL_READINESS_ADDR", SocketAddr::new(wildcard, 15021))?,
-            metrics: src.addr("ZTUNNEL_METRICS_ADDR", SocketAddr::new(wildcard, 15020))?,
-        };
         let termination_deadline = src.duration("CONNECTION_TERMINATION_DEADLINE", Duration::from_secs(5))?;
         let connect_timeout = src.duration("ZTUNNEL_CONNECT_TIMEOUT", Duration::from_secs(10))?;
         if connect_timeout.is_zero() {
             return Err(invalid("ZTUNNEL_CONNECT_TIMEOUT", "0", "must be above zero"));
         }
-        // Certificates: FAKE_CA (Istio's name) or an empty CA_ADDRESS select the local CA;
-        // otherwise the Istio CA at CA_ADDRESS, by default istiod (when xDS is on).
-        let fake_ca = src.bool("FAKE_CA")?.unwrap_or(false);
-        let ca_address = if fake_ca {
-            None
-        } else {
-            match src.raw("CA_ADDRESS") {
-                None => xds_address.clone(),
-                Some(v) if v.trim().is_empty() => None,
-                Some(v) => Some(v.trim().to_string()),
-            }
-        };
-        if let Some(addr) = &ca_address {
-            if !addr.starts_with("https://") {
-                return Err(invalid("CA_ADDRESS", addr, "expected https://host:port (the Istio CA serves TLS)"));
-            }
-        }
-        let ca = LocalCaConfig {
-            cert: src.value("LOCAL_CA_CERT").map(PathBuf::from),
-            key: src.value("LOCAL_CA_KEY").map(PathBuf::from),
-            dir: src
-                .value("ZTUNNEL_LOCAL_CA_DIR")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| std::env::temp_dir().join("ztunnel-local-ca")),
-        };
-        match (&ca.cert, &ca.key) {
-            (Some(_), None) => {
-                return Err(ConfigError::Missing { var: "LOCAL_CA_KEY", why: "when LOCAL_CA_CERT is set" });
-            }
-            (None, Some(_)) => {
-                return Err(ConfigError::Missing { var: "LOCAL_CA_CERT", why: "when LOCAL_CA_KEY is set" });
-            }
-            _ => {}
-        }
-        let secret_ttl = src.duration("SECRET_TTL", Duration::from_secs(24 * 3600))?;
-        if secret_ttl < Duration::from_secs(2) {
-            return Err(invalid("SECRET_TTL", &format!("{secret_ttl:?}"), "must be at least 2s"));
-        }
-        let trust_domain = src.value("TRUST_DOMAIN").unwrap_or_else(|| "cluster.local".into());
         let local_config_poll = src.duration("ZTUNNEL_LOCAL_CONFIG_POLL", Duration::from_millis(50))?;
         if local_config_poll < Duration::from_millis(1) {
             return Err(invalid("ZTUNNEL_LOCAL_CONFIG_POLL", "0", "must be at least 1ms"));
@@ -500,15 +527,15 @@ impl Config {
         Ok(Config {
             proxy_mode,
             workload_info,
-            node_name,
+            node_name: src.value("NODE_NAME"),
             local_xds_path,
-            xds_address,
-            ca_address,
             ca_root_ca: src
                 .value("CA_ROOT_CA")
                 .or_else(|| src.value("XDS_ROOT_CA"))
                 .unwrap_or_else(|| "/var/run/secrets/istio/root-cert.pem".into()),
             xds_root_ca: src.value("XDS_ROOT_CA").unwrap_or_else(|| "/var/run/secrets/istio/root-cert.pem".into()),
+            xds_address,
+            ca_address,
             alt_xds_hostname: src.value("ALT_XDS_HOSTNAME").filter(|v| !v.trim().is_empty()),
             auth_token: match src.raw("AUTH_TOKEN") {
                 None => Some(PathBuf::from("/var/run/secrets/tokens/istio-token")),
@@ -518,23 +545,23 @@ impl Config {
             cluster_id: src.value("CLUSTER_ID").unwrap_or_else(|| "Kubernetes".into()),
             cluster_domain: src.value("CLUSTER_DOMAIN").unwrap_or_else(|| "cluster.local".into()),
             network: src.value("NETWORK").unwrap_or_default(),
-            instance_ip,
+            instance_ip: src.parse("INSTANCE_IP", |v| v.parse::<IpAddr>().map_err(|e| e.to_string()))?,
             pod_name: src.value("POD_NAME"),
             pod_namespace: src.value("POD_NAMESPACE"),
-            packet_mark,
+            packet_mark: packet_mark(src, proxy_mode)?,
             enable_orig_src: src.bool("ENABLE_ORIG_SRC")?,
             socks5: src.bool("UNSTABLE_ENABLE_SOCKS5")?.unwrap_or(false),
             splice: src.bool("ZTUNNEL_SPLICE")?.unwrap_or(true),
-            worker_threads,
-            io_driver,
+            worker_threads: src.parse("ZTUNNEL_WORKER_THREADS", |v| parse_workers(v, cores))?.unwrap_or(cores),
+            io_driver: io_driver(src)?,
             termination_deadline,
             connect_timeout,
             local_config_poll,
-            log_format,
-            listeners,
+            log_format: log_format(src)?,
+            listeners: listeners(src)?,
             ca,
             secret_ttl,
-            trust_domain,
+            trust_domain: src.value("TRUST_DOMAIN").unwrap_or_else(|| "cluster.local".into()),
             hbone_port: src
                 .parse("ZTUNNEL_HBONE_PORT", |v| {
                     v.parse::<u16>().ok().filter(|p| *p != 0).ok_or_else(|| "expected a port number".to_string())
@@ -562,6 +589,7 @@ impl Config {
     }
 
     /// A configuration for in-process tests: every listener on 127.0.0.1 port 0.
+    #[cfg(any(test, feature = "testing"))]
     pub fn for_tests(local_xds_path: PathBuf) -> Config {
         // The local CA's root lives next to the config file, in the test's own directory.
         let ca_dir = local_xds_path.parent().map(|p| p.join("ca")).unwrap_or_else(|| std::env::temp_dir().join("ca"));

@@ -292,7 +292,8 @@ pub fn pick_endpoint<'a>(
 fn locality_rank(prefs: &[RoutingPreference], src: &Workload, dst: &Workload) -> usize {
     // No locality compares as all-empty fields.
     let (sl, dl) = (src.locality.as_ref(), dst.locality.as_ref());
-    let same = |f: for<'x> fn(&'x crate::model::Locality) -> &'x str| sl.map(f).unwrap_or("") == dl.map(f).unwrap_or("");
+    let same =
+        |f: for<'x> fn(&'x crate::model::Locality) -> &'x str| sl.map(f).unwrap_or("") == dl.map(f).unwrap_or("");
     prefs
         .iter()
         .take_while(|p| match p {
@@ -388,7 +389,10 @@ services:
             Err(RouteError::NoServicePort { port: 81, .. })
         ));
         let at = PlanContext { network: "", own_ports: &[15001, 15006, 15008], fast_path: true, hbone_port: 15008 };
-        assert!(matches!(plan(&snap, &at, &src, "127.0.0.1:15001".parse().unwrap(), &mut r0), Err(RouteError::Loop(_))));
+        assert!(matches!(
+            plan(&snap, &at, &src, "127.0.0.1:15001".parse().unwrap(), &mut r0),
+            Err(RouteError::Loop(_))
+        ));
         assert!(
             outbound(&snap, &src, "127.0.0.1:8080".parse().unwrap(), &mut r0).is_ok(),
             "other loopback ports are fine"
@@ -516,7 +520,9 @@ services:
         let plan_for = |at: &PlanContext<'_>, dst: &str| plan(&snap, at, &src, sa(dst), &mut |_| 0);
 
         let p = plan_for(&at, "10.0.0.2:80").unwrap();
-        assert!(matches!(&p.action, Action::FastPath { target, workload } if *target == sa("10.0.0.2:80") && workload.uid == "near"));
+        assert!(
+            matches!(&p.action, Action::FastPath { target, workload } if *target == sa("10.0.0.2:80") && workload.uid == "near")
+        );
         let no_fast = PlanContext { fast_path: false, ..at };
         let p = plan_for(&no_fast, "10.0.0.2:80").unwrap();
         assert!(matches!(p.action, Action::Hbone { hbone_addr, .. } if hbone_addr == sa("10.0.0.2:15008")));

@@ -1,6 +1,6 @@
 //! The certificate manager, on the control thread: keeps a certificate for every identity this
-//! proxy serves over HBONE, fetched ahead of time from the certificate source (the local CA now,
-//! the Istio CA behind the same trait later), renewed at half-life while the old one keeps
+//! proxy serves over HBONE, fetched ahead of time from the certificate source (the local CA or
+//! the Istio CA, behind the `CertSource` trait), renewed at half-life while the old one keeps
 //! serving, retried with jittered backoff, and forgotten when no local workload needs it.
 //! Every change is handed to the publisher as a complete certificate map.
 

@@ -25,15 +25,15 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::config::Config;
 use crate::model::{ConfigState, Identity};
+use crate::snapshot::publish::{WorkerMsg, WorkerTx};
 use crate::snapshot::{CertMap, ConfigIndex, Snapshot, SourceInfo};
 use crate::telemetry::metrics::Dump;
 use crate::tls::ca::LocalCa;
-use crate::snapshot::publish::{WorkerMsg, WorkerTx};
-use istio_ca::IstioCa;
-use xds::client::{XdsClient, XdsOptions};
 use certs::CertManager;
 use http::{Request, Response};
+use istio_ca::IstioCa;
 use local::FileStamp;
+use xds::client::{XdsClient, XdsOptions};
 
 /// Addresses the proxy listens on, once bound.
 #[derive(Debug, Clone, Copy, serde::Serialize)]
@@ -80,8 +80,6 @@ pub struct ControlSpec {
     pub shutdown_rx: mpsc::UnboundedReceiver<()>,
     pub shutdown_tx: mpsc::UnboundedSender<()>,
     pub handle_signals: bool,
-    /// Where workload certificates come from.
-    pub ca: CaChoice,
     /// Identities workers need and nobody fetched ahead (sources that are not HBONE workloads).
     pub cert_requests: mpsc::UnboundedReceiver<Identity>,
     /// The istiod client's settings, when `XDS_ADDRESS` is set.
@@ -111,6 +109,30 @@ struct ControlState {
 }
 
 impl ControlState {
+    fn new(spec: &mut ControlSpec, ca: CaChoice) -> Rc<ControlState> {
+        Rc::new(ControlState {
+            cfg: spec.cfg.clone(),
+            current: RefCell::new(spec.initial.clone()),
+            workers: std::mem::take(&mut spec.workers),
+            worker_generations: std::mem::take(&mut spec.worker_generations),
+            worker_alive: std::mem::take(&mut spec.worker_alive),
+            draining: Cell::new(false),
+            addrs: Cell::new(None),
+            driver: spec.driver,
+            started: Instant::now(),
+            last_error: RefCell::new(None),
+            shutdown_tx: spec.shutdown_tx.clone(),
+            certs: CertManager::new(match ca {
+                CaChoice::Local(ca) => Rc::new(*ca),
+                CaChoice::Istio(opts) => Rc::new(IstioCa::new(opts)),
+            }),
+            // The watcher keeps only the text; the parsed state lives here, once.
+            file_state: RefCell::new(spec.local_file.as_mut().map(|w| std::mem::take(&mut w.state))),
+            xds: RefCell::new(None),
+            requested: RefCell::new(BTreeSet::new()),
+        })
+    }
+
     /// Publishes one generation to every worker.
     fn publish(&self, snap: Arc<Snapshot>) {
         *self.current.borrow_mut() = snap.clone();
@@ -211,7 +233,8 @@ impl ControlState {
             }
         }
         let dead = self.worker_alive.iter().enumerate().filter(|(_, a)| !a.load(Ordering::Acquire));
-        let mut pending: Vec<String> = dead.map(|(i, _)| format!("worker {i} stopped (see its panic in the log)")).collect();
+        let mut pending: Vec<String> =
+            dead.map(|(i, _)| format!("worker {i} stopped (see its panic in the log)")).collect();
         pending.extend(
             self.worker_generations
                 .iter()
@@ -226,6 +249,7 @@ impl ControlState {
 /// Starts the control thread; the receiver yields the bound admin and readiness addresses.
 pub fn spawn(
     spec: ControlSpec,
+    ca: CaChoice,
 ) -> io::Result<(std::thread::JoinHandle<()>, std::sync::mpsc::Receiver<io::Result<ProxyAddrs>>)> {
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let handle = std::thread::Builder::new().name("control".into()).spawn(move || {
@@ -237,97 +261,43 @@ pub fn spawn(
             }
         };
         let local = tokio::task::LocalSet::new();
-        local.block_on(&rt, run(spec, ready_tx));
+        local.block_on(&rt, run(spec, ca, ready_tx));
     })?;
     Ok((handle, ready_rx))
 }
 
-async fn run(mut spec: ControlSpec, ready: std::sync::mpsc::Sender<io::Result<ProxyAddrs>>) {
-    // SO_REUSEPORT, as the data ports: a restarted proxy starts while this one drains.
-    let bind = |addr: SocketAddr| {
-        crate::net::bind_std(addr, crate::net::ListenOpts { transparent: false, backlog: 128 })
-            .and_then(tokio::net::TcpListener::from_std)
-            .map_err(|e| io::Error::new(e.kind(), format!("binding {addr}: {e}")))
+async fn run(mut spec: ControlSpec, ca: CaChoice, ready: std::sync::mpsc::Sender<io::Result<ProxyAddrs>>) {
+    let ports = match bind_control_ports(&spec.cfg) {
+        Ok(p) => p,
+        Err(e) => {
+            let _ = ready.send(Err(e));
+            return;
+        }
     };
-    let (admin, readiness, metrics) =
-        match (bind(spec.cfg.listeners.admin), bind(spec.cfg.listeners.readiness), bind(spec.cfg.listeners.metrics)) {
-            (Ok(a), Ok(r), Ok(m)) => (a, r, m),
-            (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => {
-                let _ = ready.send(Err(e));
-                return;
-            }
-        };
-    let state = Rc::new(ControlState {
-        cfg: spec.cfg.clone(),
-        current: RefCell::new(spec.initial.clone()),
-        workers: spec.workers,
-        worker_generations: spec.worker_generations,
-        worker_alive: spec.worker_alive,
-        draining: Cell::new(false),
-        addrs: Cell::new(None),
-        driver: spec.driver,
-        started: Instant::now(),
-        last_error: RefCell::new(None),
-        shutdown_tx: spec.shutdown_tx,
-        certs: CertManager::new(match spec.ca {
-            CaChoice::Local(ca) => Rc::new(*ca),
-            CaChoice::Istio(opts) => Rc::new(IstioCa::new(opts)),
-        }),
-        // The watcher keeps only the text; the parsed state lives here, once.
-        file_state: RefCell::new(spec.local_file.as_mut().map(|w| std::mem::take(&mut w.state))),
-        xds: RefCell::new(None),
-        requested: RefCell::new(BTreeSet::new()),
-    });
+    let state = ControlState::new(&mut spec, ca);
     if let Some(opts) = spec.xds.take() {
-        let weak = Rc::downgrade(&state);
-        let client = XdsClient::new(
-            opts,
-            Box::new(move |_store| {
-                if let Some(s) = weak.upgrade() {
-                    s.publish_config("xDS push");
-                }
-            }),
-        );
-        *state.xds.borrow_mut() = Some(client.clone());
-        tokio::task::spawn_local(client.run());
+        start_xds(&state, opts);
     }
     let addrs = ProxyAddrs {
         outbound: spec.worker_addrs.outbound,
         inbound_plain: spec.worker_addrs.inbound_plain,
         inbound: spec.worker_addrs.inbound,
         socks5: spec.worker_addrs.socks5,
-        admin: admin.local_addr().unwrap_or(spec.cfg.listeners.admin),
-        readiness: readiness.local_addr().unwrap_or(spec.cfg.listeners.readiness),
-        metrics: metrics.local_addr().unwrap_or(spec.cfg.listeners.metrics),
+        admin: ports.admin.local_addr().unwrap_or(spec.cfg.listeners.admin),
+        readiness: ports.readiness.local_addr().unwrap_or(spec.cfg.listeners.readiness),
+        metrics: ports.metrics.local_addr().unwrap_or(spec.cfg.listeners.metrics),
     };
     state.addrs.set(Some(addrs));
     tracing::info!(admin = %addrs.admin, readiness = %addrs.readiness, metrics = %addrs.metrics, "control plane listening");
-
-    let s = state.clone();
-    tokio::task::spawn_local(http::serve(admin, Rc::new(move |req| admin_handler(s.clone(), req))));
-    let s = state.clone();
-    let readiness =
-        tokio::task::spawn_local(http::serve(readiness, Rc::new(move |req| readiness_handler(s.clone(), req))));
-    let s = state.clone();
-    tokio::task::spawn_local(http::serve(metrics, Rc::new(move |req| metrics_handler(s.clone(), req))));
+    let readiness = serve_control_ports(&state, ports);
     state.track_identities();
     let s = state.clone();
     tokio::task::spawn_local(state.certs.clone().run(move |certs| s.publish_certs(certs)));
     if let Some(watch) = spec.local_file.take() {
         tokio::task::spawn_local(watch_local_file(state.clone(), watch));
     }
-    let s = state.clone();
-    let mut requests = std::mem::replace(&mut spec.cert_requests, mpsc::unbounded_channel().1);
-    tokio::task::spawn_local(async move {
-        while let Some(id) = requests.recv().await {
-            if s.requested.borrow().contains(&id) {
-                continue;
-            }
-            tracing::info!(identity = %id, "certificate requested on demand");
-            s.requested.borrow_mut().insert(id);
-            s.track_identities();
-        }
-    });
+    let requests = std::mem::replace(&mut spec.cert_requests, mpsc::unbounded_channel().1);
+    tokio::task::spawn_local(certificates_on_demand(state.clone(), requests));
     let _ = ready.send(Ok(addrs));
 
     wait_for_shutdown(&mut spec.shutdown_rx, spec.handle_signals).await;
@@ -335,13 +305,78 @@ async fn run(mut spec: ControlSpec, ready: std::sync::mpsc::Sender<io::Result<Pr
     // Probes now reach only the proxy that replaces this one (a port shared by SO_REUSEPORT
     // hands what was queued here to it). Admin and metrics stay up until the exit.
     readiness.abort();
+    drain_workers(&state, spec.worker_done).await;
+}
+
+/// The admin, readiness and metrics listeners.
+struct ControlPorts {
+    admin: tokio::net::TcpListener,
+    readiness: tokio::net::TcpListener,
+    metrics: tokio::net::TcpListener,
+}
+
+/// Binds the control ports with `SO_REUSEPORT`, as the data ports: a restarted proxy starts
+/// while this one drains.
+fn bind_control_ports(cfg: &Config) -> io::Result<ControlPorts> {
+    let bind = |addr: SocketAddr| {
+        crate::net::bind_std(addr, crate::net::ListenOpts { transparent: false, backlog: 128 })
+            .and_then(tokio::net::TcpListener::from_std)
+            .map_err(|e| io::Error::new(e.kind(), format!("binding {addr}: {e}")))
+    };
+    Ok(ControlPorts {
+        admin: bind(cfg.listeners.admin)?,
+        readiness: bind(cfg.listeners.readiness)?,
+        metrics: bind(cfg.listeners.metrics)?,
+    })
+}
+
+/// Starts the three HTTP servers; returns the readiness server's task, which drain stops first.
+fn serve_control_ports(state: &Rc<ControlState>, ports: ControlPorts) -> tokio::task::JoinHandle<()> {
+    let s = state.clone();
+    tokio::task::spawn_local(http::serve(ports.admin, Rc::new(move |req| admin_handler(s.clone(), req))));
+    let s = state.clone();
+    tokio::task::spawn_local(http::serve(ports.metrics, Rc::new(move |req| metrics_handler(s.clone(), req))));
+    let s = state.clone();
+    tokio::task::spawn_local(http::serve(ports.readiness, Rc::new(move |req| readiness_handler(s.clone(), req))))
+}
+
+/// The istiod client: every push becomes a new generation.
+fn start_xds(state: &Rc<ControlState>, opts: XdsOptions) {
+    let weak = Rc::downgrade(state);
+    let client = XdsClient::new(
+        opts,
+        Box::new(move |_store| {
+            if let Some(s) = weak.upgrade() {
+                s.publish_config("xDS push");
+            }
+        }),
+    );
+    *state.xds.borrow_mut() = Some(client.clone());
+    tokio::task::spawn_local(client.run());
+}
+
+/// Identities workers asked for and nobody fetched: tracked (and so fetched and renewed) while a
+/// local workload has them.
+async fn certificates_on_demand(state: Rc<ControlState>, mut requests: mpsc::UnboundedReceiver<Identity>) {
+    while let Some(id) = requests.recv().await {
+        if state.requested.borrow().contains(&id) {
+            continue;
+        }
+        tracing::info!(identity = %id, "certificate requested on demand");
+        state.requested.borrow_mut().insert(id);
+        state.track_identities();
+    }
+}
+
+/// Tells every worker to drain by the deadline and waits until each thread has ended.
+async fn drain_workers(state: &ControlState, done: Vec<oneshot::Receiver<()>>) {
     let deadline = Instant::now() + state.cfg.termination_deadline;
     tracing::info!(deadline = ?state.cfg.termination_deadline, "shutting down: draining workers");
     for w in &state.workers {
         w.send(WorkerMsg::Drain { deadline });
     }
-    for done in spec.worker_done {
-        let _ = done.await;
+    for d in done {
+        let _ = d.await;
     }
     tracing::info!("all workers drained; exiting");
 }

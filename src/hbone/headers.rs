@@ -69,7 +69,10 @@ mod tests {
     fn forwarded_with_and_without_a_service() {
         let client: SocketAddr = "10.0.0.1:4000".parse().unwrap();
         assert_eq!(forwarded(client, None), "for=\"10.0.0.1:4000\"");
-        assert_eq!(forwarded(client, Some("a.ns.svc.cluster.local")), "for=\"10.0.0.1:4000\";host=a.ns.svc.cluster.local");
+        assert_eq!(
+            forwarded(client, Some("a.ns.svc.cluster.local")),
+            "for=\"10.0.0.1:4000\";host=a.ns.svc.cluster.local"
+        );
         let v6: SocketAddr = "[fd00::1]:80".parse().unwrap();
         assert_eq!(forwarded(v6, None), "for=\"[fd00::1]:80\"");
     }

@@ -110,7 +110,12 @@ async fn accept(ctx: &WorkerCtx, stream: TcpStream, peer: SocketAddr) -> Option<
 
 /// Accepts CONNECT streams, each a task of its own, until the peer ends the connection, stops
 /// answering PINGs, or drain ends it (GOAWAY first, then the deadline's `close`).
-async fn serve_streams(ctx: &Rc<WorkerCtx>, mut h2: H2Server, accepted: Rc<Accepted>, close: &crate::worker::conns::Signal) {
+async fn serve_streams(
+    ctx: &Rc<WorkerCtx>,
+    mut h2: H2Server,
+    accepted: Rc<Accepted>,
+    close: &crate::worker::conns::Signal,
+) {
     let peer = accepted.peer;
     let mut goaway_sent = false;
     let (interval, timeout) = (ctx.cfg.hbone_keepalive_interval, ctx.cfg.hbone_keepalive_timeout);

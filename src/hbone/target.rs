@@ -19,7 +19,10 @@ pub enum Refusal {
     /// No workload served here owns the address.
     NotLocal(SocketAddr),
     /// The target is not the workload the connection was accepted for.
-    NotThisWorkload { target: SocketAddr, conn_dst: IpAddr },
+    NotThisWorkload {
+        target: SocketAddr,
+        conn_dst: IpAddr,
+    },
     /// Port 0, or one of the proxy's own ports.
     ForbiddenPort(u16),
     Denied(Denied),
@@ -113,7 +116,11 @@ mod tests {
             .unwrap()
         };
         let state = ConfigState {
-            workloads: vec![wl("here", "10.0.0.1", "n1"), wl("here-too", "10.0.0.2", "n1"), wl("there", "10.0.1.1", "n2")],
+            workloads: vec![
+                wl("here", "10.0.0.1", "n1"),
+                wl("here-too", "10.0.0.2", "n1"),
+                wl("there", "10.0.1.1", "n2"),
+            ],
             ..ConfigState::default()
         };
         let source = SourceInfo { kind: "test", location: String::new() };

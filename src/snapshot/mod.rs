@@ -285,20 +285,17 @@ fn endpoints_named_by_workloads(
     let mut endpoints: HashMap<NamespacedHostname, BTreeMap<String, ServiceEndpoint>> = HashMap::new();
     for wl in workloads.values() {
         for (svc, ports) in &wl.services {
-            endpoints
-                .entry(svc.clone())
-                .or_default()
-                .insert(wl.uid.clone(), ServiceEndpoint { workload: wl.clone(), ports: ports.clone(), status: wl.status });
+            endpoints.entry(svc.clone()).or_default().insert(
+                wl.uid.clone(),
+                ServiceEndpoint { workload: wl.clone(), ports: ports.clone(), status: wl.status },
+            );
         }
     }
     endpoints
 }
 
-type ServiceIndexes = (
-    BTreeMap<NamespacedHostname, Arc<ServiceEntry>>,
-    ByAddr<ServiceEntry>,
-    HashMap<String, Vec<Arc<ServiceEntry>>>,
-);
+type ServiceIndexes =
+    (BTreeMap<NamespacedHostname, Arc<ServiceEntry>>, ByAddr<ServiceEntry>, HashMap<String, Vec<Arc<ServiceEntry>>>);
 
 /// Services with their endpoints resolved (named by workloads, or listed by the service), by
 /// key, by VIP and by hostname. Endpoints of services nobody configured are warnings.
@@ -323,13 +320,16 @@ fn index_services(
                         status: ep.status,
                     });
                 }
-                None => warnings.push(format!("service {key}: endpoint {uid} names unknown workload {}", ep.workload_uid)),
+                None => {
+                    warnings.push(format!("service {key}: endpoint {uid} names unknown workload {}", ep.workload_uid))
+                }
             }
         }
         svc.endpoints = eps
             .iter()
             .map(|(uid, ep)| {
-                let endpoint = Endpoint { workload_uid: ep.workload.uid.clone(), port: ep.ports.clone(), status: ep.status };
+                let endpoint =
+                    Endpoint { workload_uid: ep.workload.uid.clone(), port: ep.ports.clone(), status: ep.status };
                 (uid.clone(), endpoint)
             })
             .collect();

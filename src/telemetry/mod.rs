@@ -9,9 +9,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use crossbeam_channel::{Receiver, Sender, TrySendError};
-use tracing_subscriber::layer::SubscriberExt;
+use crossbeam_utils::atomic::AtomicCell;
+use tracing::subscriber::Interest;
+use tracing::{Event, Metadata, Subscriber};
+use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::{Context, Layer, SubscriberExt};
+use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::util::SubscriberInitExt;
-use tracing_subscriber::{EnvFilter, Registry, reload};
 
 use crate::config::LogFormat;
 
@@ -33,7 +37,66 @@ struct LogSink {
 }
 
 static SINK: OnceLock<LogSink> = OnceLock::new();
-static FILTER: OnceLock<reload::Handle<EnvFilter, Registry>> = OnceLock::new();
+
+/// The log filter in force. Every worker consults it on every event, so it is read with one
+/// atomic load (no lock, no shared counter written) and replaced whole by a pointer store.
+/// A replaced filter is never freed (a reader may still hold it): each run-time change of the
+/// level keeps one small filter for the life of the process, and changes are operator actions.
+static FILTER: AtomicCell<Option<&'static EnvFilter>> = AtomicCell::new(None);
+
+/// The layer that applies [`FILTER`]: every call goes to the filter in force at that moment.
+struct CurrentFilter;
+
+impl<S: Subscriber + for<'a> LookupSpan<'a>> Layer<S> for CurrentFilter {
+    fn register_callsite(&self, meta: &'static Metadata<'static>) -> Interest {
+        match FILTER.load() {
+            Some(f) => <EnvFilter as Layer<S>>::register_callsite(f, meta),
+            None => Interest::always(),
+        }
+    }
+
+    fn max_level_hint(&self) -> Option<tracing::level_filters::LevelFilter> {
+        FILTER.load().and_then(<EnvFilter as Layer<S>>::max_level_hint)
+    }
+
+    fn enabled(&self, meta: &Metadata<'_>, ctx: Context<'_, S>) -> bool {
+        FILTER.load().is_none_or(|f| <EnvFilter as Layer<S>>::enabled(f, meta, ctx))
+    }
+
+    fn event_enabled(&self, event: &Event<'_>, ctx: Context<'_, S>) -> bool {
+        FILTER.load().is_none_or(|f| <EnvFilter as Layer<S>>::event_enabled(f, event, ctx))
+    }
+
+    fn on_new_span(&self, attrs: &tracing::span::Attributes<'_>, id: &tracing::span::Id, ctx: Context<'_, S>) {
+        if let Some(f) = FILTER.load() {
+            <EnvFilter as Layer<S>>::on_new_span(f, attrs, id, ctx);
+        }
+    }
+
+    fn on_record(&self, id: &tracing::span::Id, values: &tracing::span::Record<'_>, ctx: Context<'_, S>) {
+        if let Some(f) = FILTER.load() {
+            <EnvFilter as Layer<S>>::on_record(f, id, values, ctx);
+        }
+    }
+
+    fn on_enter(&self, id: &tracing::span::Id, ctx: Context<'_, S>) {
+        if let Some(f) = FILTER.load() {
+            <EnvFilter as Layer<S>>::on_enter(f, id, ctx);
+        }
+    }
+
+    fn on_exit(&self, id: &tracing::span::Id, ctx: Context<'_, S>) {
+        if let Some(f) = FILTER.load() {
+            <EnvFilter as Layer<S>>::on_exit(f, id, ctx);
+        }
+    }
+
+    fn on_close(&self, id: tracing::span::Id, ctx: Context<'_, S>) {
+        if let Some(f) = FILTER.load() {
+            <EnvFilter as Layer<S>>::on_close(f, id, ctx);
+        }
+    }
+}
 
 /// The writer handed to the log formatter: one formatted line per `write_all`, queued.
 pub struct QueueWriter;
@@ -105,9 +168,8 @@ pub fn init_logging(format: LogFormat) -> anyhow::Result<()> {
     let (tx, rx) = crossbeam_channel::unbounded();
     let _ = SINK.set(LogSink { tx, queued: AtomicU64::new(0), dropped: AtomicU64::new(0) });
     std::thread::Builder::new().name("log-writer".into()).spawn(move || writer_thread(rx))?;
-    let (filter, handle) = reload::Layer::new(filter);
-    let _ = FILTER.set(handle);
-    let registry = tracing_subscriber::registry().with(filter);
+    FILTER.store(Some(Box::leak(Box::new(filter))));
+    let registry = tracing_subscriber::registry().with(CurrentFilter);
     let res = match format {
         LogFormat::Json => registry
             .with(tracing_subscriber::fmt::layer().json().flatten_event(true).with_writer(|| QueueWriter))
@@ -131,15 +193,19 @@ pub fn flush_logs() {
 
 /// The log filter in force (`RUST_LOG` syntax), when logging was set up by [`init_logging`].
 pub fn log_level() -> Option<String> {
-    FILTER.get().and_then(|h| h.with_current(|f| f.to_string()).ok())
+    FILTER.load().map(|f| f.to_string())
 }
 
 /// Replaces the log filter at run time (`POST /logging?level=...`): a `RUST_LOG` directive such
 /// as `debug` or `info,access=warn`.
 pub fn set_log_level(directive: &str) -> Result<String, String> {
-    let handle = FILTER.get().ok_or("logging is not managed by this process (tests)")?;
+    if FILTER.load().is_none() {
+        return Err("logging is not managed by this process (tests)".into());
+    }
     let filter = EnvFilter::try_new(directive).map_err(|e| format!("invalid level {directive:?}: {e}"))?;
-    handle.reload(filter).map_err(|e| e.to_string())?;
+    FILTER.store(Some(Box::leak(Box::new(filter))));
+    // Callsites cached what the old filter said of them; ask again.
+    tracing::callsite::rebuild_interest_cache();
     Ok(log_level().unwrap_or_default())
 }
 

@@ -100,7 +100,7 @@ impl Drop for Wait {
     }
 }
 
-/// What the table knows of a connection (for logs, dumps and later re-authorization).
+/// The direction of a connection, for the drain log and the access log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Direction {
     Outbound,

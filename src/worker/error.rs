@@ -28,9 +28,7 @@ pub enum ProxyError {
     Refused(Refusal),
     #[error(transparent)]
     Dial(#[from] DialError),
-    #[error(
-        "no certificate for {0} yet (the certificate source has not delivered one; see the control thread's log)"
-    )]
+    #[error("no certificate for {0} yet (the certificate source has not delivered one; see the control thread's log)")]
     NoCertificate(String),
     #[error("HBONE: {0}")]
     Hbone(String),

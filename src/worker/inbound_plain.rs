@@ -37,7 +37,8 @@ pub async fn handle(
     log.path = Some(SetupPath::InboundPlain);
     // No identity in plaintext: STRICT mode (a DENY for connections without a principal) refuses.
     let rbac_conn = rbac::Conn { src_ip: peer.ip(), identity: None, dst };
-    authz::check(&snap, target, &rbac_conn, "plaintext inbound").map_err(|d| ProxyError::Refused(Refusal::Denied(d)))?;
+    authz::check(&snap, target, &rbac_conn, "plaintext inbound")
+        .map_err(|d| ProxyError::Refused(Refusal::Denied(d)))?;
     conn.guard().set_authz(AuthzInfo { conn: rbac_conn, workload_uid: target.uid.clone() });
     let spoof_source = (ctx.spoof_source && peer.ip() != dst.ip()).then_some(peer.ip());
     let opts = DialOpts { mark: ctx.cfg.packet_mark, spoof_source, timeout: ctx.cfg.connect_timeout };

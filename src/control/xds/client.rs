@@ -158,8 +158,8 @@ impl XdsClient {
         req: &mut tonic::Request<T>,
     ) -> Result<(), XdsError> {
         if let Some(path) = token_path {
-            let token = std::fs::read_to_string(path)
-                .map_err(|source| XdsError::Token { path: path.clone(), source })?;
+            let token =
+                std::fs::read_to_string(path).map_err(|source| XdsError::Token { path: path.clone(), source })?;
             let value =
                 format!("Bearer {}", token.trim()).parse().map_err(|_| XdsError::Header { what: "the token" })?;
             req.metadata_mut().insert("authorization", value);
@@ -204,8 +204,7 @@ impl XdsClient {
         let mut client = AggregatedDiscoveryServiceClient::new(channel)
             .max_decoding_message_size(256 * 1024 * 1024)
             .max_encoding_message_size(16 * 1024 * 1024);
-        let mut responses =
-            client.delta_aggregated_resources(request).await.map_err(XdsError::Open)?.into_inner();
+        let mut responses = client.delta_aggregated_resources(request).await.map_err(XdsError::Open)?.into_inner();
         {
             let mut st = self.status.borrow_mut();
             st.connected = true;
