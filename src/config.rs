@@ -513,6 +513,16 @@ impl Config {
     pub fn from_source(src: &Source) -> Result<Config, ConfigError> {
         let (proxy_mode, workload_info) = proxy_mode(src)?;
         let (local_xds_path, xds_address) = config_sources(src)?;
+        let node_name = src.value("NODE_NAME");
+        if proxy_mode == ProxyMode::Shared && xds_address.is_some() && node_name.is_none() {
+            // Which workloads are ours is decided by their node: without one, every workload
+            // in the mesh would pass as local (a valid source, an inbound target, a certificate
+            // this proxy may ask for).
+            return Err(ConfigError::Missing {
+                var: "NODE_NAME",
+                why: "in shared mode with istiod (it decides which of the mesh's workloads run on this node)",
+            });
+        }
         let (ca_address, ca, secret_ttl) = certificate_source(src, xds_address.as_ref())?;
         let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
         let termination_deadline = src.duration("CONNECTION_TERMINATION_DEADLINE", Duration::from_secs(5))?;
@@ -527,7 +537,7 @@ impl Config {
         Ok(Config {
             proxy_mode,
             workload_info,
-            node_name: src.value("NODE_NAME"),
+            node_name,
             local_xds_path,
             ca_root_ca: src
                 .value("CA_ROOT_CA")
@@ -712,8 +722,13 @@ mod tests {
         assert!(err.contains("CA_ADDRESS"), "{err}");
         let c = cfg(&with(&[("CA_ADDRESS", "https://istiod:15012"), ("FAKE_CA", "true")])).unwrap();
         assert_eq!(c.ca_address, None, "FAKE_CA wins");
-        let c = cfg(&[("XDS_ADDRESS", "https://istiod:15012")]).unwrap();
+        let c = cfg(&[("XDS_ADDRESS", "https://istiod:15012"), ("NODE_NAME", "n1")]).unwrap();
         assert_eq!(c.ca_address.as_deref(), Some("https://istiod:15012"), "the CA defaults to istiod");
+        let err = cfg(&[("XDS_ADDRESS", "https://istiod:15012")]).unwrap_err().to_string();
+        assert!(err.contains("NODE_NAME"), "shared mode under istiod needs its node: {err}");
+        let dedicated =
+            [("XDS_ADDRESS", "https://istiod:15012"), ("PROXY_MODE", "dedicated"), ("PROXY_WORKLOAD_INFO", "ns/a/sa")];
+        assert!(cfg(&dedicated).is_ok(), "a dedicated proxy knows its one workload");
         let err = cfg(&[("XDS_ADDRESS", "http://istiod:15010")]).unwrap_err().to_string();
         assert!(err.contains("XDS_ADDRESS"), "{err}");
         let err = cfg(&with(&[("LOCAL_CA_CERT", "/x.pem")])).unwrap_err().to_string();

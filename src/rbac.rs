@@ -6,6 +6,14 @@
 //! reported so the caller can log them). A policy matches when any rule matches; a rule when all
 //! its clauses match; a clause when any of its matches matches; a match when each non-empty field
 //! has a matching value and no `not*` value matches.
+//!
+//! The edge cases, where silence once let everyone in:
+//! - no rules: the policy matches nothing (Istio);
+//! - a rule with no clauses, or a clause with no matches: matches everything (Istio);
+//! - a match with no condition (`{}`), or one carrying something this proxy does not understand
+//!   (`not_understood`): fails closed. It never matches in an ALLOW policy (it cannot widen
+//!   one) and always matches in a DENY policy. Istio's ztunnel skips an empty match in both;
+//!   matching it in DENY is the safer reading of a condition we cannot evaluate.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -102,12 +110,16 @@ struct Facts<'a> {
 
 impl Facts<'_> {
     fn policy_matches(&self, p: &Authorization) -> bool {
-        // No rules: matches nothing. An empty rule (no clauses) matches everything; an empty
-        // clause (no matches) matches nothing.
-        p.rules.iter().any(|rule| rule.iter().all(|clause| clause.iter().any(|m| self.match_matches(m))))
+        // See the module header for the empty cases.
+        p.rules.iter().any(|rule| {
+            rule.iter().all(|clause| clause.is_empty() || clause.iter().any(|m| self.match_matches(m, p.action)))
+        })
     }
 
-    fn match_matches(&self, m: &RbacMatch) -> bool {
+    fn match_matches(&self, m: &RbacMatch, action: Action) -> bool {
+        if m.not_understood.is_some() || m.is_empty() {
+            return action == Action::Deny;
+        }
         let c = self.conn;
         let ns = c.namespace();
         let strings = |vals: &[StringMatch], v: &str| vals.iter().any(|s| s.matches(v));
@@ -164,7 +176,8 @@ mod tests {
         let plain = conn(None, "192.168.1.1", "10.0.1.8:8080");
         // (match, matches sleep?, matches plaintext?)
         let table: &[(&str, bool, bool)] = &[
-            ("{}", true, true),
+            // An empty match fails closed (never matches in ALLOW): see `empty_and_not_understood_matches_fail_closed`.
+            ("{}", false, false),
             ("{namespaces: [!Exact demo]}", true, false),
             ("{namespaces: [!Exact other, !Prefix de]}", true, false),
             ("{notNamespaces: [!Exact demo]}", false, true),
@@ -210,7 +223,7 @@ mod tests {
         };
         assert!(!matches("[]"), "no rules: matches nothing");
         assert!(matches("[[]]"), "a rule without clauses matches everything");
-        assert!(!matches("[[[]]]"), "a clause without matches matches nothing");
+        assert!(matches("[[[]]]"), "a clause without matches matches everything, as in Istio");
         // Matches in a clause OR.
         assert!(matches("[[[{destinationPorts: [1]}, {destinationPorts: [8080]}]]]"));
         // Clauses in a rule AND.
@@ -218,6 +231,27 @@ mod tests {
         assert!(matches("[[[{destinationPorts: [8080]}], [{namespaces: [!Exact demo]}]]]"));
         // Rules OR.
         assert!(matches("[[[{destinationPorts: [1]}]], [[{destinationPorts: [8080]}]]]"));
+    }
+
+    #[test]
+    fn empty_and_not_understood_matches_fail_closed() {
+        let c = sleep();
+        let plain = conn(None, "10.0.0.9", "10.0.1.8:8080");
+        let allow_empty = one_match("Allow", "{}");
+        assert!(!allowed(std::slice::from_ref(&allow_empty), &c), "an empty match admits no one");
+        assert!(!allowed(std::slice::from_ref(&allow_empty), &plain), "plaintext included");
+        assert!(!allowed(&[one_match("Deny", "{}")], &c), "an empty match in DENY denies");
+        let allow_sleep = one_match("Allow", "{principals: [!Suffix /sa/sleep]}");
+        let mut unknown = (*allow_sleep).clone();
+        unknown.rules[0][0][0].not_understood = Some("extensions [\"x\"]".into());
+        assert!(!allowed(&[Arc::new(unknown.clone())], &c), "never matches in ALLOW, even where the known part would");
+        unknown.action = Action::Deny;
+        assert!(!allowed(&[Arc::new(unknown.clone()), allow_sleep.clone()], &c), "always matches in DENY");
+        // Kept, not dropped: next to another ALLOW it narrows nothing and widens nothing.
+        let mut unknown_allow = unknown;
+        unknown_allow.action = Action::Allow;
+        assert!(allowed(&[Arc::new(unknown_allow.clone()), allow_sleep], &c));
+        assert!(!allowed(&[Arc::new(unknown_allow)], &plain), "the ALLOW still exists, so others are refused");
     }
 
     #[test]

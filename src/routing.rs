@@ -35,7 +35,7 @@ pub struct Route {
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RouteError {
-    #[error("destination {0} is one of the proxy's own ports on loopback; refusing to loop")]
+    #[error("destination {0} is one of the proxy's own ports; refusing to loop")]
     Loop(SocketAddr),
     #[error("service {service} has no port {port}")]
     NoServicePort { service: String, port: u16 },

@@ -119,6 +119,12 @@ pub fn can_spoof_source() -> bool {
     set_ip_transparent(&sock, false).is_ok()
 }
 
+/// The process's effective user id.
+pub fn effective_uid() -> u32 {
+    // SAFETY: geteuid takes no arguments and cannot fail.
+    unsafe { libc::geteuid() }
+}
+
 /// Raises the soft open-file limit to the hard limit: a node proxy holds two sockets per
 /// proxied connection. Returns the soft limit in force afterwards.
 pub fn raise_nofile_limit() -> io::Result<u64> {

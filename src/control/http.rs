@@ -1,5 +1,10 @@
-//! A deliberately small HTTP/1.1 server for the admin and readiness ports: one request per
-//! connection, bounded head size and time, `Connection: close`. Runs on the control thread.
+//! A deliberately small HTTP/1.1 server for the admin, metrics and readiness ports: one request
+//! per connection, `Connection: close`. Runs on the control thread.
+//!
+//! Anyone who can reach 15020 or 15021 can talk to it, so nothing a client does holds memory or
+//! a descriptor for long: the head is bounded in size, the whole exchange (head, handler, reply)
+//! in time, and each server in concurrent connections (over the cap a connection is closed at
+//! once). Replies are shared bytes, so a cached page is not copied per client.
 
 use std::future::Future;
 use std::rc::Rc;
@@ -10,6 +15,10 @@ use tokio::net::{TcpListener, TcpStream};
 
 const MAX_HEAD: usize = 16 * 1024;
 const READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// The longest one connection lives: reading the request, answering it and writing the reply.
+pub const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(20);
+/// Connections one server handles at once.
+pub const MAX_CONNECTIONS: usize = 64;
 
 pub struct Request {
     pub method: String,
@@ -28,7 +37,7 @@ impl Request {
 pub struct Response {
     pub status: u16,
     pub content_type: &'static str,
-    pub body: String,
+    pub body: bytes::Bytes,
 }
 
 pub const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -36,11 +45,11 @@ pub const OPENMETRICS_TEXT: &str = "application/openmetrics-text; version=1.0.0;
 
 impl Response {
     pub fn text(status: u16, body: impl Into<String>) -> Response {
-        Response { status, content_type: "text/plain; charset=utf-8", body: body.into() }
+        Response { status, content_type: "text/plain; charset=utf-8", body: body.into().into() }
     }
 
     pub fn json(body: String) -> Response {
-        Response { status: 200, content_type: "application/json", body }
+        Response { status: 200, content_type: "application/json", body: body.into() }
     }
 }
 
@@ -63,8 +72,10 @@ where
     H: Fn(Request) -> F + 'static,
     F: Future<Output = Response> + 'static,
 {
+    let active = Rc::new(std::cell::Cell::new(0usize));
+    let mut refused = 0u64;
     loop {
-        let (stream, _) = match listener.accept().await {
+        let (stream, peer) = match listener.accept().await {
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!(error = %e, "admin accept failed");
@@ -72,12 +83,35 @@ where
                 continue;
             }
         };
+        if active.get() >= MAX_CONNECTIONS {
+            // Closed at once: a flood costs neither memory nor a descriptor for long.
+            refused += 1;
+            if refused.is_power_of_two() {
+                tracing::warn!(%peer, refused, "control port busy ({MAX_CONNECTIONS} connections); closing new ones");
+            }
+            drop(stream);
+            continue;
+        }
+        active.set(active.get() + 1);
+        let slot = Slot(active.clone());
         let handler = handler.clone();
         tokio::task::spawn_local(async move {
-            if let Err(e) = one(stream, handler).await {
-                tracing::debug!(error = %e, "admin connection failed");
+            let _slot = slot;
+            match tokio::time::timeout(EXCHANGE_TIMEOUT, one(stream, handler)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::debug!(error = %e, "admin connection failed"),
+                Err(_) => tracing::debug!(%peer, "admin connection closed after {EXCHANGE_TIMEOUT:?}"),
             }
         });
+    }
+}
+
+/// One connection's place under [`MAX_CONNECTIONS`], given back however the task ends.
+struct Slot(Rc<std::cell::Cell<usize>>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.set(self.0.get() - 1);
     }
 }
 
@@ -99,7 +133,7 @@ where
         resp.body.len()
     );
     stream.write_all(head.as_bytes()).await?;
-    stream.write_all(resp.body.as_bytes()).await?;
+    stream.write_all(&resp.body).await?;
     stream.shutdown().await
 }
 

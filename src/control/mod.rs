@@ -106,6 +106,9 @@ struct ControlState {
     xds: RefCell<Option<Rc<XdsClient>>>,
     /// Identities asked for on demand; kept while a local workload has them.
     requested: RefCell<BTreeSet<Identity>>,
+    /// Per format (Prometheus text, OpenMetrics): the requests waiting for the scrape being
+    /// gathered now, if one is.
+    scrapes_in_flight: RefCell<[Option<Vec<oneshot::Sender<bytes::Bytes>>>; 2]>,
 }
 
 impl ControlState {
@@ -130,6 +133,7 @@ impl ControlState {
             file_state: RefCell::new(spec.local_file.as_mut().map(|w| std::mem::take(&mut w.state))),
             xds: RefCell::new(None),
             requested: RefCell::new(BTreeSet::new()),
+            scrapes_in_flight: RefCell::default(),
         })
     }
 
@@ -506,13 +510,55 @@ async fn metrics_handler(state: Rc<ControlState>, req: Request) -> Response {
         return Response::text(404, "not found (GET /metrics)\n");
     }
     let openmetrics = req.header("accept").is_some_and(|a| a.contains("application/openmetrics-text"));
+    let content_type = if openmetrics { http::OPENMETRICS_TEXT } else { http::PROMETHEUS_TEXT };
+    // Scrapes that arrive while one is being gathered share its page: a burst of clients costs
+    // one render, and every page is as fresh as a request that started after it arrived.
+    let format = usize::from(openmetrics);
+    let waiting = state.scrapes_in_flight.borrow_mut()[format].as_mut().map(|waiters| {
+        let (tx, rx) = oneshot::channel();
+        waiters.push(tx);
+        rx
+    });
+    if let Some(rx) = waiting {
+        return match rx.await {
+            Ok(body) => Response { status: 200, content_type, body },
+            Err(_) => Response::text(500, "the scrape this request joined failed\n"),
+        };
+    }
+    state.scrapes_in_flight.borrow_mut()[format] = Some(Vec::new());
+    // However this request ends (its exchange may time out), the next scrape starts afresh.
+    let _leader = ScrapeLeader { state: &state, format };
     let mut extra = String::new();
     if let Some(x) = state.xds.borrow().as_ref() {
         x.render_metrics(&mut extra, openmetrics);
     }
-    let body = state.scrape().await.render(env!("CARGO_PKG_VERSION"), openmetrics, &extra);
-    let content_type = if openmetrics { http::OPENMETRICS_TEXT } else { http::PROMETHEUS_TEXT };
+    render_panics(&mut extra, openmetrics);
+    let body: bytes::Bytes = state.scrape().await.render(env!("CARGO_PKG_VERSION"), openmetrics, &extra).into();
+    for waiter in state.scrapes_in_flight.borrow_mut()[format].take().unwrap_or_default() {
+        let _ = waiter.send(body.clone());
+    }
     Response { status: 200, content_type, body }
+}
+
+/// Clears its format's in-flight scrape when dropped; waiters not yet answered get an error.
+struct ScrapeLeader<'a> {
+    state: &'a ControlState,
+    format: usize,
+}
+
+impl Drop for ScrapeLeader<'_> {
+    fn drop(&mut self) {
+        self.state.scrapes_in_flight.borrow_mut()[self.format] = None;
+    }
+}
+
+/// `ztunnel_task_panics_total`: connection tasks a panic ended (the worker went on).
+fn render_panics(out: &mut String, openmetrics: bool) {
+    use std::fmt::Write;
+    let family = if openmetrics { "ztunnel_task_panics" } else { "ztunnel_task_panics_total" };
+    let _ = writeln!(out, "# HELP {family} Connection tasks ended by a panic (the worker went on).");
+    let _ = writeln!(out, "# TYPE {family} counter");
+    let _ = writeln!(out, "ztunnel_task_panics_total {}", crate::worker::TASK_PANICS.load(Ordering::Relaxed));
 }
 
 /// The `config_dump` document: Istio ztunnel's top-level keys, plus our generation details.

@@ -69,11 +69,12 @@ pub async fn connect(
     let key = PoolKey { src_id: identity.clone(), dst_ids, dst: hbone_addr, src_ip: client.ip() };
     // A stream the peer never processed (it was going away: GOAWAY, REFUSED_STREAM, or the
     // connection was already closing) is tried again on another connection; nothing of the
-    // client's has been sent yet. This is what keeps a restart of the peer invisible.
+    // client's has been sent yet. This is what keeps a restart of the peer invisible. A stream
+    // refused on a connection dialed for it is not retried: that peer refuses, it is not leaving.
     let mut attempts = 0;
     loop {
         attempts += 1;
-        let slot = checkout(ctx, &key, &identity, expected, hbone_addr, client).await?;
+        let (slot, fresh) = checkout(ctx, &key, &identity, expected, hbone_addr, client).await?;
         let send_request = slot.conn().clone();
         let request = Request::builder()
             .method(Method::CONNECT)
@@ -83,11 +84,19 @@ pub async fn connect(
             .header("traceparent", headers::traceparent(fastrand::u128(..), fastrand::u64(..)))
             .body(())
             .map_err(|e| hbone_err("building CONNECT", e))?;
-        let (stage, e) = match send_request.ready().await {
+        // A peer that never grants a stream, or never answers the CONNECT, fails the setup at
+        // the connect timeout instead of holding it.
+        let deadline = ctx.cfg.connect_timeout;
+        let ready = monoio::time::timeout(deadline, send_request.ready()).await.map_err(|_| {
+            hbone_err("HTTP/2 connection", format!("{hbone_addr} granted no stream within {deadline:?}"))
+        })?;
+        let (stage, e) = match ready {
             Err(e) => ("HTTP/2 connection", e),
             Ok(mut ready) => match ready.send_request(request, false) {
                 Err(e) => ("sending CONNECT", e),
-                Ok((response, send)) => match response.await {
+                Ok((response, send)) => match monoio::time::timeout(deadline, response).await.map_err(|_| {
+                    hbone_err("CONNECT response", format!("{hbone_addr} did not answer within {deadline:?}"))
+                })? {
                     Ok(response) if response.status() == StatusCode::OK => {
                         return Ok(HboneStream { send, recv: response.into_body(), _slot: slot });
                     }
@@ -103,14 +112,15 @@ pub async fn connect(
             },
         };
         slot.retire_connection();
-        if attempts >= 3 {
+        if attempts >= 3 || fresh {
             return Err(hbone_err(stage, e));
         }
         tracing::debug!(peer = %hbone_addr, error = %e, "{stage} failed before the stream was processed; retrying on another connection");
     }
 }
 
-/// A stream's place on a pooled connection to `key`, dialing one when none has room.
+/// A stream's place on a pooled connection to `key`, dialing one when none has room; true when
+/// the connection was dialed for this request.
 async fn checkout(
     ctx: &WorkerCtx,
     key: &PoolKey,
@@ -118,22 +128,31 @@ async fn checkout(
     expected: &[Identity],
     hbone_addr: SocketAddr,
     client: SocketAddr,
-) -> Result<StreamSlot<SendRequest>, ProxyError> {
+) -> Result<(StreamSlot<SendRequest>, bool), ProxyError> {
     loop {
         match ctx.pool.checkout(key, Instant::now()) {
-            Checkout::Ready(slot) => return Ok(slot),
+            Checkout::Ready(slot) => return Ok((slot, false)),
             Checkout::Wait(dial) => {
                 // One dial per key: wait for it, then take a stream on what it made.
                 monoio::time::timeout(ctx.cfg.connect_timeout, dial.wait())
                     .await
                     .map_err(|_| hbone_err("waiting for a pooled connection", format!("to {hbone_addr} timed out")))?;
             }
+            Checkout::Full => {
+                return Err(hbone_err(
+                    "pool",
+                    format!(
+                        "{hbone_addr} already has {} connections and grants no stream on any",
+                        super::pool::MAX_CONNECTIONS_PER_KEY
+                    ),
+                ));
+            }
             Checkout::Dial => {
                 let mut guard = DialGuard { pool: &ctx.pool, key, done: false };
                 let (conn, dead) = dial_connection(ctx, identity, expected, hbone_addr, client.ip()).await?;
                 guard.done = true;
                 tracing::debug!(src = %identity, dst = %hbone_addr, "new pooled HBONE connection");
-                return Ok(ctx.pool.dialed(key, conn, dead, Instant::now()));
+                return Ok((ctx.pool.dialed(key, conn, dead, Instant::now()), true));
             }
         }
     }
@@ -178,7 +197,7 @@ async fn dial_connection(
     let (interval, timeout) = (ctx.cfg.hbone_keepalive_interval, ctx.cfg.hbone_keepalive_timeout);
     // The driver moves the connection's bytes; when it ends (or the peer stops answering PINGs)
     // the pool drops the connection.
-    monoio::spawn(async move {
+    let driver = async move {
         monoio::select! {
             r = connection => if let Err(e) = r {
                 tracing::debug!(error = %e, "HBONE client connection ended");
@@ -188,7 +207,8 @@ async fn dial_connection(
             }
         }
         flag.set(true);
-    });
+    };
+    monoio::spawn(crate::worker::contained(ctx.id, "hbone client connection", driver));
     Ok((send_request, dead))
 }
 

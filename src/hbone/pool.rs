@@ -55,9 +55,10 @@ struct Pooled<C> {
 }
 
 impl<C: PoolConn> Pooled<C> {
+    /// A peer that allows no stream (`MAX_CONCURRENT_STREAMS` 0) has no room at all.
     fn has_room(&self, max_streams: usize) -> bool {
         let peer_limit = self.conn.peer_max_streams();
-        !self.dead.get() && self.active.get() < max_streams.min(peer_limit.max(1))
+        !self.dead.get() && self.active.get() < max_streams.min(peer_limit)
     }
 }
 
@@ -93,7 +94,13 @@ pub enum Checkout<C> {
     Wait(Signal),
     /// Dial a new connection, then hand it to `dialed` (or call `dial_failed`).
     Dial,
+    /// The key has [`MAX_CONNECTIONS_PER_KEY`] live connections and none has room.
+    Full,
 }
+
+/// Live connections one key may have: a peer that grants few or no streams must not make the
+/// pool dial without bound.
+pub const MAX_CONNECTIONS_PER_KEY: usize = 8;
 
 pub struct Pool<K, C> {
     max_streams: usize,
@@ -119,6 +126,9 @@ impl<K: Clone + Eq + Hash, C: PoolConn> Pool<K, C> {
                 c.active.set(c.active.get() + 1);
                 c.last_used.set(now);
                 return Checkout::Ready(StreamSlot { pooled: c.clone() });
+            }
+            if list.len() >= MAX_CONNECTIONS_PER_KEY {
+                return Checkout::Full;
             }
         }
         drop(conns);
@@ -197,7 +207,25 @@ mod tests {
             Checkout::Ready(s) => s,
             Checkout::Wait(_) => panic!("expected Ready, got Wait"),
             Checkout::Dial => panic!("expected Ready, got Dial"),
+            Checkout::Full => panic!("expected Ready, got Full"),
         }
+    }
+
+    #[test]
+    fn a_peer_granting_no_stream_is_unusable_and_bounded() {
+        let pool: Pool<&str, Fake> = Pool::new(100, Duration::from_secs(300));
+        let now = Instant::now();
+        let mut slots = Vec::new();
+        for i in 0..MAX_CONNECTIONS_PER_KEY {
+            assert!(matches!(pool.checkout(&"a", now), Checkout::Dial), "connection {i}: none has room");
+            slots.push(pool.dialed(&"a", fake(i as u32, 0), Rc::default(), now));
+        }
+        assert!(matches!(pool.checkout(&"a", now), Checkout::Full), "the key stops dialing at the cap");
+        assert_eq!(pool.len(), MAX_CONNECTIONS_PER_KEY);
+        drop(slots);
+        assert!(matches!(pool.checkout(&"a", now), Checkout::Full), "0 streams stays unusable when idle");
+        pool.sweep(now + Duration::from_secs(301));
+        assert!(matches!(pool.checkout(&"a", now), Checkout::Dial), "released when idle, the key may dial again");
     }
 
     #[test]

@@ -90,7 +90,10 @@ async fn tcp_to_h2(
             // The pod finished: END_STREAM, the other direction may go on.
             return send.send_data(Bytes::new(), true).map_err(h2_err);
         }
-        let mut data = Bytes::from(buf);
+        // What goes into h2 stays queued until the peer's window lets it out: queue what was
+        // read, not the whole read buffer (many small reads against a slow reader would
+        // otherwise pin 64 KiB each).
+        let mut data = if n < CHUNK / 2 { Bytes::copy_from_slice(&buf[..n]) } else { Bytes::from(buf) };
         while !data.is_empty() {
             send.reserve_capacity(data.len());
             let granted = match poll_fn(|cx| send.poll_capacity(cx)).await {

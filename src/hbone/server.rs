@@ -20,12 +20,24 @@ use crate::net::{DialOpts, canonical, dial};
 use crate::rbac;
 use crate::telemetry::metrics::{Peer, SetupPath};
 use crate::tls::stream::TlsStream;
-use crate::worker::conns::{AuthzInfo, Direction};
+use crate::worker::conns::{AuthzInfo, Direction, Signal};
 use crate::worker::error::ProxyError;
 use crate::worker::lifecycle::Connection;
 use crate::worker::{LocalSnapshot, WorkerCtx};
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// TLS handshakes one worker runs at once; a connection over the cap is closed when its first
+/// bytes arrive. Each costs a rustls connection and a 64 KiB read buffer while it runs.
+pub const MAX_HANDSHAKES: usize = 256;
+
+/// A handshake's place under [`MAX_HANDSHAKES`].
+struct HandshakeSlot<'a>(&'a std::cell::Cell<usize>);
+
+impl Drop for HandshakeSlot<'_> {
+    fn drop(&mut self) {
+        self.0.set(self.0.get() - 1);
+    }
+}
 
 type H2Server = h2::server::Connection<TlsStream<ServerConnection>, Bytes>;
 
@@ -37,11 +49,31 @@ struct Accepted {
     peer_id: Option<Identity>,
     /// The local workload the connection was accepted for.
     workload: Arc<Workload>,
+    /// Fired by a stream that finds the workload gone: the connection sends GOAWAY.
+    retire: Signal,
 }
 
 /// Serves one HBONE connection until the peer closes it or drain ends it.
 pub async fn serve(ctx: Rc<WorkerCtx>, stream: TcpStream, peer: SocketAddr) {
     let guard = ctx.conns.register(Direction::Inbound, peer);
+    // Nothing is allocated for the handshake until the client sends: a connection that stays
+    // silent costs only its socket and this small task, and is closed at the timeout.
+    match monoio::time::timeout(HANDSHAKE_TIMEOUT, stream.readable(true)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return tracing::debug!(%peer, error = %e, "HBONE connection failed before its handshake"),
+        Err(_) => return tracing::debug!(%peer, "HBONE client sent nothing within {HANDSHAKE_TIMEOUT:?}; closing"),
+    }
+    // Boxed: the handshake's state (TLS, HTTP/2) is large, and a task is allocated at the size
+    // of its largest state; only connections that send get it.
+    Box::pin(serve_accepted(ctx, stream, peer, guard)).await;
+}
+
+async fn serve_accepted(
+    ctx: Rc<WorkerCtx>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    guard: crate::worker::conns::ConnGuard,
+) {
     let Some((h2, accepted)) = accept(&ctx, stream, peer).await else { return };
     serve_streams(&ctx, h2, Rc::new(accepted), guard.close_signal()).await;
     drop(guard);
@@ -57,6 +89,12 @@ async fn accept(ctx: &WorkerCtx, stream: TcpStream, peer: SocketAddr) -> Option<
             return None;
         }
     };
+    if ctx.handshakes.get() >= MAX_HANDSHAKES {
+        tracing::debug!(%peer, "{MAX_HANDSHAKES} HBONE handshakes in progress on this worker; closing");
+        return None;
+    }
+    ctx.handshakes.set(ctx.handshakes.get() + 1);
+    let _slot = HandshakeSlot(&ctx.handshakes);
     let snap = ctx.snapshot();
     let Some(workload) = snap.local_workload_by_ip(&ctx.cfg.network, dst.ip()).cloned() else {
         tracing::warn!(%peer, %dst, "HBONE connection for an address that is not a local workload; closing");
@@ -91,18 +129,22 @@ async fn accept(ctx: &WorkerCtx, stream: TcpStream, peer: SocketAddr) -> Option<
         }
     };
     let peer_id = crate::tls::peer_identity(tls.conn().peer_certificates());
-    let h2 = h2::server::Builder::new()
+    let handshake = h2::server::Builder::new()
         .initial_window_size(4 * 1024 * 1024)
         .initial_connection_window_size(16 * 1024 * 1024)
         .max_frame_size(1024 * 1024)
         .max_header_list_size(64 * 1024)
         .max_concurrent_streams(200)
-        .handshake::<_, Bytes>(tls)
-        .await;
-    match h2 {
-        Ok(h2) => Some((h2, Accepted { dst, peer, peer_id, workload })),
-        Err(e) => {
+        .handshake::<_, Bytes>(tls);
+    // A client that completes TLS and never sends the HTTP/2 preface is closed, not kept.
+    match monoio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+        Ok(Ok(h2)) => Some((h2, Accepted { dst, peer, peer_id, workload, retire: Signal::default() })),
+        Ok(Err(e)) => {
             tracing::info!(%peer, error = %e, "HBONE HTTP/2 handshake failed");
+            None
+        }
+        Err(_) => {
+            tracing::info!(%peer, "HBONE HTTP/2 preface not received within {HANDSHAKE_TIMEOUT:?}; closing");
             None
         }
     }
@@ -110,12 +152,7 @@ async fn accept(ctx: &WorkerCtx, stream: TcpStream, peer: SocketAddr) -> Option<
 
 /// Accepts CONNECT streams, each a task of its own, until the peer ends the connection, stops
 /// answering PINGs, or drain ends it (GOAWAY first, then the deadline's `close`).
-async fn serve_streams(
-    ctx: &Rc<WorkerCtx>,
-    mut h2: H2Server,
-    accepted: Rc<Accepted>,
-    close: &crate::worker::conns::Signal,
-) {
+async fn serve_streams(ctx: &Rc<WorkerCtx>, mut h2: H2Server, accepted: Rc<Accepted>, close: &Signal) {
     let peer = accepted.peer;
     let mut goaway_sent = false;
     let (interval, timeout) = (ctx.cfg.hbone_keepalive_interval, ctx.cfg.hbone_keepalive_timeout);
@@ -144,13 +181,21 @@ async fn serve_streams(
                     goaway_sent = true;
                     continue;
                 }
+                _ = accepted.retire.wait() => {
+                    // Its workload is gone: no new stream, the open ones may finish.
+                    tracing::info!(%peer, uid = %accepted.workload.uid, "HBONE connection's workload is gone; sending GOAWAY");
+                    h2.graceful_shutdown();
+                    goaway_sent = true;
+                    continue;
+                }
             }
         };
         match next {
             Some(Ok((request, respond))) => {
                 // The current config for each stream: pooled connections outlive generations.
                 let snap = ctx.snapshot();
-                monoio::spawn(stream(ctx.clone(), snap, accepted.clone(), request, respond));
+                let task = stream(ctx.clone(), snap, accepted.clone(), request, respond);
+                monoio::spawn(crate::worker::contained(ctx.id, "hbone stream", task));
             }
             Some(Err(e)) => {
                 tracing::debug!(%peer, error = %e, "HBONE connection ended");
@@ -178,7 +223,9 @@ async fn stream(
     let mut conn = Connection::new(&ctx, Direction::Inbound, accepted.peer);
     describe_source(&mut conn, &ctx, &snap, &accepted, &request);
     let res = match admit(&ctx, &snap, &mut conn, &accepted, &request) {
-        Ok(target) => connect(&ctx, &mut conn, &accepted, target, request, respond).await,
+        // Only the body goes on: the request's head would otherwise be kept twice in this
+        // task's state for the stream's whole life.
+        Ok(target) => connect(&ctx, &mut conn, &accepted, target, request.into_body(), respond).await,
         Err(refusal) => {
             tracing::info!(peer = %accepted.peer, status = refusal.status().as_u16(), "HBONE CONNECT refused: {refusal}");
             let _ = respond.send_response(status_only(refusal.status()), true);
@@ -222,7 +269,13 @@ fn admit(
 ) -> Result<SocketAddr, Refusal> {
     let authority = request.uri().authority().map(|a| a.as_str());
     let target = target::parse_request(request.method(), authority)?;
-    target::check_target(snap, &ctx.cfg.network, &ctx.own_ports, accepted.dst.ip(), target)?;
+    let conn_workload = (accepted.dst.ip(), accepted.workload.uid.as_str());
+    if let Err(refusal) = target::check_target(snap, &ctx.cfg.network, &ctx.own_ports, conn_workload, target) {
+        if matches!(refusal, Refusal::WorkloadGone { .. }) {
+            accepted.retire.fire();
+        }
+        return Err(refusal);
+    }
     tracing::info!(
         peer_ip = %accepted.peer.ip(),
         peer_id = %accepted.peer_id.as_ref().map(|i| i as &dyn std::fmt::Display).unwrap_or(&"unknown"),
@@ -244,7 +297,7 @@ async fn connect(
     conn: &mut Connection,
     accepted: &Accepted,
     target: SocketAddr,
-    request: http::Request<h2::RecvStream>,
+    body: h2::RecvStream,
     mut respond: h2::server::SendResponse<Bytes>,
 ) -> Result<(), ProxyError> {
     let peer_ip = accepted.peer.ip();
@@ -265,6 +318,6 @@ async fn connect(
     // Downstream is the HTTP/2 side here: what the peer sends goes to the pod.
     let stats = conn.stats();
     let close = conn.guard().close_signal().wait();
-    let end = super::relay::relay(upstream, send, request.into_body(), &stats.sent, &stats.received, close).await;
+    let end = super::relay::relay(upstream, send, body, &stats.sent, &stats.received, close).await;
     conn.relay_result(end)
 }

@@ -16,6 +16,12 @@ use crate::snapshot::Snapshot;
 pub enum Refusal {
     NotConnect(Method),
     BadAuthority(String),
+    /// The workload the connection was accepted for is no longer the one at its address
+    /// (deleted, or its IP given to another pod): the connection must not serve anyone else.
+    WorkloadGone {
+        conn_dst: IpAddr,
+        uid: String,
+    },
     /// No workload served here owns the address.
     NotLocal(SocketAddr),
     /// The target is not the workload the connection was accepted for.
@@ -35,7 +41,9 @@ impl Refusal {
             Refusal::NotConnect(_) | Refusal::BadAuthority(_) | Refusal::NotThisWorkload { .. } => {
                 StatusCode::BAD_REQUEST
             }
-            Refusal::NotLocal(_) | Refusal::ForbiddenPort(_) | Refusal::Upstream(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Refusal::WorkloadGone { .. } | Refusal::NotLocal(_) | Refusal::ForbiddenPort(_) | Refusal::Upstream(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Refusal::Denied(_) => StatusCode::UNAUTHORIZED,
         }
     }
@@ -46,6 +54,9 @@ impl fmt::Display for Refusal {
         match self {
             Refusal::NotConnect(m) => write!(f, "method {m} is not CONNECT"),
             Refusal::BadAuthority(a) => write!(f, "authority {a:?} is not ip:port"),
+            Refusal::WorkloadGone { conn_dst, uid } => {
+                write!(f, "workload {uid}, which this connection was accepted for, is no longer at {conn_dst}")
+            }
             Refusal::NotLocal(t) => write!(f, "{t} is not a workload served here"),
             Refusal::NotThisWorkload { target, conn_dst } => {
                 write!(f, "target {target} is not the workload this connection is for ({conn_dst})")
@@ -81,15 +92,19 @@ pub fn parse_request(method: &Method, authority: Option<&str>) -> Result<SocketA
     })
 }
 
-/// The checks on a target after its syntax: a workload served here, the one this connection is
-/// for (`conn_dst`), a port that is not 0 nor the proxy's own.
+/// The checks on a target after its syntax: the connection's own workload (`conn_uid`, accepted
+/// at `conn_dst`) still served here at that address, the target a workload served here, the
+/// one this connection is for, on a port that is not 0 nor the proxy's own.
 pub fn check_target(
     snap: &Snapshot,
     network: &str,
     own_ports: &[u16],
-    conn_dst: IpAddr,
+    (conn_dst, conn_uid): (IpAddr, &str),
     target: SocketAddr,
 ) -> Result<(), Refusal> {
+    if snap.local_workload_by_ip(network, conn_dst).is_none_or(|w| w.uid != conn_uid) {
+        return Err(Refusal::WorkloadGone { conn_dst, uid: conn_uid.to_string() });
+    }
     if snap.local_workload_by_ip(network, target.ip()).is_none() {
         return Err(Refusal::NotLocal(target));
     }
@@ -152,7 +167,7 @@ mod tests {
         let s = snap();
         let own = [15001, 15006, 15008];
         let dst: IpAddr = "10.0.0.1".parse().unwrap();
-        let check = |t: &str| check_target(&s, "", &own, dst, sa(t));
+        let check = |t: &str| check_target(&s, "", &own, (dst, "here"), sa(t));
         assert!(check("10.0.0.1:80").is_ok());
         let e = check("10.0.1.1:80").unwrap_err();
         assert!(matches!(e, Refusal::NotLocal(_)), "a workload of another node");
@@ -166,5 +181,9 @@ mod tests {
             assert_eq!(e.status(), StatusCode::SERVICE_UNAVAILABLE);
         }
         assert_eq!(Refusal::Denied(Denied::NotAllowed).status(), StatusCode::UNAUTHORIZED);
+        // The connection was accepted for another workload at that address (IP reuse).
+        let e = check_target(&s, "", &own, (dst, "deleted-pod"), sa("10.0.0.1:80")).unwrap_err();
+        assert!(matches!(e, Refusal::WorkloadGone { .. }), "{e}");
+        assert_eq!(e.status(), StatusCode::SERVICE_UNAVAILABLE);
     }
 }

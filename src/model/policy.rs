@@ -76,6 +76,29 @@ pub struct RbacMatch {
     pub service_accounts: Vec<ServiceAccountMatch>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub not_service_accounts: Vec<ServiceAccountMatch>,
+    /// Set when istiod sent something in this match that the proxy does not understand (an
+    /// extension, a string match of a kind it does not know, a malformed address): such a match
+    /// fails closed (see `rbac`). Never read from the config file, shown in `config_dump`.
+    #[serde(default, skip_deserializing, skip_serializing_if = "Option::is_none")]
+    pub not_understood: Option<String>,
+}
+
+impl RbacMatch {
+    /// No condition at all (every field empty).
+    pub fn is_empty(&self) -> bool {
+        self.namespaces.is_empty()
+            && self.not_namespaces.is_empty()
+            && self.principals.is_empty()
+            && self.not_principals.is_empty()
+            && self.source_ips.is_empty()
+            && self.not_source_ips.is_empty()
+            && self.destination_ips.is_empty()
+            && self.not_destination_ips.is_empty()
+            && self.destination_ports.is_empty()
+            && self.not_destination_ports.is_empty()
+            && self.service_accounts.is_empty()
+            && self.not_service_accounts.is_empty()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -19,9 +19,12 @@ use tracing_subscriber::util::SubscriberInitExt;
 
 use crate::config::LogFormat;
 
-/// Lines waiting for the writer thread; beyond this a line is dropped (and counted) rather than
-/// making a worker wait for a slow log sink.
-const LOG_QUEUE: usize = 4096;
+/// Bytes of lines waiting for the writer thread; beyond this a line is dropped (and counted)
+/// rather than making a worker wait for a slow log sink. Bounded in bytes, not lines: a line
+/// can carry what a peer sent.
+const LOG_QUEUE_BYTES: u64 = 4 * 1024 * 1024;
+/// The longest line written; a longer one is cut, and says so.
+const MAX_LINE: usize = 16 * 1024;
 
 enum LogMsg {
     Line(Vec<u8>),
@@ -30,7 +33,7 @@ enum LogMsg {
 
 struct LogSink {
     tx: Sender<LogMsg>,
-    /// Lines queued and not yet written: the bound is kept here so the queue itself (a
+    /// Bytes queued and not yet written: the bound is kept here so the queue itself (a
     /// growable list) costs memory only while lines wait.
     queued: AtomicU64,
     dropped: AtomicU64,
@@ -104,13 +107,15 @@ pub struct QueueWriter;
 impl Write for QueueWriter {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         if let Some(sink) = SINK.get() {
-            if sink.queued.fetch_add(1, Ordering::Relaxed) >= LOG_QUEUE as u64 {
-                sink.queued.fetch_sub(1, Ordering::Relaxed);
+            let line = bounded_line(buf);
+            let size = line.len() as u64;
+            if sink.queued.fetch_add(size, Ordering::Relaxed) + size > LOG_QUEUE_BYTES {
+                sink.queued.fetch_sub(size, Ordering::Relaxed);
                 sink.dropped.fetch_add(1, Ordering::Relaxed);
             } else if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) =
-                sink.tx.try_send(LogMsg::Line(buf.to_vec()))
+                sink.tx.try_send(LogMsg::Line(line))
             {
-                sink.queued.fetch_sub(1, Ordering::Relaxed);
+                sink.queued.fetch_sub(size, Ordering::Relaxed);
                 sink.dropped.fetch_add(1, Ordering::Relaxed);
             }
         }
@@ -122,6 +127,17 @@ impl Write for QueueWriter {
     }
 }
 
+/// The line to queue: as formatted, or cut at [`MAX_LINE`] bytes with a marker.
+fn bounded_line(buf: &[u8]) -> Vec<u8> {
+    if buf.len() <= MAX_LINE {
+        return buf.to_vec();
+    }
+    let mut line = Vec::with_capacity(MAX_LINE + 32);
+    line.extend_from_slice(&buf[..MAX_LINE]);
+    line.extend_from_slice(format!("... [cut: {} bytes]\n", buf.len() - MAX_LINE).as_bytes());
+    line
+}
+
 /// Writes queued lines to stdout, many per `write` when they pile up; reports drops.
 fn writer_thread(rx: Receiver<LogMsg>) {
     let mut out = std::io::stdout().lock();
@@ -129,18 +145,18 @@ fn writer_thread(rx: Receiver<LogMsg>) {
     let mut reported = 0;
     while let Ok(first) = rx.recv() {
         let mut flushes = Vec::new();
-        let mut lines = 0;
+        let mut bytes = 0;
         for msg in std::iter::once(first).chain(rx.try_iter().take(1024)) {
             match msg {
                 LogMsg::Line(l) => {
                     batch.extend_from_slice(&l);
-                    lines += 1;
+                    bytes += l.len() as u64;
                 }
                 LogMsg::Flush(done) => flushes.push(done),
             }
         }
         if let Some(sink) = SINK.get() {
-            sink.queued.fetch_sub(lines, Ordering::Relaxed);
+            sink.queued.fetch_sub(bytes, Ordering::Relaxed);
         }
         let dropped = SINK.get().map(|s| s.dropped.load(Ordering::Relaxed)).unwrap_or(0);
         if dropped > reported {
@@ -232,5 +248,14 @@ mod tests {
     fn rfc3339() {
         let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000);
         assert_eq!(super::rfc3339(t), "2023-11-14T22:13:20Z");
+    }
+
+    #[test]
+    fn long_lines_are_cut_and_say_so() {
+        assert_eq!(super::bounded_line(b"short\n"), b"short\n");
+        let long = vec![b'x'; super::MAX_LINE * 4];
+        let cut = super::bounded_line(&long);
+        assert!(cut.len() < super::MAX_LINE + 64);
+        assert!(String::from_utf8_lossy(&cut).ends_with(&format!("[cut: {} bytes]\n", super::MAX_LINE * 3)));
     }
 }

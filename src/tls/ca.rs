@@ -56,6 +56,35 @@ fn random_serial() -> SerialNumber {
     SerialNumber::from_slice(&bytes)
 }
 
+/// The local CA's directory and files must be this process's user's, and the directory and the
+/// key closed to everyone else: in a shared temporary directory another local user could
+/// otherwise create the directory first and plant a trust root (and its key) of their own.
+fn check_private(path: &Path) -> Result<(), TlsError> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::symlink_metadata(path).map_err(|e| ca_err(format!("{}: {e}", path.display())))?;
+    let me = crate::sys::effective_uid();
+    let refuse = |why: String| {
+        ca_err(format!(
+            "refusing the local CA at {}: {why}; remove it, or set ZTUNNEL_LOCAL_CA_DIR to a directory only this user can write",
+            path.display()
+        ))
+    };
+    if meta.file_type().is_symlink() {
+        return Err(refuse("it is a symbolic link".into()));
+    }
+    if meta.uid() != me {
+        return Err(refuse(format!("it is owned by uid {}, not by this process's uid {me}", meta.uid())));
+    }
+    // The certificate may be world-readable (it is public); nothing may be writable by others,
+    // and the directory and the key must not even be readable by them.
+    let forbidden =
+        if meta.is_file() && path.file_name().is_some_and(|n| n == "root-cert.pem") { 0o022 } else { 0o077 };
+    if meta.mode() & forbidden != 0 {
+        return Err(refuse(format!("its mode is {:o}: open to other users", meta.mode() & 0o777)));
+    }
+    Ok(())
+}
+
 impl LocalCa {
     /// A fresh root for `trust_domain`; workload certificates live for `ttl`.
     pub fn generate(trust_domain: &str, ttl: Duration) -> Result<LocalCa, TlsError> {
@@ -97,6 +126,9 @@ impl LocalCa {
         let (cert_path, key_path) = (cfg.dir.join("root-cert.pem"), cfg.dir.join("root-key.pem"));
         for _ in 0..50 {
             if cert_path.exists() && key_path.exists() {
+                for path in [&cfg.dir, &key_path, &cert_path] {
+                    check_private(path)?;
+                }
                 match LocalCa::load(&read(&cert_path)?, &read(&key_path)?, ttl) {
                     Ok(ca) => return Ok((ca, format!("reused {}", cert_path.display()))),
                     // Another proxy may be half way through writing it.
@@ -109,6 +141,7 @@ impl LocalCa {
                 Ok(()) => return Ok((ca, format!("generated, written to {}", cert_path.display()))),
                 // Lost the race to another proxy: load theirs.
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => return Err(ca_err(e)),
                 Err(e) => return Err(ca_err(format!("writing the root to {}: {e}", cfg.dir.display()))),
             }
         }
@@ -116,11 +149,13 @@ impl LocalCa {
     }
 
     /// Writes the root: the key first, created exclusively and readable by the owner only, so
-    /// two proxies starting together agree on one root.
+    /// two proxies starting together agree on one root. The directory is ours and private, or
+    /// nothing is written.
     fn write(&self, dir: &Path, cert_path: &Path, key_path: &Path) -> std::io::Result<()> {
         use std::io::Write;
         use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
         std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+        check_private(dir).map_err(|e| std::io::Error::new(std::io::ErrorKind::PermissionDenied, e.to_string()))?;
         let mut key = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(key_path)?;
         key.write_all(self.key_pem.as_bytes())?;
         let tmp = dir.join(format!(".root-cert.{}.tmp", std::process::id()));
@@ -178,6 +213,34 @@ mod tests {
         let (c, how_c) = LocalCa::from_config(&given, "cluster.local", Duration::from_secs(60)).unwrap();
         assert!(how_c.starts_with("loaded"));
         assert_eq!(c.root, a.root);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_directory_open_to_others_or_not_ours_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("ztunnel-ca-open-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let cfg = LocalCaConfig { cert: None, key: None, dir: dir.clone() };
+        // Planted before us, open to everyone: nothing is written into it, nothing read from it.
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let e = LocalCa::from_config(&cfg, "cluster.local", Duration::from_secs(60)).unwrap_err().to_string();
+        assert!(e.contains("mode is 777") && e.contains("ZTUNNEL_LOCAL_CA_DIR"), "{e}");
+        assert!(!dir.join("root-key.pem").exists());
+        // A root already there whose key others can read is not used either.
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+        LocalCa::from_config(&cfg, "cluster.local", Duration::from_secs(60)).unwrap();
+        std::fs::set_permissions(dir.join("root-key.pem"), std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = LocalCa::from_config(&cfg, "cluster.local", Duration::from_secs(60)).unwrap_err().to_string();
+        assert!(e.contains("root-key.pem") && e.contains("644"), "{e}");
+        // Owned by someone else (only root can make that here).
+        if crate::sys::effective_uid() == 0 {
+            std::fs::set_permissions(dir.join("root-key.pem"), std::fs::Permissions::from_mode(0o600)).unwrap();
+            std::os::unix::fs::chown(&dir, Some(65534), None).unwrap();
+            let e = LocalCa::from_config(&cfg, "cluster.local", Duration::from_secs(60)).unwrap_err().to_string();
+            assert!(e.contains("owned by uid 65534"), "{e}");
+        }
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

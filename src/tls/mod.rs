@@ -116,6 +116,9 @@ impl WorkloadCert {
             .with_client_cert_verifier(Arc::new(client_verifier))
             .with_single_cert(chain.clone(), key.clone_key())?;
         server.alpn_protocols = vec![b"h2".to_vec()];
+        // No resumption (as Istio): a resumed session would skip our SPIFFE verifiers.
+        server.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+        server.send_tls13_tickets = 0;
 
         let server_verifier = verify::SpiffeServerVerifier::new(store, provider.clone());
         let mut client = ClientConfig::builder_with_provider(provider)
@@ -126,6 +129,7 @@ impl WorkloadCert {
         client.alpn_protocols = vec![b"h2".to_vec()];
         // HBONE peers are addressed by IP; there is no name to send.
         client.enable_sni = false;
+        client.resumption = rustls::client::Resumption::disabled();
 
         Ok(WorkloadCert { identity, chain, roots, info, server: Arc::new(server), client: Arc::new(client) })
     }
@@ -143,6 +147,10 @@ impl WorkloadCert {
 
 /// The SPIFFE identities in a certificate's URI SANs.
 pub fn spiffe_ids(der: &CertificateDer<'_>) -> Result<Vec<Identity>, TlsError> {
+    Ok(uri_sans(der)?.iter().filter(|u| u.starts_with("spiffe://")).filter_map(|u| u.parse().ok()).collect())
+}
+
+fn uri_sans(der: &CertificateDer<'_>) -> Result<Vec<String>, TlsError> {
     use x509_parser::prelude::*;
     let (_, cert) = X509Certificate::from_der(der).map_err(|e| TlsError::BadCertificate(e.to_string()))?;
     let san = cert.subject_alternative_name().map_err(|e| TlsError::BadCertificate(e.to_string()))?;
@@ -152,12 +160,25 @@ pub fn spiffe_ids(der: &CertificateDer<'_>) -> Result<Vec<Identity>, TlsError> {
                 .general_names
                 .iter()
                 .filter_map(|n| match n {
-                    GeneralName::URI(uri) if uri.starts_with("spiffe://") => uri.parse::<Identity>().ok(),
+                    GeneralName::URI(uri) => Some(uri.to_string()),
                     _ => None,
                 })
                 .collect()
         })
         .unwrap_or_default())
+}
+
+/// The one identity of a peer's leaf: exactly one URI SAN, a SPIFFE id. A leaf naming two
+/// identities is refused rather than read as the first of them.
+pub fn sole_identity(der: &CertificateDer<'_>) -> Result<Identity, TlsError> {
+    let uris = uri_sans(der)?;
+    match uris.as_slice() {
+        [one] => one.parse().map_err(|_| TlsError::BadCertificate(format!("URI SAN {one:?} is not a SPIFFE identity"))),
+        [] => Err(TlsError::BadCertificate("no URI SAN (a SPIFFE identity is required)".into())),
+        many => {
+            Err(TlsError::BadCertificate(format!("{} URI SANs; exactly one SPIFFE identity is allowed", many.len())))
+        }
+    }
 }
 
 /// Serial number and validity of a certificate.
@@ -181,8 +202,7 @@ pub fn cert_info(der: &CertificateDer<'_>) -> Result<CertInfo, TlsError> {
 
 /// The peer's identity: the first SPIFFE URI SAN of its leaf certificate.
 pub fn peer_identity(certs: Option<&[CertificateDer<'_>]>) -> Option<Identity> {
-    let leaf = certs?.first()?;
-    spiffe_ids(leaf).ok()?.into_iter().next()
+    sole_identity(certs?.first()?).ok()
 }
 
 /// After an HBONE client handshake: the server must be one of the identities we expected.
@@ -191,9 +211,12 @@ pub fn check_server_identity(
     expected: &[Identity],
 ) -> Result<Identity, TlsError> {
     let leaf = certs.and_then(|c| c.first()).ok_or(TlsError::EmptyChain)?;
-    let ids = spiffe_ids(leaf)?;
-    ids.iter().find(|id| expected.contains(id)).cloned().ok_or_else(|| TlsError::WrongIdentity {
-        found: ids.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "),
+    let id = sole_identity(leaf)?;
+    if expected.contains(&id) {
+        return Ok(id);
+    }
+    Err(TlsError::WrongIdentity {
+        found: id.to_string(),
         expected: expected.iter().map(ToString::to_string).collect::<Vec<_>>().join(" or "),
     })
 }
@@ -269,6 +292,66 @@ mod tests {
         assert_eq!(check_server_identity(c.peer_certificates(), &expected).unwrap(), httpbin.identity);
         let wrong = [id("cluster.local", "other")];
         assert!(matches!(check_server_identity(c.peer_certificates(), &wrong), Err(TlsError::WrongIdentity { .. })));
+    }
+
+    /// A leaf signed by `ca` naming every URI in `uris`, as a client config (the server is
+    /// verified as usual).
+    fn client_naming(ca: &LocalCa, uris: &[&str]) -> Arc<ClientConfig> {
+        let (root_pem, key_pem) = ca.root_pem();
+        let issuer = rcgen::Issuer::from_ca_cert_pem(&root_pem, rcgen::KeyPair::from_pem(&key_pem).unwrap()).unwrap();
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut params = rcgen::CertificateParams::default();
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params.subject_alt_names =
+            uris.iter().map(|u| rcgen::SanType::URI(u.to_string().try_into().unwrap())).collect();
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        let leaf = params.signed_by(&key, &issuer).unwrap();
+        let mut store = RootCertStore::empty();
+        use rustls::pki_types::pem::PemObject;
+        store.add(CertificateDer::from_pem_slice(root_pem.as_bytes()).unwrap()).unwrap();
+        let verifier = verify::SpiffeServerVerifier::new(Arc::new(store), provider());
+        let config = ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(verifier))
+            .with_client_auth_cert(vec![leaf.der().clone()], PrivateKeyDer::Pkcs8(key.serialize_der().into()))
+            .unwrap();
+        Arc::new(config)
+    }
+
+    #[test]
+    fn a_leaf_naming_two_identities_or_none_is_refused() {
+        let ca = LocalCa::generate("cluster.local", Duration::from_secs(3600)).unwrap();
+        let server = ca.issue(&id("cluster.local", "httpbin"), SystemTime::now()).unwrap();
+        let attempt = |uris: &[&str]| {
+            let name = ServerName::IpAddress("10.0.0.1".parse::<std::net::IpAddr>().unwrap().into());
+            let mut c = ClientConnection::new(client_naming(&ca, uris), name).unwrap();
+            let mut s = ServerConnection::new(server.server_config()).unwrap();
+            handshake(&mut c, &mut s).map(|_| peer_identity(s.peer_certificates()))
+        };
+        let one = attempt(&["spiffe://cluster.local/ns/ns/sa/sleep"]).unwrap();
+        assert_eq!(one, Some(id("cluster.local", "sleep")), "one identity: accepted");
+        let two = attempt(&["spiffe://cluster.local/ns/ns/sa/sleep", "spiffe://cluster.local/ns/ns/sa/admin"]);
+        assert!(two.is_err(), "two URI SANs: refused, not read as the first");
+        let other_uri = attempt(&["spiffe://cluster.local/ns/ns/sa/sleep", "https://example.com/"]);
+        assert!(other_uri.is_err(), "a second URI of any kind: refused");
+        assert!(attempt(&["https://example.com/"]).is_err(), "no SPIFFE identity: refused");
+    }
+
+    #[test]
+    fn resumption_is_off_on_both_sides() {
+        let ca = LocalCa::generate("cluster.local", Duration::from_secs(3600)).unwrap();
+        let cert = ca.issue(&id("cluster.local", "sleep"), SystemTime::now()).unwrap();
+        assert_eq!(cert.server_config().send_tls13_tickets, 0);
+        assert!(!cert.server_config().session_storage.can_cache());
+        let (_c, s) = connect(&cert, &cert).unwrap();
+        assert_eq!(s.received_resumption_data(), None);
+        // A second handshake with the same client config is a full one (it presents and checks
+        // certificates again).
+        let (c2, s2) = connect(&cert, &cert).unwrap();
+        assert!(c2.peer_certificates().is_some() && s2.peer_certificates().is_some());
+        assert_eq!(c2.handshake_kind(), Some(rustls::HandshakeKind::Full));
     }
 
     #[test]

@@ -14,13 +14,9 @@ use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::{ParsedCertificate, WebPkiClientVerifier};
-use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, Error, RootCertStore, SignatureScheme};
+use rustls::{DigitallySignedStruct, DistinguishedName, Error, RootCertStore, SignatureScheme};
 
-use super::{TlsError, spiffe_ids};
-
-fn no_identity() -> Error {
-    Error::InvalidCertificate(CertificateError::ApplicationVerificationFailure)
-}
+use super::{TlsError, sole_identity};
 
 #[derive(Debug)]
 pub struct SpiffeServerVerifier {
@@ -51,9 +47,9 @@ impl ServerCertVerifier for SpiffeServerVerifier {
             now,
             self.provider.signature_verification_algorithms.all,
         )?;
-        match spiffe_ids(end_entity) {
-            Ok(ids) if !ids.is_empty() => Ok(ServerCertVerified::assertion()),
-            _ => Err(no_identity()),
+        match sole_identity(end_entity) {
+            Ok(_) => Ok(ServerCertVerified::assertion()),
+            Err(e) => Err(Error::General(format!("server certificate: {e}"))),
         }
     }
 
@@ -115,13 +111,10 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         now: UnixTime,
     ) -> Result<ClientCertVerified, Error> {
         self.inner.verify_client_cert(end_entity, intermediates, now)?;
-        let ids = spiffe_ids(end_entity).map_err(|_| no_identity())?;
-        match ids.first() {
-            Some(id) if id.trust_domain == self.trust_domain => Ok(ClientCertVerified::assertion()),
-            Some(id) => {
-                Err(Error::General(format!("client identity {id} is not in trust domain {}", self.trust_domain)))
-            }
-            None => Err(no_identity()),
+        match sole_identity(end_entity) {
+            Ok(id) if id.trust_domain == self.trust_domain => Ok(ClientCertVerified::assertion()),
+            Ok(id) => Err(Error::General(format!("client identity {id} is not in trust domain {}", self.trust_domain))),
+            Err(e) => Err(Error::General(format!("client certificate: {e}"))),
         }
     }
 

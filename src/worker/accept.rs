@@ -3,11 +3,11 @@
 
 use std::net::SocketAddr;
 use std::rc::Rc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use monoio::net::{TcpListener, TcpStream};
 
-use super::{WorkerCtx, lifecycle};
+use super::{WorkerCtx, contained, lifecycle};
 use crate::net::canonical;
 
 /// The listeners a worker runs, and so the ways a connection can arrive.
@@ -23,7 +23,20 @@ pub enum Listener {
     Socks5,
 }
 
+/// True for the accept errors that say the process or the system is out of a resource: the
+/// listener then pauses. Any other error concerns one connection (aborted, protocol error) and
+/// the next accept goes on at once.
+fn out_of_resources(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM))
+}
+
+/// How long a listener pauses when out of descriptors or memory.
+const BACKOFF: Duration = Duration::from_millis(50);
+
 pub async fn accept_loop(ctx: Rc<WorkerCtx>, kind: Listener, listener: TcpListener) {
+    // Warnings are bounded: the first of a burst, then one every few seconds with a count.
+    let mut failures = 0u64;
+    let mut last_warning: Option<Instant> = None;
     loop {
         let accepted = monoio::select! {
             r = listener.accept() => r,
@@ -31,10 +44,19 @@ pub async fn accept_loop(ctx: Rc<WorkerCtx>, kind: Listener, listener: TcpListen
         };
         match accepted {
             Ok((stream, peer)) => dispatch(&ctx, kind, stream, canonical(peer)),
+            Err(e) if out_of_resources(&e) => {
+                failures += 1;
+                if last_warning.is_none_or(|t| t.elapsed() >= Duration::from_secs(5)) {
+                    tracing::warn!(worker = ctx.id, listener = ?kind, error = %e, failures, "accept failed: out of resources; pausing this listener");
+                    last_warning = Some(Instant::now());
+                }
+                monoio::select! {
+                    _ = monoio::time::sleep(BACKOFF) => {}
+                    _ = ctx.draining.wait() => break,
+                }
+            }
             Err(e) => {
-                tracing::warn!(worker = ctx.id, listener = ?kind, error = %e, "accept failed");
-                // Out of descriptors or memory: back off instead of spinning.
-                monoio::time::sleep(Duration::from_millis(50)).await;
+                tracing::debug!(worker = ctx.id, listener = ?kind, error = %e, "accept failed for one connection")
             }
         }
     }
@@ -45,9 +67,12 @@ pub async fn accept_loop(ctx: Rc<WorkerCtx>, kind: Listener, listener: TcpListen
 
 fn dispatch(ctx: &Rc<WorkerCtx>, kind: Listener, stream: TcpStream, peer: SocketAddr) {
     crate::net::prepare_accepted(&stream);
+    let id = ctx.id;
     match kind {
         // An HBONE connection carries many streams for its whole life: one task serves them.
-        Listener::InboundHbone => monoio::spawn(crate::hbone::server::serve(ctx.clone(), stream, peer)),
-        _ => monoio::spawn(lifecycle::run(ctx.clone(), kind, stream, peer)),
+        Listener::InboundHbone => {
+            monoio::spawn(contained(id, "hbone connection", crate::hbone::server::serve(ctx.clone(), stream, peer)))
+        }
+        _ => monoio::spawn(contained(id, "connection setup", lifecycle::run(ctx.clone(), kind, stream, peer))),
     };
 }

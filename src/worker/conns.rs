@@ -222,8 +222,11 @@ impl ConnTable {
             .filter(|e| !e.close.fired())
             .filter_map(|e| {
                 let info = e.authz.as_ref()?;
-                let wl = snap.workload_by_uid(&info.workload_uid)?;
-                super::authz::check(snap, wl, &info.conn, "re-check after a config change").err()?;
+                // A destination workload that is gone denies: its address may already be
+                // another pod's.
+                if let Some(wl) = snap.workload_by_uid(&info.workload_uid) {
+                    super::authz::check(snap, wl, &info.conn, "re-check after a config change").err()?;
+                }
                 e.reason.set(CloseReason::PolicyDenied);
                 Some(e.close.clone())
             })

@@ -24,7 +24,8 @@ pub async fn handle(
     peer: SocketAddr,
 ) -> Result<Established, ProxyError> {
     let dst = original_dst(&stream, peer, ctx.addrs.inbound_plain)?;
-    if dst.ip().is_loopback() && ctx.own_ports.contains(&dst.port()) {
+    // The proxy's own ports are never a plaintext target, on any address.
+    if ctx.own_ports.contains(&dst.port()) {
         return Err(RouteError::Loop(dst).into());
     }
     let snap = ctx.snapshot();

@@ -19,7 +19,7 @@ use monoio::net::TcpStream;
 use super::accept::Listener;
 use super::conns::{ConnGuard, Direction};
 use super::error::ProxyError;
-use super::{WorkerCtx, inbound_plain, outbound, socks5};
+use super::{WorkerCtx, contained, inbound_plain, outbound, socks5};
 use crate::hbone::client::HboneStream;
 use crate::net::relay::{Halves, RelayEnd, RelayStats, relay};
 use crate::telemetry::access::ConnLog;
@@ -180,11 +180,16 @@ pub async fn run(ctx: Rc<WorkerCtx>, listener: Listener, stream: TcpStream, peer
             conn.established(&ctx, est.early_bytes);
             match est.upstream {
                 Upstream::Tcp(up) => {
-                    let splice = ctx.splice;
-                    monoio::spawn(relay_tcp(ctx, conn, est.downstream.into(), up.into(), splice));
+                    let (id, splice) = (ctx.id, ctx.splice);
+                    monoio::spawn(contained(
+                        id,
+                        "relay",
+                        relay_tcp(ctx, conn, est.downstream.into(), up.into(), splice),
+                    ));
                 }
                 Upstream::Hbone(h) => {
-                    monoio::spawn(relay_hbone(ctx, conn, est.downstream, h));
+                    let id = ctx.id;
+                    monoio::spawn(contained(id, "hbone relay", relay_hbone(ctx, conn, est.downstream, h)));
                 }
             }
         }

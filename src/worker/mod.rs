@@ -27,9 +27,13 @@ mod spawn;
 pub use spawn::{Bound, WorkerSpec, spawn};
 
 use std::cell::{Cell, RefCell};
+use std::future::Future;
 use std::net::SocketAddr;
+use std::panic::AssertUnwindSafe;
 use std::rc::Rc;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::Poll;
 use std::time::Duration;
 
 use monoio::net::TcpStream;
@@ -71,6 +75,8 @@ pub struct WorkerCtx {
     cert_requests: tokio::sync::mpsc::UnboundedSender<Identity>,
     /// This worker's metrics shard.
     pub metrics: Rc<Shard>,
+    /// Inbound HBONE TLS handshakes in progress (bounded by `hbone::server::MAX_HANDSHAKES`).
+    pub handshakes: Cell<usize>,
     /// Fires when the next snapshot is applied (an on-demand certificate arriving); replaced by
     /// a fresh one each time. Each waiter holds one slot, freed when it stops waiting.
     snapshot_waiters: RefCell<Signal>,
@@ -112,6 +118,34 @@ impl WorkerCtx {
     /// (in-process tests where one proxy is both ends).
     pub fn hbone_port(&self) -> u16 {
         if self.cfg.hbone_port == 0 { self.addrs.inbound.port() } else { self.cfg.hbone_port }
+    }
+}
+
+/// Connection tasks that panicked, over all workers (`ztunnel_task_panics_total`).
+pub static TASK_PANICS: AtomicU64 = AtomicU64::new(0);
+
+/// Runs one connection's task so that a panic inside it (ours or a dependency's) ends that task
+/// only. monoio does not catch panics: without this one would unwind through the worker's
+/// runtime and take every listener and connection of the worker with it. What the task owned
+/// is dropped while unwinding (its table entry, metric handles, sockets); the panic is logged
+/// and counted, and the worker goes on.
+pub async fn contained<F: Future<Output = ()>>(worker: usize, task: &'static str, fut: F) {
+    let mut fut = std::pin::pin!(fut);
+    let outcome =
+        std::future::poll_fn(|cx| match std::panic::catch_unwind(AssertUnwindSafe(|| fut.as_mut().poll(cx))) {
+            Ok(Poll::Ready(())) => Poll::Ready(None),
+            Ok(Poll::Pending) => Poll::Pending,
+            Err(payload) => Poll::Ready(Some(payload)),
+        })
+        .await;
+    if let Some(payload) = outcome {
+        TASK_PANICS.fetch_add(1, Ordering::Relaxed);
+        let message = payload
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "(no message)".into());
+        tracing::error!(worker, task, panic = %message, "a connection task panicked; it is closed, the worker goes on");
     }
 }
 

@@ -98,7 +98,8 @@ async fn fast_path(
     peer: SocketAddr,
     dst: SocketAddr,
 ) -> Result<Upstream, ProxyError> {
-    target::check_target(snap, &ctx.cfg.network, &ctx.own_ports, dst.ip(), dst).map_err(ProxyError::Refused)?;
+    target::check_target(snap, &ctx.cfg.network, &ctx.own_ports, (dst.ip(), &workload.uid), dst)
+        .map_err(ProxyError::Refused)?;
     let current = ctx.snapshot();
     let rbac_conn = rbac::Conn { src_ip: peer.ip(), identity: Some(src_identity), dst };
     authz::check(&current, workload, &rbac_conn, "node local fast path")

@@ -230,6 +230,11 @@ pub async fn handle(
     let dst = match target {
         Target::Addr(a) => a,
         Target::Name(name, port) => {
+            // The integration tests' way to make a connection task panic (see tests/hostile.rs).
+            #[cfg(feature = "testing")]
+            if name == "panic.ztunnel.test" {
+                panic!("a test asked this connection to panic");
+            }
             let network = ctx.cfg.network.as_str();
             let ns = snap.local_workload_by_ip(network, peer.ip()).map(|w| w.namespace.clone()).unwrap_or_default();
             match resolve(&snap, &name, port, network, &ns, peer.is_ipv4()) {

@@ -182,6 +182,7 @@ async fn run(spec: WorkerSpec, driver: &'static str, ready: std::sync::mpsc::Sen
         pool: HbonePool::new(spec.cfg.pool_max_streams, spec.cfg.pool_idle_timeout),
         cert_requests: spec.cert_requests,
         metrics: Rc::new(Shard::default()),
+        handshakes: Cell::new(0),
         snapshot_waiters: RefCell::new(Signal::default()),
     });
     for (kind, listener) in listeners {

@@ -313,9 +313,28 @@ fn accounts(v: Vec<psec::ServiceAccountMatch>) -> Vec<ServiceAccountMatch> {
     v.into_iter().map(|a| ServiceAccountMatch { namespace: a.namespace, service_account: a.service_account }).collect()
 }
 
-impl TryFrom<psec::Match> for RbacMatch {
-    type Error = ConvertError;
-    fn try_from(m: psec::Match) -> Result<Self, ConvertError> {
+/// A match converts whole or is marked not understood (an extension, a string match of a kind
+/// this proxy does not know, a malformed address): never an error that would drop the whole
+/// policy, since a dropped ALLOW policy can leave a workload with none, which allows everyone.
+impl From<psec::Match> for RbacMatch {
+    fn from(m: psec::Match) -> RbacMatch {
+        if !m.extensions.is_empty() {
+            let names: Vec<&str> = m.extensions.iter().map(|e| e.name.as_str()).collect();
+            return RbacMatch { not_understood: Some(format!("extensions {names:?}")), ..RbacMatch::default() };
+        }
+        match match_fields(m) {
+            Ok(r) if r.is_empty() => RbacMatch {
+                not_understood: Some("no condition this proxy knows (only unknown fields, or none)".into()),
+                ..r
+            },
+            Ok(r) => r,
+            Err(e) => RbacMatch { not_understood: Some(e.to_string()), ..RbacMatch::default() },
+        }
+    }
+}
+
+fn match_fields(m: psec::Match) -> Result<RbacMatch, ConvertError> {
+    {
         Ok(RbacMatch {
             namespaces: strings("namespaces", m.namespaces)?,
             not_namespaces: strings("not_namespaces", m.not_namespaces)?,
@@ -329,6 +348,7 @@ impl TryFrom<psec::Match> for RbacMatch {
             not_destination_ports: ports("not_destination_ports", m.not_destination_ports)?,
             service_accounts: accounts(m.service_accounts),
             not_service_accounts: accounts(m.not_service_accounts),
+            not_understood: None,
         })
     }
 }
@@ -348,22 +368,13 @@ impl TryFrom<psec::Authorization> for Authorization {
             psec::Action::Allow => Action::Allow,
             psec::Action::Deny => Action::Deny,
         };
-        let mut rules = Vec::with_capacity(a.rules.len());
-        for (r, rule) in a.rules.into_iter().enumerate() {
-            let mut clauses = Vec::with_capacity(rule.clauses.len());
-            for (c, clause) in rule.clauses.into_iter().enumerate() {
-                let matches = clause
-                    .matches
-                    .into_iter()
-                    .enumerate()
-                    .map(|(m, x)| {
-                        RbacMatch::try_from(x).map_err(|e| within(&format!("rules[{r}].clauses[{c}].matches[{m}]"), e))
-                    })
-                    .collect::<Result<Vec<_>, _>>()?;
-                clauses.push(matches);
-            }
-            rules.push(clauses);
-        }
+        let rules = a
+            .rules
+            .into_iter()
+            .map(|rule| {
+                rule.clauses.into_iter().map(|c| c.matches.into_iter().map(RbacMatch::from).collect()).collect()
+            })
+            .collect();
         Ok(Authorization { name: a.name, namespace: a.namespace, scope, action, rules, dry_run: a.dry_run })
     }
 }
@@ -449,8 +460,35 @@ mod tests {
             }],
             ..Default::default()
         };
-        let e = Authorization::try_from(p).unwrap_err().to_string();
-        assert!(e.starts_with("rules[0].clauses[0].matches[0].source_ips[0].length"), "{e}");
+        // A malformed match keeps its policy and fails closed, naming the field.
+        let converted = Authorization::try_from(p).unwrap();
+        let why = converted.rules[0][0][0].not_understood.clone().unwrap();
+        assert!(why.starts_with("source_ips[0].length"), "{why}");
+    }
+
+    #[test]
+    fn matches_with_nothing_we_understand_are_marked_not_dropped() {
+        let policy = |m: psec::Match| psec::Authorization {
+            name: "p".into(),
+            namespace: "ns".into(),
+            rules: vec![psec::Rule { clauses: vec![psec::Clause { matches: vec![m] }] }],
+            ..Default::default()
+        };
+        // Only fields our proto does not know decode to an empty match.
+        let empty = Authorization::try_from(policy(psec::Match::default())).unwrap();
+        assert!(empty.rules[0][0][0].not_understood.is_some());
+        let ext = psec::Match {
+            extensions: vec![psec::Extension { name: "future.match".into(), config: None }],
+            destination_ports: vec![80],
+            ..Default::default()
+        };
+        let with_ext = Authorization::try_from(policy(ext)).unwrap();
+        assert!(with_ext.rules[0][0][0].not_understood.as_deref().unwrap().contains("future.match"));
+        let unknown_kind =
+            psec::Match { principals: vec![psec::StringMatch { match_type: None }], ..Default::default() };
+        assert!(Authorization::try_from(policy(unknown_kind)).unwrap().rules[0][0][0].not_understood.is_some());
+        let fine = psec::Match { destination_ports: vec![80], ..Default::default() };
+        assert!(Authorization::try_from(policy(fine)).unwrap().rules[0][0][0].not_understood.is_none());
     }
 
     #[test]
