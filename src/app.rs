@@ -65,8 +65,9 @@ pub fn start(cfg: Config, opts: RunOptions) -> anyhow::Result<Proxy> {
     }
     let ca = certificate_source(&cfg)?;
     let spoof_source = original_source_allowed(&cfg)?;
+    let control_ports = control::ControlListeners::bind(&cfg)?;
     let (cert_tx, cert_rx) = mpsc::unbounded_channel();
-    let workers = start_workers(&cfg, &initial, spoof_source, cert_tx)?;
+    let workers = start_workers(&cfg, &initial, spoof_source, control_ports.ports(), cert_tx)?;
     let (shutdown_tx, shutdown_rx) = mpsc::unbounded_channel();
     let spec = ControlSpec {
         cfg: cfg.clone(),
@@ -83,6 +84,7 @@ pub fn start(cfg: Config, opts: RunOptions) -> anyhow::Result<Proxy> {
         handle_signals: opts.handle_signals,
         cert_requests: cert_rx,
         xds,
+        ports: Some(control_ports),
     };
     let (control, ready) = control::spawn(spec, ca).context("spawning the control thread")?;
     let addrs = ready.recv().map_err(|_| anyhow::anyhow!("control thread died during start-up"))??;
@@ -165,6 +167,7 @@ fn start_workers(
     cfg: &Arc<Config>,
     initial: &Arc<Snapshot>,
     spoof_source: bool,
+    control_ports: Vec<u16>,
     cert_tx: mpsc::UnboundedSender<crate::model::Identity>,
 ) -> anyhow::Result<StartedWorkers> {
     let cores = core_affinity::get_core_ids().unwrap_or_default();
@@ -195,6 +198,7 @@ fn start_workers(
             rx,
             core: (!cores.is_empty()).then(|| cores[id % cores.len()]),
             spoof_source,
+            control_ports: control_ports.clone(),
             generation: generation.clone(),
             alive: alive.clone(),
             done: done_tx,

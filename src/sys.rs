@@ -119,6 +119,16 @@ pub fn can_spoof_source() -> bool {
     set_ip_transparent(&sock, false).is_ok()
 }
 
+/// Stops a listening socket: it leaves its `SO_REUSEPORT` group (new connections go to the other
+/// listeners, a replacement proxy's), connections queued on it move there too when
+/// `net.ipv4.tcp_migrate_req` is on, and an accept waiting on it returns an error. The accept
+/// loop then ends on its own, without cancelling an accept that may already hold a connection.
+pub fn stop_listening(fd: RawFd) -> io::Result<()> {
+    // SAFETY: shutdown on a descriptor the caller owns; failure is reported by the return value.
+    let rc = unsafe { libc::shutdown(fd, libc::SHUT_RD) };
+    if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+}
+
 /// The process's effective user id.
 pub fn effective_uid() -> u32 {
     // SAFETY: geteuid takes no arguments and cannot fail.

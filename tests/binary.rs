@@ -108,3 +108,97 @@ fn log_levels_change_at_run_time_and_lines_are_flushed_on_exit() {
         seen.join("\n")
     );
 }
+
+/// A proxy that runs out of descriptors keeps running, warns a bounded number of times, does
+/// not spin, and serves again once descriptors are free.
+#[test]
+fn out_of_descriptors_the_proxy_waits_warns_little_and_recovers() {
+    let server = EchoServer::start("127.0.0.2", "server");
+    let dir = TestDir::new("binary-fds");
+    let config = dir.write_config(&format!(
+        "workloads:\n- {{uid: client, name: client, namespace: ns, workloadIps: [127.0.0.1]}}\n\
+         - {{uid: server, name: server, namespace: ns, workloadIps: [{}]}}\n",
+        server.addr.ip()
+    ));
+    struct Reap(std::process::Child);
+    impl Drop for Reap {
+        fn drop(&mut self) {
+            if let Ok(None) = self.0.try_wait() {
+                let _ = self.0.kill();
+                let _ = self.0.wait();
+            }
+        }
+    }
+    // A hard limit of 256 descriptors: the proxy cannot raise it.
+    let child = Command::new("sh")
+        .args(["-c", "ulimit -n 256 && exec \"$0\" \"$@\"", env!("CARGO_BIN_EXE_ztunnel")])
+        .args(["--config", config.to_str().unwrap(), "--socks5", "--workers", "1"])
+        .args([
+            "--outbound-addr",
+            "127.0.0.1:0",
+            "--inbound-plain-addr",
+            "127.0.0.1:0",
+            "--inbound-addr",
+            "127.0.0.1:0",
+        ])
+        .args(["--socks5-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0", "--readiness-addr", "127.0.0.1:0"])
+        .args(["--metrics-addr", "127.0.0.1:0", "--packet-mark", "0"])
+        .env("ZTUNNEL_LOCAL_CA_DIR", dir.0.join("ca"))
+        .env("ZTUNNEL_CONNECT_TIMEOUT", "1s")
+        .env("ENABLE_ORIG_SRC", "false")
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("the binary starts");
+    let mut child = Reap(child);
+    let out = child.0.stdout.take().unwrap();
+    let (tx, lines) = mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + PATIENCE;
+    let workers = loop {
+        let l = lines.recv_timeout(deadline.saturating_duration_since(Instant::now())).expect("worker listening");
+        seen.push(l.clone());
+        if l.contains("worker listening") {
+            break l;
+        }
+    };
+    let socks: SocketAddr = {
+        let at = workers.find("socks5=Some(").unwrap() + "socks5=Some(".len();
+        workers[at..].split(')').next().unwrap().parse().unwrap()
+    };
+    // 1000 connections that never speak: the proxy accepts what its descriptors allow, the
+    // rest wait in the backlog while accept fails with EMFILE.
+    let silent: Vec<std::net::TcpStream> = (0..1000).filter_map(|_| std::net::TcpStream::connect(socks).ok()).collect();
+    let pid = child.0.id();
+    let cpu = || {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let f: Vec<u64> =
+            stat.rsplit(')').next().unwrap_or("").split_whitespace().filter_map(|v| v.parse().ok()).collect();
+        // utime and stime, in clock ticks (fields 14 and 15; 12 and 13 after the command).
+        f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0)
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    let (cpu_before, start) = (cpu(), Instant::now());
+    std::thread::sleep(Duration::from_secs(3));
+    let ticks = cpu() - cpu_before;
+    println!("out of descriptors: {ticks} CPU ticks in {:?}", start.elapsed());
+    assert!(ticks < 100, "the proxy does not spin while out of descriptors ({ticks} ticks in 3 s)");
+    while let Ok(l) = lines.try_recv() {
+        seen.push(l);
+    }
+    let warnings = seen.iter().filter(|l| l.contains("out of resources")).count();
+    println!("{warnings} out-of-resources warnings");
+    assert!((1..=2).contains(&warnings), "a bounded number of warnings, got {warnings}:\n{}", seen.join("\n"));
+    // Descriptors come back when the silent clients go: the proxy serves again.
+    drop(silent);
+    assert!(
+        eventually(|| socks5(socks, Dest::Addr(server.addr)).is_ok_and(|mut c| read_greeting(&mut c) == "server")),
+        "the proxy recovered"
+    );
+    assert!(child.0.try_wait().unwrap().is_none(), "still running");
+}

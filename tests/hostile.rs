@@ -289,3 +289,142 @@ fn stubborn_peer(
 // Handshakes that must fail (TLS 1.2, no client certificate, foreign root or trust domain, two
 // URI SANs, no SPIFFE identity, resumption) are unit tests of `tls`, run as real rustls
 // handshakes in memory.
+
+/// A listener on `ip` that counts the connections it accepts (and holds them).
+fn counting_listener(ip: &str) -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    let listener = std::net::TcpListener::bind((ip, 0)).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = count.clone();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for c in listener.incoming().flatten() {
+            seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            held.push(c);
+        }
+    });
+    (addr, count)
+}
+
+#[test]
+fn connect_authority_variants_get_their_status_and_dial_nothing() {
+    let (pod, dials) = counting_listener("127.0.0.3");
+    let other = EchoServer::start("127.0.0.2", "other");
+    let dir = TestDir::new("hostile-authority");
+    let yaml = r#"
+workloads:
+- {uid: pod, name: pod, namespace: ns, serviceAccount: pod, workloadIps: [127.0.0.3], protocol: HBONE}
+- {uid: other, name: other, namespace: ns, serviceAccount: other, workloadIps: [127.0.0.2], protocol: HBONE}
+"#;
+    let cfg = Config::for_tests(dir.write_config(yaml));
+    let client = mesh_client(&cfg, "sleep");
+    let proxy = start_with(cfg);
+    wait_for_certificates(&proxy, 2);
+    let hbone = SocketAddr::new("127.0.0.3".parse().unwrap(), proxy.addrs.inbound.port());
+    let own = [
+        proxy.addrs.inbound.port(),
+        proxy.addrs.inbound_plain.port(),
+        proxy.addrs.admin.port(),
+        proxy.addrs.metrics.port(),
+        proxy.addrs.readiness.port(),
+        15000,
+        15008,
+        15020,
+        15021,
+    ];
+    let mut cases = vec![
+        (Method::CONNECT, "127.0.0.3:0".to_string(), StatusCode::SERVICE_UNAVAILABLE),
+        (Method::CONNECT, format!("127.0.0.2:{}", other.addr.port()), StatusCode::BAD_REQUEST),
+        (Method::CONNECT, format!("example.com:{}", pod.port()), StatusCode::BAD_REQUEST),
+        (Method::GET, format!("http://127.0.0.3:{}/", pod.port()), StatusCode::BAD_REQUEST),
+    ];
+    for port in own {
+        cases.push((Method::CONNECT, format!("127.0.0.3:{port}"), StatusCode::SERVICE_UNAVAILABLE));
+    }
+    block_on(async move {
+        let mut send = hbone_client(hbone, &client, &pod_id()).await;
+        for (method, uri, want) in &cases {
+            let (status, ..) = request(&mut send, method.clone(), uri).await;
+            assert_eq!(status, *want, "{method} {uri}");
+        }
+        // The v4-mapped form of the pod's address is the pod.
+        let (status, ..) = request(&mut send, Method::CONNECT, &format!("[::ffff:127.0.0.3]:{}", pod.port())).await;
+        assert_eq!(status, StatusCode::OK);
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(dials.load(std::sync::atomic::Ordering::SeqCst), 1, "only the accepted CONNECT dialed the pod");
+    stop(proxy);
+}
+
+#[test]
+fn socks5_abuse_is_refused_without_harm() {
+    let server = EchoServer::start("127.0.0.2", "server");
+    let dir = TestDir::new("hostile-socks5");
+    let yaml = r#"
+workloads:
+- {uid: client, name: client, namespace: ns, workloadIps: [127.0.0.1]}
+- {uid: server, name: server, namespace: ns, workloadIps: [127.0.0.2]}
+"#;
+    let mut cfg = Config::for_tests(dir.write_config(yaml));
+    cfg.connect_timeout = Duration::from_millis(500);
+    let proxy = start_with(cfg);
+    let s5 = proxy.addrs.socks5.unwrap();
+    let exchange = |bytes: &[u8]| -> Vec<u8> {
+        let mut s = TcpStream::connect(s5).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        use std::io::Write;
+        s.write_all(bytes).unwrap();
+        let mut got = Vec::new();
+        let _ = s.read_to_end(&mut got);
+        got
+    };
+    // 255 methods, none of them no-auth: "no acceptable method".
+    let mut greeting = vec![5, 255];
+    greeting.extend(1..=255u8);
+    assert_eq!(exchange(&greeting), vec![5, 0xFF]);
+    // BIND and UDP ASSOCIATE: "command not supported"; a bad address type: "not supported".
+    let bind = exchange(&[5, 1, 0, 5, 2, 0, 1, 127, 0, 0, 2, 0, 80]);
+    assert_eq!(bind[..2], [5, 0]);
+    assert_eq!(bind[2..4], [5, 7]);
+    let udp = exchange(&[5, 1, 0, 5, 3, 0, 1, 127, 0, 0, 2, 0, 80]);
+    assert_eq!(udp[2..4], [5, 7]);
+    let atyp = exchange(&[5, 1, 0, 5, 1, 0, 9, 127, 0, 0, 2, 0, 80]);
+    assert_eq!(atyp[2..4], [5, 8]);
+    // The proxy's own ports: "not allowed".
+    for port in [proxy.addrs.socks5.unwrap().port(), proxy.addrs.admin.port(), 15008] {
+        let own = socks5(s5, Dest::Addr(SocketAddr::new("127.0.0.1".parse().unwrap(), port)));
+        assert_eq!(own.err(), Some(2), "the proxy's own port {port}");
+    }
+    // A stalled length byte: closed at the handshake limit, not held.
+    let start = Instant::now();
+    let stalled = exchange(&[5, 1, 0, 5, 1, 0, 3]);
+    assert_eq!(stalled, vec![5, 0], "only the method answer, then closed");
+    assert!(start.elapsed() < Duration::from_secs(15), "closed at the setup limit ({:?})", start.elapsed());
+    // And the proxy still serves.
+    let mut ok = socks5(s5, Dest::Addr(server.addr)).unwrap();
+    assert_eq!(read_greeting(&mut ok), "server");
+    stop(proxy);
+}
+
+#[test]
+fn metrics_clients_that_never_read_are_bounded() {
+    let dir = TestDir::new("hostile-metrics");
+    let proxy = start_with(Config::for_tests(dir.write_config(POD)));
+    // 500 clients ask for the page and never read it.
+    let clients: Vec<TcpStream> = (0..500)
+        .filter_map(|_| {
+            let mut s = TcpStream::connect(proxy.addrs.metrics).ok()?;
+            use std::io::Write;
+            s.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n").ok()?;
+            Some(s)
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    // The proxy's side: at most its cap of connections still open.
+    let held = established_on(proxy.addrs.metrics.port());
+    println!("metrics connections the proxy holds for 500 never-reading clients: {held}");
+    assert!(held <= ztunnel::control::http::MAX_CONNECTIONS, "{held} connections held");
+    drop(clients);
+    assert!(eventually(|| http(proxy.addrs.metrics, "GET", "/metrics").is_ok_and(|(s, _)| s == 200)));
+    stop(proxy);
+}

@@ -84,6 +84,8 @@ pub struct ControlSpec {
     pub cert_requests: mpsc::UnboundedReceiver<Identity>,
     /// The istiod client's settings, when `XDS_ADDRESS` is set.
     pub xds: Option<XdsOptions>,
+    /// The admin, readiness and metrics listeners (taken once, when the thread starts).
+    pub ports: Option<ControlListeners>,
 }
 
 struct ControlState {
@@ -271,10 +273,14 @@ pub fn spawn(
 }
 
 async fn run(mut spec: ControlSpec, ca: CaChoice, ready: std::sync::mpsc::Sender<io::Result<ProxyAddrs>>) {
-    let ports = match bind_control_ports(&spec.cfg) {
-        Ok(p) => p,
-        Err(e) => {
+    let ports = match spec.ports.take().map(ControlPorts::adopt) {
+        Some(Ok(p)) => p,
+        Some(Err(e)) => {
             let _ = ready.send(Err(e));
+            return;
+        }
+        None => {
+            let _ = ready.send(Err(io::Error::other("the control ports were not bound")));
             return;
         }
     };
@@ -312,26 +318,53 @@ async fn run(mut spec: ControlSpec, ca: CaChoice, ready: std::sync::mpsc::Sender
     drain_workers(&state, spec.worker_done).await;
 }
 
-/// The admin, readiness and metrics listeners.
+/// The admin, readiness and metrics listeners, bound before the workers start (so the workers
+/// know these ports as the proxy's own), served on this thread.
+pub struct ControlListeners {
+    pub admin: std::net::TcpListener,
+    pub readiness: std::net::TcpListener,
+    pub metrics: std::net::TcpListener,
+}
+
+impl ControlListeners {
+    /// Binds the control ports with `SO_REUSEPORT`, as the data ports: a restarted proxy starts
+    /// while this one drains.
+    pub fn bind(cfg: &Config) -> io::Result<ControlListeners> {
+        let bind = |addr: SocketAddr| {
+            crate::net::bind_std(addr, crate::net::ListenOpts { transparent: false, backlog: 128 })
+                .map_err(|e| io::Error::new(e.kind(), format!("binding {addr}: {e}")))
+        };
+        Ok(ControlListeners {
+            admin: bind(cfg.listeners.admin)?,
+            readiness: bind(cfg.listeners.readiness)?,
+            metrics: bind(cfg.listeners.metrics)?,
+        })
+    }
+
+    /// The bound ports.
+    pub fn ports(&self) -> Vec<u16> {
+        [&self.admin, &self.readiness, &self.metrics]
+            .iter()
+            .filter_map(|l| l.local_addr().ok())
+            .map(|a| a.port())
+            .collect()
+    }
+}
+
 struct ControlPorts {
     admin: tokio::net::TcpListener,
     readiness: tokio::net::TcpListener,
     metrics: tokio::net::TcpListener,
 }
 
-/// Binds the control ports with `SO_REUSEPORT`, as the data ports: a restarted proxy starts
-/// while this one drains.
-fn bind_control_ports(cfg: &Config) -> io::Result<ControlPorts> {
-    let bind = |addr: SocketAddr| {
-        crate::net::bind_std(addr, crate::net::ListenOpts { transparent: false, backlog: 128 })
-            .and_then(tokio::net::TcpListener::from_std)
-            .map_err(|e| io::Error::new(e.kind(), format!("binding {addr}: {e}")))
-    };
-    Ok(ControlPorts {
-        admin: bind(cfg.listeners.admin)?,
-        readiness: bind(cfg.listeners.readiness)?,
-        metrics: bind(cfg.listeners.metrics)?,
-    })
+impl ControlPorts {
+    fn adopt(l: ControlListeners) -> io::Result<ControlPorts> {
+        Ok(ControlPorts {
+            admin: tokio::net::TcpListener::from_std(l.admin)?,
+            readiness: tokio::net::TcpListener::from_std(l.readiness)?,
+            metrics: tokio::net::TcpListener::from_std(l.metrics)?,
+        })
+    }
 }
 
 /// Starts the three HTTP servers; returns the readiness server's task, which drain stops first.

@@ -98,8 +98,10 @@ pub enum Checkout<C> {
     Full,
 }
 
-/// Live connections one key may have: a peer that grants few or no streams must not make the
-/// pool dial without bound.
+/// Live connections one key may have when the peer grants fewer streams than we would put on
+/// a connection (down to none): such a peer must not make the pool dial without bound. A peer
+/// granting full connections is not capped: thousands of concurrent streams to one destination
+/// are legitimate, at `max_streams` each.
 pub const MAX_CONNECTIONS_PER_KEY: usize = 8;
 
 pub struct Pool<K, C> {
@@ -127,7 +129,10 @@ impl<K: Clone + Eq + Hash, C: PoolConn> Pool<K, C> {
                 c.last_used.set(now);
                 return Checkout::Ready(StreamSlot { pooled: c.clone() });
             }
-            if list.len() >= MAX_CONNECTIONS_PER_KEY {
+            // Only a peer that holds its streams below ours is capped: with the streams it grants,
+            // more connections would not carry more streams.
+            let peer_starved = list.iter().all(|c| c.conn.peer_max_streams() < self.max_streams);
+            if peer_starved && list.len() >= MAX_CONNECTIONS_PER_KEY {
                 return Checkout::Full;
             }
         }
@@ -209,6 +214,19 @@ mod tests {
             Checkout::Dial => panic!("expected Ready, got Dial"),
             Checkout::Full => panic!("expected Ready, got Full"),
         }
+    }
+
+    #[test]
+    fn many_streams_to_one_key_are_not_capped_by_a_generous_peer() {
+        let pool: Pool<&str, Fake> = Pool::new(2, Duration::from_secs(300));
+        let now = Instant::now();
+        let mut slots = Vec::new();
+        for i in 0..(MAX_CONNECTIONS_PER_KEY * 3) {
+            assert!(matches!(pool.checkout(&"a", now), Checkout::Dial), "connection {i}");
+            slots.push(pool.dialed(&"a", fake(i as u32, 100), Rc::default(), now));
+            slots.push(ready(pool.checkout(&"a", now)));
+        }
+        assert_eq!(pool.len(), MAX_CONNECTIONS_PER_KEY * 3);
     }
 
     #[test]

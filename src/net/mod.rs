@@ -16,9 +16,10 @@ use std::time::Duration;
 use monoio::net::{TcpListener, TcpStream};
 use socket2::{Domain, Protocol, Socket, Type};
 
-/// Ports the proxy itself listens on. A destination on loopback with one of these ports would
-/// send a connection straight back into the proxy, so it is never dialed.
-pub const PROXY_PORTS: [u16; 4] = [15001, 15006, 15008, 15080];
+/// Ports the proxy itself listens on (admin, outbound, inbound plaintext, HBONE, metrics,
+/// readiness, DNS, SOCKS5). Never a CONNECT or plaintext target, on any address; never dialed
+/// on loopback (the connection would come straight back into the proxy).
+pub const PROXY_PORTS: [u16; 8] = [15000, 15001, 15006, 15008, 15020, 15021, 15053, 15080];
 
 /// The data-plane listener addresses. The first worker resolves port 0; the others bind what it
 /// got.

@@ -38,12 +38,19 @@ pub async fn accept_loop(ctx: Rc<WorkerCtx>, kind: Listener, listener: TcpListen
     let mut failures = 0u64;
     let mut last_warning: Option<Instant> = None;
     loop {
+        // Drain stops the listener (`sys::stop_listening`), which ends a pending accept with an
+        // error; the grace is a fallback for a kernel where it would not.
+        let stopped = async {
+            ctx.draining.wait().await;
+            monoio::time::sleep(Duration::from_millis(500)).await;
+        };
         let accepted = monoio::select! {
             r = listener.accept() => r,
-            _ = ctx.draining.wait() => break,
+            _ = stopped => break,
         };
         match accepted {
             Ok((stream, peer)) => dispatch(&ctx, kind, stream, canonical(peer)),
+            Err(_) if ctx.draining.fired() => break,
             Err(e) if out_of_resources(&e) => {
                 failures += 1;
                 if last_warning.is_none_or(|t| t.elapsed() >= Duration::from_secs(5)) {

@@ -63,6 +63,8 @@ pub struct WorkerCtx {
     pub draining: Signal,
     /// Accept loops still running; drain waits for them to close their listeners.
     accepting: Cell<usize>,
+    /// The listeners' descriptors, stopped when drain starts (`sys::stop_listening`).
+    listener_fds: RefCell<Vec<std::os::fd::RawFd>>,
     /// The proxy's own listening ports (configured and well-known): never a destination.
     pub own_ports: Vec<u16>,
     pub spoof_source: bool,
@@ -129,29 +131,47 @@ pub static TASK_PANICS: AtomicU64 = AtomicU64::new(0);
 /// runtime and take every listener and connection of the worker with it. What the task owned
 /// is dropped while unwinding (its table entry, metric handles, sockets); the panic is logged
 /// and counted, and the worker goes on.
-pub async fn contained<F: Future<Output = ()>>(worker: usize, task: &'static str, fut: F) {
-    let mut fut = std::pin::pin!(fut);
-    let outcome =
-        std::future::poll_fn(|cx| match std::panic::catch_unwind(AssertUnwindSafe(|| fut.as_mut().poll(cx))) {
-            Ok(Poll::Ready(())) => Poll::Ready(None),
-            Ok(Poll::Pending) => Poll::Pending,
-            Err(payload) => Poll::Ready(Some(payload)),
-        })
-        .await;
-    if let Some(payload) = outcome {
-        TASK_PANICS.fetch_add(1, Ordering::Relaxed);
-        let message = payload
-            .downcast_ref::<&str>()
-            .map(|s| s.to_string())
-            .or_else(|| payload.downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "(no message)".into());
-        tracing::error!(worker, task, panic = %message, "a connection task panicked; it is closed, the worker goes on");
+pub fn contained<F: Future<Output = ()>>(worker: usize, task: &'static str, fut: F) -> Contained<F> {
+    Contained { fut, worker, task }
+}
+
+pin_project_lite::pin_project! {
+    /// The future of [`contained`]: the task's own future, in place (an `async fn` wrapper
+    /// would keep it twice, as its argument and as its pinned local, in every idle connection).
+    pub struct Contained<F> {
+        #[pin]
+        fut: F,
+        worker: usize,
+        task: &'static str,
     }
 }
 
-/// The well-known proxy ports and the ones this worker listens on.
-fn own_ports(addrs: &ListenAddrs) -> Vec<u16> {
+impl<F: Future<Output = ()>> Future for Contained<F> {
+    type Output = ();
+
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<()> {
+        let this = self.project();
+        let fut = this.fut;
+        match std::panic::catch_unwind(AssertUnwindSafe(|| fut.poll(cx))) {
+            Ok(poll) => poll,
+            Err(payload) => {
+                TASK_PANICS.fetch_add(1, Ordering::Relaxed);
+                let message = payload
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| payload.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "(no message)".into());
+                tracing::error!(worker = *this.worker, task = *this.task, panic = %message, "a connection task panicked; it is closed, the worker goes on");
+                Poll::Ready(())
+            }
+        }
+    }
+}
+
+/// The well-known proxy ports, the control ports, and the ones this worker listens on.
+fn own_ports(addrs: &ListenAddrs, control: &[u16]) -> Vec<u16> {
     let mut ports: Vec<u16> = crate::net::PROXY_PORTS.to_vec();
+    ports.extend(control);
     ports.extend([addrs.outbound.port(), addrs.inbound_plain.port(), addrs.inbound.port()]);
     ports.extend(addrs.socks5.map(|a| a.port()));
     ports.sort_unstable();

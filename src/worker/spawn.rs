@@ -4,6 +4,7 @@
 use std::cell::{Cell, RefCell};
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -38,6 +39,8 @@ pub struct WorkerSpec {
     pub rx: WorkerRx,
     pub core: Option<core_affinity::CoreId>,
     pub spoof_source: bool,
+    /// The admin, readiness and metrics ports (the proxy's own: never a destination).
+    pub control_ports: Vec<u16>,
     /// The generation this worker applied last, for readiness and `config_dump`.
     pub generation: Arc<AtomicU64>,
     /// True while the worker thread runs; false once it ended, whether by drain or by a panic.
@@ -174,7 +177,8 @@ async fn run(spec: WorkerSpec, driver: &'static str, ready: std::sync::mpsc::Sen
         conns: Rc::new(ConnTable::default()),
         draining: Signal::default(),
         accepting: Cell::new(0),
-        own_ports: own_ports(&addrs),
+        listener_fds: RefCell::new(listeners.iter().map(|(_, l)| l.as_raw_fd()).collect()),
+        own_ports: own_ports(&addrs, &spec.control_ports),
         spoof_source: spec.spoof_source,
         addrs,
         // Raw splice calls rely on io_uring readiness polls; the epoll driver keeps copying.
@@ -252,6 +256,14 @@ async fn sweep_pool(ctx: Rc<WorkerCtx>) {
 /// Stops accepting, waits for open connections until the deadline, then closes the rest.
 async fn drain(ctx: &WorkerCtx, deadline: Instant) {
     ctx.draining.fire();
+    // Stopped, not dropped under a pending accept: an accept the kernel already completed would
+    // otherwise be lost with its connection, and the listeners leave the port to the proxy that
+    // replaces this one at once.
+    for fd in ctx.listener_fds.take() {
+        if let Err(e) = crate::sys::stop_listening(fd) {
+            tracing::debug!(worker = ctx.id, error = %e, "stopping a listener");
+        }
+    }
     // The accept loops must run to drop their listeners, and under io_uring a dropped socket is
     // a queued close that only reaches the kernel when the runtime next parks: without this a
     // worker with no connections would exit with its listeners still open in the process, and
