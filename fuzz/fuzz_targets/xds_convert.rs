@@ -15,4 +15,6 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(p) = security::Authorization::decode(data) {
         let _ = ztunnel::model::Authorization::try_from(p);
     }
+    // The same bytes through the wire walk that finds fields our proto does not know.
+    let _ = ztunnel::control::xds::convert::authorization_from_wire(data);
 });

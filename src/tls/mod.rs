@@ -304,6 +304,9 @@ mod tests {
         params.distinguished_name = rcgen::DistinguishedName::new();
         params.subject_alt_names =
             uris.iter().map(|u| rcgen::SanType::URI(u.to_string().try_into().unwrap())).collect();
+        if uris.is_empty() {
+            params.subject_alt_names.push(rcgen::SanType::DnsName("sleep.ns.svc".try_into().unwrap()));
+        }
         params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
         let leaf = params.signed_by(&key, &issuer).unwrap();
         let mut store = RootCertStore::empty();
@@ -337,6 +340,14 @@ mod tests {
         let other_uri = attempt(&["spiffe://cluster.local/ns/ns/sa/sleep", "https://example.com/"]);
         assert!(other_uri.is_err(), "a second URI of any kind: refused");
         assert!(attempt(&["https://example.com/"]).is_err(), "no SPIFFE identity: refused");
+        assert!(attempt(&[]).is_err(), "no URI SAN at all (a DNS name only): refused");
+        // A client that speaks only HTTP/1.1 gets no HBONE.
+        let mut h1 = (*client_naming(&ca, &["spiffe://cluster.local/ns/ns/sa/sleep"])).clone();
+        h1.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let name = ServerName::IpAddress("10.0.0.1".parse::<std::net::IpAddr>().unwrap().into());
+        let mut c = ClientConnection::new(Arc::new(h1), name).unwrap();
+        let mut s = ServerConnection::new(server.server_config()).unwrap();
+        assert!(handshake(&mut c, &mut s).is_err(), "ALPN http/1.1 only: refused");
     }
 
     #[test]

@@ -21,7 +21,6 @@ use super::convert::AddressResource;
 use super::error::XdsError;
 use super::proto::discovery::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
 use super::proto::discovery::{DeltaDiscoveryRequest, DeltaDiscoveryResponse, Node, Status};
-use super::proto::security as psec;
 use super::proto::workload as pwl;
 use super::{ADDRESS_TYPE, AUTHORIZATION_TYPE};
 use crate::model::{Authorization, ConfigState};
@@ -246,8 +245,13 @@ impl XdsClient {
         let mut errors = Vec::new();
         let mut store = self.store.borrow_mut();
         match resp.type_url.as_str() {
-            ADDRESS_TYPE => merge::<pwl::Address, _>(&mut store.addresses, resp, &mut errors),
-            AUTHORIZATION_TYPE => merge::<psec::Authorization, _>(&mut store.policies, resp, &mut errors),
+            ADDRESS_TYPE => merge(&mut store.addresses, resp, &mut errors, |bytes| {
+                let proto = pwl::Address::decode(bytes).map_err(|e| format!("decoding: {e}"))?;
+                AddressResource::try_from(proto).map_err(|e| e.to_string())
+            }),
+            AUTHORIZATION_TYPE => {
+                merge(&mut store.policies, resp, &mut errors, super::convert::authorization_from_wire)
+            }
             other => errors.push(format!("{other}: a type this client did not subscribe to")),
         }
         errors
@@ -281,20 +285,20 @@ impl XdsClient {
     }
 }
 
-/// Decodes each resource of `resp` as `P`, converts it to `M` and stores it by name with its
+/// Decodes and converts each resource of `resp` with `convert` and stores it by name with its
 /// version; removes the removed names. What fails is reported as `name: reason`.
-fn merge<P, M>(into: &mut BTreeMap<String, (String, M)>, resp: &DeltaDiscoveryResponse, errors: &mut Vec<String>)
-where
-    P: Message + Default,
-    M: TryFrom<P, Error = super::convert::ConvertError>,
-{
+fn merge<M>(
+    into: &mut BTreeMap<String, (String, M)>,
+    resp: &DeltaDiscoveryResponse,
+    errors: &mut Vec<String>,
+    convert: impl Fn(&[u8]) -> Result<M, String>,
+) {
     for r in &resp.resources {
         let decoded = r
             .resource
             .as_ref()
             .ok_or_else(|| "no resource body".to_string())
-            .and_then(|any| P::decode(any.value.as_slice()).map_err(|e| format!("decoding: {e}")))
-            .and_then(|p| M::try_from(p).map_err(|e| e.to_string()));
+            .and_then(|any| convert(any.value.as_slice()));
         match decoded {
             Ok(m) => {
                 into.insert(r.name.clone(), (r.version.clone(), m));

@@ -379,6 +379,110 @@ impl TryFrom<psec::Authorization> for Authorization {
     }
 }
 
+/// An `Authorization` as istiod sends it (its protobuf bytes), converted, with every match that
+/// carries a field our proto does not know marked `not_understood`. protobuf drops unknown
+/// fields when it decodes, so they are found on the wire first: a match that adds a condition
+/// this proxy cannot evaluate must fail closed, not be evaluated on what is left of it.
+pub fn authorization_from_wire(bytes: &[u8]) -> Result<Authorization, String> {
+    use prost::Message;
+    let proto = psec::Authorization::decode(bytes).map_err(|e| format!("decoding: {e}"))?;
+    let mut policy = Authorization::try_from(proto).map_err(|e| e.to_string())?;
+    let unknown = match matches_with_unknown_fields(bytes) {
+        Ok(u) => u,
+        // prost decoded these bytes; a walk that cannot is a bug here: fail closed, everywhere.
+        Err(e) => {
+            let all = policy.rules.iter().enumerate().flat_map(|(r, rule)| {
+                rule.iter().enumerate().flat_map(move |(c, clause)| (0..clause.len()).map(move |m| (r, c, m, e)))
+            });
+            all.collect()
+        }
+    };
+    for (r, c, m, why) in unknown {
+        if let Some(mat) = policy.rules.get_mut(r).and_then(|rule| rule.get_mut(c)).and_then(|cl| cl.get_mut(m)) {
+            mat.not_understood.get_or_insert_with(|| why.to_string());
+        }
+    }
+    Ok(policy)
+}
+
+/// The highest field number of `istio.security.Match` this proxy knows (`extensions` = 13).
+const MATCH_LAST_FIELD: u64 = 13;
+
+/// (rule, clause, match) of every match whose bytes carry a field number we do not know.
+fn matches_with_unknown_fields(policy: &[u8]) -> Result<Vec<(usize, usize, usize, &'static str)>, &'static str> {
+    let mut out = Vec::new();
+    let mut rule = 0;
+    for (field, body) in wire_fields(policy)? {
+        if field != 5 {
+            continue;
+        }
+        let mut clause = 0;
+        for (field, body) in wire_fields(body.ok_or("rule is not a message")?)? {
+            if field != 1 {
+                continue;
+            }
+            let mut m = 0;
+            for (field, body) in wire_fields(body.ok_or("clause is not a message")?)? {
+                if field != 2 {
+                    continue;
+                }
+                let fields = wire_fields(body.ok_or("match is not a message")?)?;
+                if fields.iter().any(|(f, _)| *f == 0 || *f > MATCH_LAST_FIELD) {
+                    out.push((rule, clause, m, "a field this proxy's Match does not know"));
+                }
+                m += 1;
+            }
+            clause += 1;
+        }
+        rule += 1;
+    }
+    Ok(out)
+}
+
+/// A field on the wire: its number, and its bytes when it is length-delimited.
+type WireField<'a> = (u64, Option<&'a [u8]>);
+
+/// The top-level fields of one protobuf message.
+fn wire_fields(mut buf: &[u8]) -> Result<Vec<WireField<'_>>, &'static str> {
+    fn varint(buf: &mut &[u8]) -> Result<u64, &'static str> {
+        let mut value = 0u64;
+        for shift in (0..64).step_by(7) {
+            let (&b, rest) = buf.split_first().ok_or("truncated varint")?;
+            *buf = rest;
+            value |= u64::from(b & 0x7f) << shift;
+            if b & 0x80 == 0 {
+                return Ok(value);
+            }
+        }
+        Err("varint too long")
+    }
+    let mut out = Vec::new();
+    while !buf.is_empty() {
+        let key = varint(&mut buf)?;
+        let (field, wire) = (key >> 3, key & 7);
+        let body = match wire {
+            0 => {
+                varint(&mut buf)?;
+                None
+            }
+            1 | 5 => {
+                let n = if wire == 1 { 8 } else { 4 };
+                buf = buf.get(n..).ok_or("truncated fixed field")?;
+                None
+            }
+            2 => {
+                let n = usize::try_from(varint(&mut buf)?).map_err(|_| "length too large")?;
+                let (body, rest) = (buf.get(..n).ok_or("truncated field")?, &buf[n.min(buf.len())..]);
+                buf = rest;
+                Some(body)
+            }
+            _ => return Err("unsupported wire type"),
+        };
+        out.push((field, body));
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use prost::Message;
@@ -577,5 +681,40 @@ mod tests {
             outcomes[usize::from(ok == Some(true))] += 1;
         }
         assert!(outcomes[0] > 0 && outcomes[1] > 0, "both outcomes seen: {outcomes:?}");
+    }
+
+    #[test]
+    fn a_match_with_a_field_we_do_not_know_fails_closed_on_the_wire() {
+        use prost::Message;
+        let m = psec::Match { destination_ports: vec![80], ..Default::default() };
+        let mut match_bytes = m.encode_to_vec();
+        // Field 99, varint 1: a condition a newer istiod could send.
+        match_bytes.extend_from_slice(&[0x98, 0x06, 0x01]);
+        let len_delimited = |field: u8, body: &[u8]| {
+            let mut out = vec![(field << 3) | 2];
+            prost::encoding::encode_varint(body.len() as u64, &mut out);
+            out.extend_from_slice(body);
+            out
+        };
+        let clean = psec::Match { destination_ports: vec![81], ..Default::default() }.encode_to_vec();
+        let mut clause = len_delimited(2, &clean);
+        clause.extend(len_delimited(2, &match_bytes));
+        let rule = len_delimited(1, &clause);
+        let mut policy =
+            psec::Authorization { name: "p".into(), namespace: "ns".into(), ..Default::default() }.encode_to_vec();
+        policy.extend(len_delimited(5, &rule));
+        let converted = authorization_from_wire(&policy).unwrap();
+        let matches = &converted.rules[0][0];
+        assert!(matches[0].not_understood.is_none(), "the match we fully know is kept as is");
+        assert!(matches[1].not_understood.is_some(), "the match with field 99 fails closed");
+        assert_eq!(matches[1].destination_ports, vec![80], "what we know of it is still shown");
+        // A policy istiod sends with nothing unknown converts as before.
+        let plain = psec::Authorization {
+            name: "p".into(),
+            namespace: "ns".into(),
+            rules: vec![psec::Rule { clauses: vec![psec::Clause { matches: vec![m] }] }],
+            ..Default::default()
+        };
+        assert!(authorization_from_wire(&plain.encode_to_vec()).unwrap().rules[0][0][0].not_understood.is_none());
     }
 }
