@@ -15,49 +15,9 @@ use common::*;
 fn log_levels_change_at_run_time_and_lines_are_flushed_on_exit() {
     let server = EchoServer::start("127.0.0.2", "server");
     let dir = TestDir::new("binary");
-    let config = dir.write_config(&format!(
-        "workloads:\n- {{uid: client, name: client, namespace: ns, workloadIps: [127.0.0.1]}}\n\
-         - {{uid: server, name: server, namespace: ns, workloadIps: [{}]}}\n",
-        server.addr.ip()
-    ));
-    // Whatever happens below, the child does not outlive the test (killed only while it runs).
-    struct Reap(std::process::Child);
-    impl Drop for Reap {
-        fn drop(&mut self) {
-            if let Ok(None) = self.0.try_wait() {
-                let _ = self.0.kill();
-                let _ = self.0.wait();
-            }
-        }
-    }
-    let mut child = Command::new(env!("CARGO_BIN_EXE_ztunnel"))
-        .args(["--config", config.to_str().unwrap(), "--socks5", "--workers", "1"])
-        .args([
-            "--outbound-addr",
-            "127.0.0.1:0",
-            "--inbound-plain-addr",
-            "127.0.0.1:0",
-            "--inbound-addr",
-            "127.0.0.1:0",
-        ])
-        .args(["--socks5-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0", "--readiness-addr", "127.0.0.1:0"])
-        .args(["--metrics-addr", "127.0.0.1:0", "--packet-mark", "0"])
-        .env("ZTUNNEL_LOCAL_CA_DIR", dir.0.join("ca"))
-        .env("ENABLE_ORIG_SRC", "false")
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("the binary starts");
-    let out = child.stdout.take().unwrap();
-    let mut child = Reap(child);
+    let config = client_server_config(&dir, &server);
+    let (mut child, lines) = spawn_proxy(Command::new(env!("CARGO_BIN_EXE_ztunnel")), &config, &dir);
     let pid = child.0.id();
-    // Every stdout line, as it comes.
-    let (tx, lines) = mpsc::channel::<String>();
-    std::thread::spawn(move || {
-        for line in BufReader::new(out).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
     let mut seen = Vec::new();
     let mut wait_for = |what: &str| -> String {
         let deadline = Instant::now() + PATIENCE;
@@ -115,49 +75,12 @@ fn log_levels_change_at_run_time_and_lines_are_flushed_on_exit() {
 fn out_of_descriptors_the_proxy_waits_warns_little_and_recovers() {
     let server = EchoServer::start("127.0.0.2", "server");
     let dir = TestDir::new("binary-fds");
-    let config = dir.write_config(&format!(
-        "workloads:\n- {{uid: client, name: client, namespace: ns, workloadIps: [127.0.0.1]}}\n\
-         - {{uid: server, name: server, namespace: ns, workloadIps: [{}]}}\n",
-        server.addr.ip()
-    ));
-    struct Reap(std::process::Child);
-    impl Drop for Reap {
-        fn drop(&mut self) {
-            if let Ok(None) = self.0.try_wait() {
-                let _ = self.0.kill();
-                let _ = self.0.wait();
-            }
-        }
-    }
+    let config = client_server_config(&dir, &server);
     // A hard limit of 256 descriptors: the proxy cannot raise it.
-    let child = Command::new("sh")
-        .args(["-c", "ulimit -n 256 && exec \"$0\" \"$@\"", env!("CARGO_BIN_EXE_ztunnel")])
-        .args(["--config", config.to_str().unwrap(), "--socks5", "--workers", "1"])
-        .args([
-            "--outbound-addr",
-            "127.0.0.1:0",
-            "--inbound-plain-addr",
-            "127.0.0.1:0",
-            "--inbound-addr",
-            "127.0.0.1:0",
-        ])
-        .args(["--socks5-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0", "--readiness-addr", "127.0.0.1:0"])
-        .args(["--metrics-addr", "127.0.0.1:0", "--packet-mark", "0"])
-        .env("ZTUNNEL_LOCAL_CA_DIR", dir.0.join("ca"))
-        .env("ZTUNNEL_CONNECT_TIMEOUT", "1s")
-        .env("ENABLE_ORIG_SRC", "false")
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("the binary starts");
-    let mut child = Reap(child);
-    let out = child.0.stdout.take().unwrap();
-    let (tx, lines) = mpsc::channel::<String>();
-    std::thread::spawn(move || {
-        for line in BufReader::new(out).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
+    let mut limited = Command::new("sh");
+    limited.args(["-c", "ulimit -n 256 && exec \"$0\" \"$@\"", env!("CARGO_BIN_EXE_ztunnel")]);
+    limited.env("ZTUNNEL_CONNECT_TIMEOUT", "1s");
+    let (mut child, lines) = spawn_proxy(limited, &config, &dir);
     let mut seen = Vec::new();
     let deadline = Instant::now() + PATIENCE;
     let workers = loop {
@@ -201,4 +124,57 @@ fn out_of_descriptors_the_proxy_waits_warns_little_and_recovers() {
         "the proxy recovered"
     );
     assert!(child.0.try_wait().unwrap().is_none(), "still running");
+}
+
+/// A config with a `client` workload on 127.0.0.1 and `server`'s.
+fn client_server_config(dir: &TestDir, server: &EchoServer) -> std::path::PathBuf {
+    dir.write_config(&format!(
+        "workloads:\n- {{uid: client, name: client, namespace: ns, workloadIps: [127.0.0.1]}}\n\
+         - {{uid: server, name: server, namespace: ns, workloadIps: [{}]}}\n",
+        server.addr.ip()
+    ))
+}
+
+/// The child proxy; whatever happens, it does not outlive the test (killed only while it runs).
+struct Reap(std::process::Child);
+
+impl Drop for Reap {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+/// Starts `cmd` (the binary, or a wrapper that execs it) on `config` with one worker, SOCKS5 and
+/// every port on 127.0.0.1:0; returns it and its stdout lines as they come.
+fn spawn_proxy(mut cmd: Command, config: &std::path::Path, dir: &TestDir) -> (Reap, mpsc::Receiver<String>) {
+    let child = cmd
+        .args(["--config", config.to_str().unwrap(), "--socks5", "--workers", "1"])
+        .args([
+            "--outbound-addr",
+            "127.0.0.1:0",
+            "--inbound-plain-addr",
+            "127.0.0.1:0",
+            "--inbound-addr",
+            "127.0.0.1:0",
+        ])
+        .args(["--socks5-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0", "--readiness-addr", "127.0.0.1:0"])
+        .args(["--metrics-addr", "127.0.0.1:0", "--packet-mark", "0"])
+        .env("ZTUNNEL_LOCAL_CA_DIR", dir.0.join("ca"))
+        .env("ENABLE_ORIG_SRC", "false")
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("the binary starts");
+    let mut child = Reap(child);
+    let out = child.0.stdout.take().unwrap();
+    let (tx, lines) = mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    (child, lines)
 }

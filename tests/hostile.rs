@@ -11,8 +11,6 @@ use std::time::{Duration, Instant, SystemTime};
 use bytes::Bytes;
 use common::*;
 use http::{Method, StatusCode};
-use rustls::ClientConnection;
-use rustls::pki_types::ServerName;
 use ztunnel::config::Config;
 use ztunnel::model::Identity;
 use ztunnel::tls::ca::LocalCa;
@@ -22,6 +20,16 @@ const POD: &str = r#"
 workloads:
 - {uid: pod, name: pod, namespace: ns, serviceAccount: pod, workloadIps: [127.0.0.3], protocol: HBONE}
 "#;
+
+/// A proxy for `client` (127.0.0.1) and a plain TCP `server` workload (127.0.0.2), adjusted.
+fn client_and_server_proxy(tag: &str, adjust: impl FnOnce(&mut Config)) -> (ztunnel::app::Proxy, TestDir) {
+    let dir = TestDir::new(tag);
+    let yaml = "workloads:\n- {uid: client, name: client, namespace: ns, workloadIps: [127.0.0.1]}\n\
+                - {uid: server, name: server, namespace: ns, workloadIps: [127.0.0.2]}\n";
+    let mut cfg = Config::for_tests(dir.write_config(yaml));
+    adjust(&mut cfg);
+    (start_with(cfg), dir)
+}
 
 fn pod_id() -> Identity {
     "spiffe://cluster.local/ns/ns/sa/pod".parse().unwrap()
@@ -45,9 +53,7 @@ fn a_client_that_never_sends_the_http2_preface_is_closed() {
         let start = Instant::now();
         let mut waits = Vec::new();
         for half in [false, true] {
-            let tcp = monoio::net::TcpStream::connect_addr(hbone).await.unwrap();
-            let conn = ClientConnection::new(client.client_config(), ServerName::IpAddress(hbone.ip().into())).unwrap();
-            let mut tls = TlsStream::handshake(tcp, conn).await.unwrap();
+            let mut tls = tls_to(hbone, &client).await;
             if half {
                 use tokio::io::AsyncWriteExt;
                 tls.write_all(&b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"[..12]).await.unwrap();
@@ -155,15 +161,7 @@ workloads:
 #[test]
 fn a_panicking_connection_takes_only_itself_down() {
     let server = EchoServer::start("127.0.0.2", "server");
-    let dir = TestDir::new("hostile-panic");
-    let yaml = r#"
-workloads:
-- {uid: client, name: client, namespace: ns, workloadIps: [127.0.0.1]}
-- {uid: server, name: server, namespace: ns, workloadIps: [127.0.0.2]}
-"#;
-    let mut cfg = Config::for_tests(dir.write_config(yaml));
-    cfg.worker_threads = 1;
-    let proxy = start_with(cfg);
+    let (proxy, _dir) = client_and_server_proxy("hostile-panic", |cfg| cfg.worker_threads = 1);
     let s5 = proxy.addrs.socks5.unwrap();
     // A hostname the test build answers with a panic inside the connection's task.
     let panicked = socks5(s5, Dest::Name("panic.ztunnel.test", 80));
@@ -359,15 +357,8 @@ workloads:
 #[test]
 fn socks5_abuse_is_refused_without_harm() {
     let server = EchoServer::start("127.0.0.2", "server");
-    let dir = TestDir::new("hostile-socks5");
-    let yaml = r#"
-workloads:
-- {uid: client, name: client, namespace: ns, workloadIps: [127.0.0.1]}
-- {uid: server, name: server, namespace: ns, workloadIps: [127.0.0.2]}
-"#;
-    let mut cfg = Config::for_tests(dir.write_config(yaml));
-    cfg.connect_timeout = Duration::from_millis(500);
-    let proxy = start_with(cfg);
+    let (proxy, _dir) =
+        client_and_server_proxy("hostile-socks5", |cfg| cfg.connect_timeout = Duration::from_millis(500));
     let s5 = proxy.addrs.socks5.unwrap();
     let exchange = |bytes: &[u8]| -> Vec<u8> {
         let mut s = TcpStream::connect(s5).unwrap();

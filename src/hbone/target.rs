@@ -53,7 +53,7 @@ impl fmt::Display for Refusal {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Refusal::NotConnect(m) => write!(f, "method {m} is not CONNECT"),
-            Refusal::BadAuthority(a) => write!(f, "authority {a:?} is not ip:port"),
+            Refusal::BadAuthority(a) => write!(f, "authority \"{a}\" is not ip:port"),
             Refusal::WorkloadGone { conn_dst, uid } => {
                 write!(f, "workload {uid}, which this connection was accepted for, is no longer at {conn_dst}")
             }
@@ -70,7 +70,7 @@ impl fmt::Display for Refusal {
 
 impl std::error::Error for Refusal {}
 
-/// The longest authority quoted back in a refusal; the rest of a peer's string is cut.
+/// The most characters of a peer's authority quoted in a refusal (escaped, then cut).
 const MAX_QUOTED: usize = 128;
 
 /// The request's shape: the CONNECT method and an `ip:port` authority.
@@ -80,15 +80,9 @@ pub fn parse_request(method: &Method, authority: Option<&str>) -> Result<SocketA
     }
     let authority = authority.unwrap_or("");
     authority.parse().map(crate::net::canonical).map_err(|_| {
-        let mut quoted = authority.to_string();
-        if quoted.len() > MAX_QUOTED {
-            let mut end = MAX_QUOTED;
-            while !quoted.is_char_boundary(end) {
-                end -= 1;
-            }
-            quoted.truncate(end);
-        }
-        Refusal::BadAuthority(quoted)
+        // Escaped first, then cut: escaping can make a short string of control characters
+        // many times longer.
+        Refusal::BadAuthority(authority.escape_debug().take(MAX_QUOTED).collect())
     })
 }
 
@@ -160,6 +154,10 @@ mod tests {
         let long = "x".repeat(10_000);
         let e = parse_request(&Method::CONNECT, Some(&long)).unwrap_err();
         assert!(e.to_string().len() < 200, "a peer's string is not quoted at full length");
+        // Found by the fuzzer: control characters escape to several times their length.
+        let controls = "\u{1c}".repeat(1000);
+        let e = parse_request(&Method::CONNECT, Some(&controls)).unwrap_err();
+        assert!(e.to_string().len() < 200, "escaped, then cut: {} bytes", e.to_string().len());
     }
 
     #[test]

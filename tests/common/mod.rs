@@ -358,6 +358,13 @@ pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
     monoio::RuntimeBuilder::<monoio::FusionDriver>::new().enable_timer().build().unwrap().block_on(f)
 }
 
+/// A mutual TLS connection to `hbone` presenting `client` (no HTTP/2 yet).
+pub async fn tls_to(hbone: SocketAddr, client: &ztunnel::tls::WorkloadCert) -> TlsStream<ClientConnection> {
+    let tcp = monoio::net::TcpStream::connect_addr(hbone).await.unwrap();
+    let conn = ClientConnection::new(client.client_config(), ServerName::IpAddress(hbone.ip().into())).unwrap();
+    TlsStream::handshake(tcp, conn).await.unwrap()
+}
+
 /// Opens an HBONE connection to `hbone` as `client`, expecting the server to be `server_id`.
 pub async fn hbone_client(
     hbone: SocketAddr,
@@ -374,9 +381,7 @@ pub async fn hbone_connect(
     client: &ztunnel::tls::WorkloadCert,
     server_id: &Identity,
 ) -> (h2::client::SendRequest<Bytes>, monoio::task::JoinHandle<Result<(), h2::Error>>) {
-    let tcp = monoio::net::TcpStream::connect_addr(hbone).await.unwrap();
-    let conn = ClientConnection::new(client.client_config(), ServerName::IpAddress(hbone.ip().into())).unwrap();
-    let tls = TlsStream::handshake(tcp, conn).await.unwrap();
+    let tls = tls_to(hbone, client).await;
     ztunnel::tls::check_server_identity(tls.conn().peer_certificates(), std::slice::from_ref(server_id))
         .expect("the proxy presents the destination workload's identity");
     let (send, connection) = h2::client::handshake(tls).await.unwrap();
