@@ -278,18 +278,57 @@ fn new_histogram() -> Histogram<u64> {
 }
 
 /// An open connection: its series and its live byte counters.
-type OpenEntry = (Rc<Labels>, Rc<RelayStats>);
+type OpenEntry = (Rc<Series>, Rc<RelayStats>);
+
+/// One series: its labels, interned once per worker, and its counters, which a connection
+/// updates through its handle without hashing the 23 label values again.
+#[derive(Debug)]
+pub struct Series {
+    pub labels: Labels,
+    totals: Cell<Totals>,
+}
+
+impl Series {
+    fn count(&self, f: impl FnOnce(&mut Totals)) {
+        let mut t = self.totals.get();
+        f(&mut t);
+        self.totals.set(t);
+    }
+}
+
+/// A series in the worker's set, found by its labels.
+struct Interned(Rc<Series>);
+
+impl std::borrow::Borrow<Labels> for Interned {
+    fn borrow(&self) -> &Labels {
+        &self.0.labels
+    }
+}
+
+impl PartialEq for Interned {
+    fn eq(&self, o: &Interned) -> bool {
+        self.0.labels == o.0.labels
+    }
+}
+
+impl Eq for Interned {}
+
+impl std::hash::Hash for Interned {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        self.0.labels.hash(h);
+    }
+}
 
 /// A counter family: name, help, and which total it reports.
 type Family = (&'static str, &'static str, fn(&Totals) -> u64);
 
 /// A worker's metrics.
 pub struct Shard {
-    series: RefCell<HashMap<Rc<Labels>, Totals>>,
+    series: RefCell<std::collections::HashSet<Interned>>,
     open: RefCell<HashMap<u64, OpenEntry>>,
     next: Cell<u64>,
     /// Labels of recent connections by what they were made of (see [`Shard::labels`]).
-    recent: RefCell<HashMap<LabelKey, Rc<Labels>>>,
+    recent: RefCell<HashMap<LabelKey, Rc<Series>>>,
     setup: RefCell<Vec<Histogram<u64>>>,
 }
 
@@ -313,30 +352,30 @@ pub struct OpenConn {
 
 impl Drop for OpenConn {
     fn drop(&mut self) {
-        if let Some((labels, stats)) = self.shard.open.borrow_mut().remove(&self.id) {
-            let mut series = self.shard.series.borrow_mut();
-            let t = series.entry(labels).or_default();
-            t.closed += 1;
-            t.sent += stats.sent.get();
-            t.received += stats.received.get();
+        if let Some((series, stats)) = self.shard.open.borrow_mut().remove(&self.id) {
+            series.count(|t| {
+                t.closed += 1;
+                t.sent += stats.sent.get();
+                t.received += stats.received.get();
+            });
         }
     }
 }
 
 impl Shard {
-    /// The shared copy of `labels` (a new series if it is new).
-    pub fn intern(&self, labels: Labels) -> Rc<Labels> {
+    /// The series of `labels` (a new one if it is new).
+    pub fn intern(&self, labels: Labels) -> Rc<Series> {
         let mut series = self.series.borrow_mut();
-        let labels = if series.len() >= MAX_SERIES && !series.contains_key(&labels) {
+        let labels = if series.len() >= MAX_SERIES && !series.contains(&labels) {
             labels.without_source_details()
         } else {
             labels
         };
-        match series.get_key_value(&labels) {
-            Some((k, _)) => k.clone(),
+        match series.get(&labels) {
+            Some(k) => k.0.clone(),
             None => {
-                let k = Rc::new(labels);
-                series.insert(k.clone(), Totals::default());
+                let k = Rc::new(Series { labels, totals: Cell::default() });
+                series.insert(Interned(k.clone()));
                 k
             }
         }
@@ -345,7 +384,7 @@ impl Shard {
     /// The series for `key`, built by `make` only the first time: a connection between the
     /// same workloads (and service, reporter, outcome) as an earlier one reuses its labels
     /// without building and hashing 23 strings again.
-    pub fn labels(&self, key: LabelKey, make: impl FnOnce() -> Labels) -> Rc<Labels> {
+    pub fn labels(&self, key: LabelKey, make: impl FnOnce() -> Labels) -> Rc<Series> {
         if let Some(l) = self.recent.borrow().get(&key) {
             return l.clone();
         }
@@ -360,21 +399,21 @@ impl Shard {
     }
 
     /// Counts a connection opened; its bytes are read from `stats` until the guard drops.
-    pub fn open(self: &Rc<Self>, labels: Rc<Labels>, stats: Rc<RelayStats>) -> OpenConn {
-        self.series.borrow_mut().entry(labels.clone()).or_default().opened += 1;
+    pub fn open(self: &Rc<Self>, series: Rc<Series>, stats: Rc<RelayStats>) -> OpenConn {
+        series.count(|t| t.opened += 1);
         let id = self.next.get();
         self.next.set(id + 1);
-        self.open.borrow_mut().insert(id, (labels, stats));
+        self.open.borrow_mut().insert(id, (series, stats));
         OpenConn { shard: self.clone(), id }
     }
 
     /// Counts a connection that failed before any byte moved (denied, upstream unreachable).
-    pub fn failed(&self, labels: Rc<Labels>) {
-        let mut series = self.series.borrow_mut();
-        let t = series.entry(labels).or_default();
-        t.opened += 1;
-        t.closed += 1;
-        t.failed += 1;
+    pub fn failed(&self, series: Rc<Series>) {
+        series.count(|t| {
+            t.opened += 1;
+            t.closed += 1;
+            t.failed += 1;
+        });
     }
 
     pub fn record_setup(&self, path: SetupPath, took: Duration) {
@@ -386,9 +425,9 @@ impl Shard {
     /// Everything counted so far, with open connections' bytes as of now.
     pub fn dump(&self) -> Dump {
         let mut series: HashMap<Labels, Totals> =
-            self.series.borrow().iter().map(|(k, v)| ((**k).clone(), *v)).collect();
-        for (labels, stats) in self.open.borrow().values() {
-            let t = series.entry((**labels).clone()).or_default();
+            self.series.borrow().iter().map(|k| (k.0.labels.clone(), k.0.totals.get())).collect();
+        for (open, stats) in self.open.borrow().values() {
+            let t = series.entry(open.labels.clone()).or_default();
             t.sent += stats.sent.get();
             t.received += stats.received.get();
         }

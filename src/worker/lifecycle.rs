@@ -23,7 +23,7 @@ use super::{WorkerCtx, contained, inbound_plain, outbound, socks5};
 use crate::hbone::client::HboneStream;
 use crate::net::relay::{Halves, RelayEnd, RelayStats, relay};
 use crate::telemetry::access::ConnLog;
-use crate::telemetry::metrics::{LabelKey, Labels, OpenConn, SetupPath};
+use crate::telemetry::metrics::{LabelKey, OpenConn, Series, SetupPath};
 
 /// A connection registered with the worker, with what is known of it so far.
 pub struct Connection {
@@ -116,7 +116,7 @@ fn mutual_tls(log: &ConnLog) -> bool {
 /// The metric series of a connection as `reporter` sees it, from the worker's cache when the
 /// labels come from config alone (workloads and service), built afresh when a peer's identity
 /// or baggage had a say.
-fn series(ctx: &WorkerCtx, log: &ConnLog, reporter: &'static str, flags: &'static str) -> Rc<Labels> {
+fn series(ctx: &WorkerCtx, log: &ConnLog, reporter: &'static str, flags: &'static str) -> Rc<Series> {
     let make = || log.labels(reporter, flags, mutual_tls(log), &ctx.cfg.cluster_id);
     let from_config = log.src_baggage.is_none() && (log.src_identity.is_none() || log.src_workload.is_some());
     if !from_config {
