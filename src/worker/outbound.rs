@@ -62,9 +62,16 @@ pub async fn connect(
             log.dst_hbone_addr = Some(waypoint.hbone_addr);
             log.path = Some(SetupPath::Hbone);
             tracing::info!(src = %peer, "proxy to {dst} using HBONE via {} type ToServerWaypoint", waypoint.hbone_addr);
-            let stream =
-                hbone_client::connect(ctx, source, &waypoint.identities, waypoint.hbone_addr, authority, peer, host)
-                    .await?;
+            let stream = Box::pin(hbone_client::connect(
+                ctx,
+                source,
+                &waypoint.identities,
+                waypoint.hbone_addr,
+                authority,
+                peer,
+                host,
+            ))
+            .await?;
             Ok(Upstream::Hbone(stream))
         }
         Action::FastPath { target, workload } => {
@@ -75,7 +82,11 @@ pub async fn connect(
             log.dst_hbone_addr = Some(hbone_addr);
             log.path = Some(SetupPath::Hbone);
             tracing::info!(src = %peer, "proxy to {target} using HBONE via {hbone_addr} type Direct");
-            let stream = hbone_client::connect(ctx, source, &identities, hbone_addr, target, peer, host).await?;
+            // Boxed, here and above: the HBONE dial (TLS and HTTP/2 handshakes) is by far the
+            // largest state of a connection's setup, and an unboxed one would size every
+            // setup task, and every move of it at spawn, after it.
+            let stream =
+                Box::pin(hbone_client::connect(ctx, source, &identities, hbone_addr, target, peer, host)).await?;
             Ok(Upstream::Hbone(stream))
         }
         Action::Tcp { upstream } => {
