@@ -35,6 +35,18 @@ fn pod_id() -> Identity {
     "spiffe://cluster.local/ns/ns/sa/pod".parse().unwrap()
 }
 
+/// A proxy serving [`POD`] with its certificate issued, a `sleep` client certificate of the same
+/// mesh, and the pod's HBONE address.
+fn pod_proxy(tag: &str) -> (ztunnel::app::Proxy, TestDir, ztunnel::tls::WorkloadCert, SocketAddr) {
+    let dir = TestDir::new(tag);
+    let cfg = Config::for_tests(dir.write_config(POD));
+    let client = mesh_client(&cfg, "sleep");
+    let proxy = start_with(cfg);
+    wait_for_certificates(&proxy, 1);
+    let hbone = SocketAddr::new("127.0.0.3".parse().unwrap(), proxy.addrs.inbound.port());
+    (proxy, dir, client, hbone)
+}
+
 /// A client certificate of the proxy's own mesh (its local CA).
 fn mesh_client(cfg: &Config, sa: &str) -> ztunnel::tls::WorkloadCert {
     let (ca, _) = LocalCa::from_config(&cfg.ca, "cluster.local", Duration::from_secs(3600)).unwrap();
@@ -43,12 +55,7 @@ fn mesh_client(cfg: &Config, sa: &str) -> ztunnel::tls::WorkloadCert {
 
 #[test]
 fn a_client_that_never_sends_the_http2_preface_is_closed() {
-    let dir = TestDir::new("hostile-preface");
-    let cfg = Config::for_tests(dir.write_config(POD));
-    let client = mesh_client(&cfg, "sleep");
-    let proxy = start_with(cfg);
-    wait_for_certificates(&proxy, 1);
-    let hbone = SocketAddr::new("127.0.0.3".parse().unwrap(), proxy.addrs.inbound.port());
+    let (proxy, _dir, client, hbone) = pod_proxy("hostile-preface");
     let took = block_on(async move {
         let start = Instant::now();
         let mut waits = Vec::new();
@@ -105,12 +112,7 @@ policies:
 #[test]
 fn a_pooled_connection_does_not_serve_the_next_pod_at_its_address() {
     let pod = EchoServer::start("127.0.0.3", "pod");
-    let dir = TestDir::new("hostile-ip-reuse");
-    let cfg = Config::for_tests(dir.write_config(POD));
-    let client = mesh_client(&cfg, "sleep");
-    let proxy = start_with(cfg);
-    wait_for_certificates(&proxy, 1);
-    let hbone = SocketAddr::new("127.0.0.3".parse().unwrap(), proxy.addrs.inbound.port());
+    let (proxy, dir, client, hbone) = pod_proxy("hostile-ip-reuse");
     let target = format!("127.0.0.3:{}", pod.addr.port());
     let generation = || config_dump(&proxy)["generation"].as_u64().unwrap_or(0);
     let reused = r#"
