@@ -66,6 +66,15 @@ pub struct Config {
     pub proxy_mode: ProxyMode,
     pub workload_info: Option<WorkloadInfo>,
     pub node_name: Option<String>,
+    /// In-pod mode (shared mode's meaning in current Istio): istio-cni hands each pod's network
+    /// namespace over `inpod_uds` and the proxy serves the pod from inside it. `INPOD_ENABLED=false`
+    /// selects node-level capture instead (one set of listeners behind the node's TPROXY rules).
+    pub inpod: bool,
+    /// `INPOD_UDS`: the node agent's ZDS socket.
+    pub inpod_uds: PathBuf,
+    /// `INPOD_PORT_REUSE`: pod listeners use `SO_REUSEPORT`, so a new proxy binds next to a
+    /// draining one.
+    pub inpod_port_reuse: bool,
     pub local_xds_path: Option<PathBuf>,
     pub xds_address: Option<String>,
     /// `CA_ADDRESS`: the Istio CA; `None` means the local CA (`FAKE_CA=true`, or empty).
@@ -167,6 +176,7 @@ const FLAGS: &[(&str, &str, &str)] = &[
         "PATH  local config file (workloads, services, policies); implies XDS_ADDRESS= unless set",
     ),
     ("--mode", "PROXY_MODE", "shared|dedicated"),
+    ("--inpod", "INPOD_ENABLED", "true|false  shared mode: pods from istio-cni (default), or node-level capture"),
     ("--workload", "PROXY_WORKLOAD_INFO", "NS/NAME/SA  the workload a dedicated proxy serves"),
     ("--node", "NODE_NAME", "NAME  the node whose workloads a shared proxy serves"),
     ("--workers", "ZTUNNEL_WORKER_THREADS", "N|P%  worker threads (default: every core)"),
@@ -200,7 +210,9 @@ pub fn usage() -> String {
          POD_NAMESPACE, ENABLE_ORIG_SRC, CONNECTION_TERMINATION_DEADLINE, ZTUNNEL_CONNECT_TIMEOUT,\n\
          ZTUNNEL_SPLICE, FAKE_CA, CA_ADDRESS, LOCAL_CA_CERT, LOCAL_CA_KEY, ZTUNNEL_LOCAL_CA_DIR,\n\
          SECRET_TTL, TRUST_DOMAIN, POOL_MAX_STREAMS_PER_CONNECTION, POOL_UNUSED_RELEASE_TIMEOUT,\n\
-         ENABLE_NODE_LOCAL_FAST_PATH, RUST_LOG. See README.md.\n",
+         ENABLE_NODE_LOCAL_FAST_PATH, INPOD_UDS, INPOD_PORT_REUSE, TERMINATION_GRACE_PERIOD_SECONDS,\n\
+         ZTUNNEL_CPU_LIMIT, ZTUNNEL_RESOURCE_CPU_LIMIT, ISTIO_META_CLUSTER_ID, RUST_LOG. See README.md.\n\n\
+         Commands: `proxy ztunnel` (what Istio's chart passes; the default), `version`.\n",
     );
     s
 }
@@ -209,12 +221,26 @@ pub fn usage() -> String {
 pub enum Cli {
     Run(HashMap<String, String>),
     Help,
+    Version,
 }
 
 /// Parses flags into environment overrides.
 pub fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Cli, ConfigError> {
     let mut overrides = HashMap::new();
-    let mut args = args.into_iter();
+    let mut args = args.into_iter().peekable();
+    // Istio's chart runs `ztunnel proxy ztunnel`: the `proxy` command (the only one), then the
+    // proxy kind, which is always ztunnel.
+    if args.peek().is_some_and(|a| a == "proxy") {
+        args.next();
+        if args.peek().is_some_and(|a| !a.starts_with('-')) {
+            let kind = args.next().unwrap_or_default();
+            if kind != "ztunnel" {
+                return Err(ConfigError::UnknownFlag(format!("proxy {kind}")));
+            }
+        }
+    } else if args.peek().is_some_and(|a| a == "version") {
+        return Ok(Cli::Version);
+    }
     while let Some(arg) = args.next() {
         if arg == "--help" || arg == "-h" {
             return Ok(Cli::Help);
@@ -231,7 +257,9 @@ pub fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Cli, ConfigE
                 None => args.next().ok_or_else(|| ConfigError::FlagValue(name.clone()))?,
             };
             if *var == "LOCAL_XDS_PATH" {
+                // Standalone: no istiod, and no istio-cni to hand over pods.
                 overrides.entry("XDS_ADDRESS".to_string()).or_insert_with(String::new);
+                overrides.entry("INPOD_ENABLED".to_string()).or_insert_with(|| "false".into());
             }
             overrides.insert(var.to_string(), value);
         } else {
@@ -345,6 +373,65 @@ fn parse_workload_info(v: &str) -> Result<WorkloadInfo, String> {
     }
 }
 
+/// The CPUs the proxy may use, as Istio counts them: `ZTUNNEL_RESOURCE_CPU_LIMIT` (a Kubernetes
+/// quantity such as `2`, `1.5` or `500m`, rounded up), else `ZTUNNEL_CPU_LIMIT` (a whole number),
+/// else the machine's cores.
+fn cpu_count(src: &Source, cores: usize) -> Result<usize, ConfigError> {
+    if let Some(n) = src.parse("ZTUNNEL_RESOURCE_CPU_LIMIT", parse_cpu_quantity)? {
+        return Ok(n);
+    }
+    if let Some(n) = src.parse("ZTUNNEL_CPU_LIMIT", |v| {
+        v.parse::<usize>().ok().filter(|n| *n > 0).ok_or_else(|| "expected a whole number of CPUs above 0".to_string())
+    })? {
+        return Ok(n);
+    }
+    Ok(cores)
+}
+
+/// A Kubernetes CPU quantity (`2`, `1.5`, `500m`), rounded up to whole CPUs.
+fn parse_cpu_quantity(v: &str) -> Result<usize, String> {
+    let cpus = match v.strip_suffix('m') {
+        Some(milli) => milli.parse::<f64>().map(|m| m / 1000.0),
+        None => v.parse::<f64>(),
+    }
+    .map_err(|_| "expected a CPU quantity such as 2, 1.5 or 500m".to_string())?;
+    if !cpus.is_finite() || cpus <= 0.0 || cpus > 1024.0 {
+        return Err("must be above 0 and at most 1024 CPUs".into());
+    }
+    Ok(cpus.ceil() as usize)
+}
+
+/// `TERMINATION_GRACE_PERIOD_SECONDS` (the pod's grace period, which Istio's chart passes) ->
+/// the drain deadline as Istio derives it: 5 s short of the grace period (1 s for periods of
+/// 10 s and less), at least 1 s. `CONNECTION_TERMINATION_DEADLINE` wins over it.
+fn termination_deadline(src: &Source) -> Result<Duration, ConfigError> {
+    if src.value("CONNECTION_TERMINATION_DEADLINE").is_some() {
+        return src.duration("CONNECTION_TERMINATION_DEADLINE", Duration::from_secs(5));
+    }
+    let grace = src.parse("TERMINATION_GRACE_PERIOD_SECONDS", |v| {
+        v.parse::<u64>().map_err(|_| "expected a whole number of seconds".to_string())
+    })?;
+    Ok(match grace {
+        None => Duration::from_secs(5),
+        Some(s) => Duration::from_secs(if s > 10 { s - 5 } else { s.saturating_sub(1) }.max(1)),
+    })
+}
+
+/// An istiod address: `https://host:port`, or `host:port`, which means https as in Istio.
+fn istiod_address(var: &str, v: &str) -> Result<String, ConfigError> {
+    if v.starts_with("https://") {
+        return Ok(v.to_string());
+    }
+    if v.contains("://") {
+        return Err(invalid(var, v, "expected https://host:port or host:port (istiod serves TLS)"));
+    }
+    let (host, port) = v.rsplit_once(':').ok_or_else(|| invalid(var, v, "expected host:port"))?;
+    if host.is_empty() || port.parse::<u16>().is_err() {
+        return Err(invalid(var, v, "expected host:port"));
+    }
+    Ok(format!("https://{v}"))
+}
+
 fn parse_workers(v: &str, cores: usize) -> Result<usize, String> {
     let n = if let Some(pct) = v.strip_suffix('%') {
         let p: f64 = pct.parse().map_err(|_| "expected a count or a percentage of cores".to_string())?;
@@ -353,7 +440,11 @@ fn parse_workers(v: &str, cores: usize) -> Result<usize, String> {
         }
         ((cores as f64 * p / 100.0).ceil() as usize).max(1)
     } else {
-        v.parse::<usize>().map_err(|_| "expected a count or a percentage of cores".to_string())?
+        // 0 means one per CPU, as in Istio.
+        match v.parse::<usize>().map_err(|_| "expected a count or a percentage of cores".to_string())? {
+            0 => cores,
+            n => n,
+        }
     };
     if n == 0 || n > 1024 {
         return Err("must be between 1 and 1024".into());
@@ -389,13 +480,8 @@ fn config_sources(src: &Source) -> Result<(Option<PathBuf>, Option<String>), Con
     let xds_address = match src.raw("XDS_ADDRESS") {
         None => Some("https://istiod.istio-system.svc:15012".to_string()),
         Some(v) if v.trim().is_empty() => None,
-        Some(v) => Some(v.trim().to_string()),
+        Some(v) => Some(istiod_address("XDS_ADDRESS", v.trim())?),
     };
-    if let Some(addr) = &xds_address {
-        if !addr.starts_with("https://") {
-            return Err(invalid("XDS_ADDRESS", addr, "expected https://host:port (istiod serves xDS over TLS)"));
-        }
-    }
     if local_xds_path.is_none() && xds_address.is_none() {
         return Err(ConfigError::Missing {
             var: "LOCAL_XDS_PATH",
@@ -419,14 +505,9 @@ fn certificate_source(
         match src.raw("CA_ADDRESS") {
             None => xds_address.cloned(),
             Some(v) if v.trim().is_empty() => None,
-            Some(v) => Some(v.trim().to_string()),
+            Some(v) => Some(istiod_address("CA_ADDRESS", v.trim())?),
         }
     };
-    if let Some(addr) = &ca_address {
-        if !addr.starts_with("https://") {
-            return Err(invalid("CA_ADDRESS", addr, "expected https://host:port (the Istio CA serves TLS)"));
-        }
-    }
     let ca = LocalCaConfig {
         cert: src.value("LOCAL_CA_CERT").map(PathBuf::from),
         key: src.value("LOCAL_CA_KEY").map(PathBuf::from),
@@ -477,15 +558,13 @@ fn io_driver(src: &Source) -> Result<IoDriver, ConfigError> {
     })
 }
 
-fn log_format(src: &Source) -> Result<LogFormat, ConfigError> {
-    Ok(match src.value("LOG_FORMAT").as_deref() {
-        None => LogFormat::Plain,
-        Some(v) => match v.to_ascii_lowercase().as_str() {
-            "plain" | "text" => LogFormat::Plain,
-            "json" => LogFormat::Json,
-            _ => return Err(invalid("LOG_FORMAT", v, "expected plain or json")),
-        },
-    })
+/// `LOG_FORMAT`: `json`, or anything else for plain text (as in Istio, where only `json` is
+/// special).
+fn log_format(src: &Source) -> LogFormat {
+    match src.value("LOG_FORMAT") {
+        Some(v) if v.eq_ignore_ascii_case("json") => LogFormat::Json,
+        _ => LogFormat::Plain,
+    }
 }
 
 /// Every listener address: the data ports on the wildcard address (IPv6 when the host has it),
@@ -512,6 +591,7 @@ impl Config {
     /// Builds and validates the configuration.
     pub fn from_source(src: &Source) -> Result<Config, ConfigError> {
         let (proxy_mode, workload_info) = proxy_mode(src)?;
+        let inpod = proxy_mode == ProxyMode::Shared && src.bool("INPOD_ENABLED")?.unwrap_or(true);
         let (local_xds_path, xds_address) = config_sources(src)?;
         let node_name = src.value("NODE_NAME");
         if proxy_mode == ProxyMode::Shared && xds_address.is_some() && node_name.is_none() {
@@ -525,7 +605,8 @@ impl Config {
         }
         let (ca_address, ca, secret_ttl) = certificate_source(src, xds_address.as_ref())?;
         let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-        let termination_deadline = src.duration("CONNECTION_TERMINATION_DEADLINE", Duration::from_secs(5))?;
+        let cores = cpu_count(src, cores)?;
+        let termination_deadline = termination_deadline(src)?;
         let connect_timeout = src.duration("ZTUNNEL_CONNECT_TIMEOUT", Duration::from_secs(10))?;
         if connect_timeout.is_zero() {
             return Err(invalid("ZTUNNEL_CONNECT_TIMEOUT", "0", "must be above zero"));
@@ -534,10 +615,26 @@ impl Config {
         if local_config_poll < Duration::from_millis(1) {
             return Err(invalid("ZTUNNEL_LOCAL_CONFIG_POLL", "0", "must be at least 1ms"));
         }
+        let inpod_port_reuse = src.bool("INPOD_PORT_REUSE")?.unwrap_or(true);
+        if inpod && !inpod_port_reuse {
+            // Every worker binds its own listener on each pod port: the kernel spreads a pod's
+            // connections over them only through SO_REUSEPORT.
+            return Err(invalid(
+                "INPOD_PORT_REUSE",
+                "false",
+                "not supported: each worker binds its own SO_REUSEPORT listener per pod port",
+            ));
+        }
         Ok(Config {
             proxy_mode,
             workload_info,
             node_name,
+            inpod,
+            inpod_uds: src
+                .value("INPOD_UDS")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| "/var/run/ztunnel/ztunnel.sock".into()),
+            inpod_port_reuse,
             local_xds_path,
             ca_root_ca: src
                 .value("CA_ROOT_CA")
@@ -552,7 +649,10 @@ impl Config {
                 Some(v) if v.trim().is_empty() => None,
                 Some(v) => Some(PathBuf::from(v.trim())),
             },
-            cluster_id: src.value("CLUSTER_ID").unwrap_or_else(|| "Kubernetes".into()),
+            cluster_id: src
+                .value("ISTIO_META_CLUSTER_ID")
+                .or_else(|| src.value("CLUSTER_ID"))
+                .unwrap_or_else(|| "Kubernetes".into()),
             cluster_domain: src.value("CLUSTER_DOMAIN").unwrap_or_else(|| "cluster.local".into()),
             network: src.value("NETWORK").unwrap_or_default(),
             instance_ip: src.parse("INSTANCE_IP", |v| v.parse::<IpAddr>().map_err(|e| e.to_string()))?,
@@ -567,7 +667,7 @@ impl Config {
             termination_deadline,
             connect_timeout,
             local_config_poll,
-            log_format: log_format(src)?,
+            log_format: log_format(src),
             listeners: listeners(src)?,
             ca,
             secret_ttl,
@@ -606,6 +706,7 @@ impl Config {
         let vars: HashMap<&str, String> = [
             ("ZTUNNEL_LOCAL_CA_DIR", ca_dir.display().to_string()),
             ("XDS_ADDRESS", String::new()),
+            ("INPOD_ENABLED", "false".into()),
             ("LOCAL_XDS_PATH", local_xds_path.display().to_string()),
             ("UNSTABLE_ENABLE_SOCKS5", "true".into()),
             ("ZTUNNEL_WORKER_THREADS", "2".into()),
@@ -703,11 +804,15 @@ mod tests {
             ("PACKET_MARK", "abc"),
             ("PROXY_MODE", "both"),
             ("PROXY_WORKLOAD_INFO", "ns/name"),
-            ("ZTUNNEL_WORKER_THREADS", "0"),
+            ("ZTUNNEL_WORKER_THREADS", "-1"),
             ("ZTUNNEL_WORKER_THREADS", "150%"),
+            ("ZTUNNEL_CPU_LIMIT", "500m"),
+            ("ZTUNNEL_RESOURCE_CPU_LIMIT", "0"),
+            ("TERMINATION_GRACE_PERIOD_SECONDS", "soon"),
+            ("INPOD_ENABLED", "maybe"),
+            ("XDS_ADDRESS", "istiod"),
             ("CONNECTION_TERMINATION_DEADLINE", "soon"),
             ("UNSTABLE_ENABLE_SOCKS5", "maybe"),
-            ("LOG_FORMAT", "xml"),
             ("ZTUNNEL_OUTBOUND_ADDR", "nowhere"),
         ] {
             let err = cfg(&with(&[(var, value)])).unwrap_err().to_string();
@@ -718,7 +823,7 @@ mod tests {
         assert!(err.contains("PROXY_WORKLOAD_INFO"), "{err}");
         let c = cfg(&with(&[("CA_ADDRESS", "https://istiod:15012")])).unwrap();
         assert_eq!(c.ca_address.as_deref(), Some("https://istiod:15012"));
-        let err = cfg(&with(&[("CA_ADDRESS", "istiod:15012")])).unwrap_err().to_string();
+        let err = cfg(&with(&[("CA_ADDRESS", "http://istiod:15012")])).unwrap_err().to_string();
         assert!(err.contains("CA_ADDRESS"), "{err}");
         let c = cfg(&with(&[("CA_ADDRESS", "https://istiod:15012"), ("FAKE_CA", "true")])).unwrap();
         assert_eq!(c.ca_address, None, "FAKE_CA wins");
@@ -739,6 +844,80 @@ mod tests {
         assert!(err.contains("LOCAL_XDS_PATH"), "{err}");
     }
 
+    /// What Istio's Helm chart (ambient profile, defaults) passes to the ztunnel container,
+    /// through the same path as the binary: arguments, then the environment.
+    #[test]
+    fn helm_chart_environment_and_arguments() {
+        let Cli::Run(overrides) = parse_args(["proxy".into(), "ztunnel".into()]).unwrap() else {
+            panic!("`proxy ztunnel` runs the proxy");
+        };
+        assert!(overrides.is_empty());
+        let chart: HashMap<&str, &str> = [
+            ("CA_ADDRESS", "istiod.istio-system.svc:15012"),
+            ("XDS_ADDRESS", "istiod.istio-system.svc:15012"),
+            ("RUST_LOG", "info"),
+            ("RUST_BACKTRACE", "1"),
+            ("ISTIO_META_CLUSTER_ID", "Kubernetes"),
+            ("CLUSTER_ID", "ignored-when-istio-meta-is-set"),
+            ("INPOD_ENABLED", "true"),
+            ("TERMINATION_GRACE_PERIOD_SECONDS", "30"),
+            ("POD_NAME", "ztunnel-abcde"),
+            ("POD_NAMESPACE", "istio-system"),
+            ("NODE_NAME", "node-1"),
+            ("INSTANCE_IP", "10.0.0.7"),
+            ("SERVICE_ACCOUNT", "ztunnel"),
+            ("ISTIO_META_ENABLE_HBONE", "true"),
+            ("ZTUNNEL_CPU_LIMIT", "3"),
+            ("ZTUNNEL_RESOURCE_CPU_REQUEST", "200m"),
+            ("LOG_FORMAT", "logfmt"),
+        ]
+        .into_iter()
+        .collect();
+        let get = |k: &str| overrides.get(k).cloned().or_else(|| chart.get(k).map(|v| v.to_string()));
+        let c = Config::from_source(&Source::new(&get)).unwrap();
+        assert_eq!(c.proxy_mode, ProxyMode::Shared);
+        assert!(c.inpod, "shared mode is in-pod mode");
+        assert_eq!(c.inpod_uds, PathBuf::from("/var/run/ztunnel/ztunnel.sock"));
+        assert!(c.inpod_port_reuse);
+        assert_eq!(c.xds_address.as_deref(), Some("https://istiod.istio-system.svc:15012"));
+        assert_eq!(c.ca_address.as_deref(), Some("https://istiod.istio-system.svc:15012"));
+        assert_eq!(c.cluster_id, "Kubernetes", "ISTIO_META_CLUSTER_ID wins over CLUSTER_ID");
+        assert_eq!(c.termination_deadline, Duration::from_secs(25), "the grace period minus 5 s");
+        assert_eq!(c.worker_threads, 3, "one worker per CPU of the limit");
+        assert_eq!(c.log_format, LogFormat::Plain, "an unknown LOG_FORMAT is plain");
+        assert_eq!(c.packet_mark, Some(1337));
+        assert_eq!(c.node_name.as_deref(), Some("node-1"));
+        assert_eq!(c.auth_token, Some(PathBuf::from("/var/run/secrets/tokens/istio-token")));
+        assert_eq!(c.xds_root_ca, "/var/run/secrets/istio/root-cert.pem");
+        assert_eq!(c.listeners.admin.port(), 15000);
+        assert_eq!(c.listeners.metrics.port(), 15020);
+        assert_eq!(c.listeners.readiness.port(), 15021);
+    }
+
+    #[test]
+    fn istio_worker_and_deadline_semantics() {
+        let workers = |extra: &[(&'static str, &'static str)]| cfg(&with(extra)).unwrap().worker_threads;
+        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        assert_eq!(workers(&[("ZTUNNEL_WORKER_THREADS", "0")]), cores, "0: one per CPU");
+        assert_eq!(workers(&[("ZTUNNEL_WORKER_THREADS", "0"), ("ZTUNNEL_CPU_LIMIT", "4")]), 4);
+        assert_eq!(workers(&[("ZTUNNEL_RESOURCE_CPU_LIMIT", "1500m"), ("ZTUNNEL_CPU_LIMIT", "8")]), 2);
+        assert_eq!(workers(&[("ZTUNNEL_WORKER_THREADS", "50%"), ("ZTUNNEL_CPU_LIMIT", "3")]), 2);
+        assert_eq!(workers(&[("ZTUNNEL_WORKER_THREADS", "5"), ("ZTUNNEL_CPU_LIMIT", "3")]), 5);
+        let deadline = |extra: &[(&'static str, &'static str)]| cfg(&with(extra)).unwrap().termination_deadline;
+        assert_eq!(deadline(&[("TERMINATION_GRACE_PERIOD_SECONDS", "10")]), Duration::from_secs(9));
+        assert_eq!(deadline(&[("TERMINATION_GRACE_PERIOD_SECONDS", "1")]), Duration::from_secs(1));
+        assert_eq!(deadline(&[("TERMINATION_GRACE_PERIOD_SECONDS", "0")]), Duration::from_secs(1));
+        assert_eq!(
+            deadline(&[("TERMINATION_GRACE_PERIOD_SECONDS", "30"), ("CONNECTION_TERMINATION_DEADLINE", "2s")]),
+            Duration::from_secs(2),
+            "CONNECTION_TERMINATION_DEADLINE wins"
+        );
+        assert!(!cfg(&with(&[("INPOD_ENABLED", "false")])).unwrap().inpod);
+        assert!(!cfg(&with(&[("PROXY_MODE", "dedicated"), ("PROXY_WORKLOAD_INFO", "a/b/c")])).unwrap().inpod);
+        assert!(matches!(parse_args(["version".into()]).unwrap(), Cli::Version));
+        assert!(matches!(parse_args(["proxy".into(), "sidecar".into()]), Err(ConfigError::UnknownFlag(_))));
+    }
+
     #[test]
     fn flags_override_and_imply_standalone() {
         let Cli::Run(o) =
@@ -748,6 +927,7 @@ mod tests {
         };
         assert_eq!(o["LOCAL_XDS_PATH"], "a.yaml");
         assert_eq!(o["XDS_ADDRESS"], "");
+        assert_eq!(o["INPOD_ENABLED"], "false", "a config file without istio-cni: node-level capture");
         assert_eq!(o["UNSTABLE_ENABLE_SOCKS5"], "true");
         assert_eq!(o["ZTUNNEL_WORKER_THREADS"], "2");
         assert!(matches!(parse_args(["--help".into()]).unwrap(), Cli::Help));

@@ -9,6 +9,10 @@ fn main() -> ExitCode {
             print!("{}", usage());
             return ExitCode::SUCCESS;
         }
+        Ok(Cli::Version) => {
+            println!("ztunnel-tpc {}", env!("CARGO_PKG_VERSION"));
+            return ExitCode::SUCCESS;
+        }
         Ok(Cli::Run(o)) => o,
         Err(e) => {
             eprintln!("ztunnel: {e}");
