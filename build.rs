@@ -2,7 +2,13 @@
 //! protobuf compiler written in Rust: building needs no `protoc`.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["proto/workload.proto", "proto/authorization.proto", "proto/discovery.proto", "proto/ca.proto"];
+    let protos = [
+        "proto/workload.proto",
+        "proto/authorization.proto",
+        "proto/discovery.proto",
+        "proto/ca.proto",
+        "proto/zds.proto",
+    ];
     for p in protos {
         println!("cargo:rerun-if-changed={p}");
     }

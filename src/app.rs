@@ -64,6 +64,9 @@ pub fn start(cfg: Config, opts: RunOptions) -> anyhow::Result<Proxy> {
         Err(e) => tracing::warn!(error = %e, "could not raise the open file limit"),
     }
     let ca = certificate_source(&cfg)?;
+    if cfg.inpod {
+        inpod_permitted(&cfg)?;
+    }
     let spoof_source = original_source_allowed(&cfg)?;
     let control_ports = control::ControlListeners::bind(&cfg)?;
     let (cert_tx, cert_rx) = mpsc::unbounded_channel();
@@ -149,6 +152,22 @@ fn original_source_allowed(cfg: &Config) -> anyhow::Result<bool> {
         Some(true) => Ok(true),
         None => Ok(sys::can_spoof_source()),
     }
+}
+
+/// In-pod mode makes sockets inside pods' network namespaces and marks them: check both are
+/// permitted now rather than fail every pod later.
+fn inpod_permitted(cfg: &Config) -> anyhow::Result<()> {
+    sys::can_setns().context(
+        "in-pod mode (PROXY_MODE=shared) enters pod network namespaces, which needs CAP_SYS_ADMIN \
+         (INPOD_ENABLED=false selects node-level capture)",
+    )?;
+    if let Some(mark) = cfg.packet_mark {
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+        s.set_mark(mark)
+            .context("in-pod mode marks the pods' upstream sockets (SO_MARK), which needs CAP_NET_ADMIN")?;
+    }
+    tracing::info!(uds = %cfg.inpod_uds.display(), "in-pod mode: pods come from the node agent");
+    Ok(())
 }
 
 /// What the control thread needs of the running workers, and their threads.

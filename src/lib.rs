@@ -8,6 +8,7 @@ pub mod app;
 pub mod config;
 pub mod control;
 pub mod hbone;
+pub mod inpod;
 pub mod model;
 pub mod net;
 pub mod rbac;

@@ -6,7 +6,7 @@
 //! Each `unsafe` block says why it is sound.
 
 use std::io;
-use std::mem::{MaybeUninit, size_of};
+use std::mem::{MaybeUninit, size_of, size_of_val};
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::{AsRawFd, RawFd};
 
@@ -256,4 +256,199 @@ pub async fn writable(half: &monoio::io::OwnedWriteHalf<monoio::net::TcpStream>)
 pub fn half_fd<T: AsRawFd>(shared: &std::rc::Rc<std::cell::UnsafeCell<T>>) -> RawFd {
     // SAFETY: see "Readiness on monoio's split halves" above; only the number is read.
     unsafe { &*shared.get() }.as_raw_fd()
+}
+
+// Network namespaces (in-pod mode).
+
+/// `NS_GET_NSTYPE` (linux/nsfs.h): `_IO(0xb7, 0x3)`.
+const NS_GET_NSTYPE: libc::c_ulong = 0xb703;
+
+/// A network namespace held open by a descriptor (a pod's, handed over by the node agent, or
+/// the one a thread started in), with its identity (device and inode of the nsfs file).
+#[derive(Debug)]
+pub struct NetNs {
+    fd: std::os::fd::OwnedFd,
+    dev: u64,
+    ino: u64,
+}
+
+impl NetNs {
+    /// Adopts `fd`, checking that it is a network namespace.
+    pub fn from_fd(fd: std::os::fd::OwnedFd) -> io::Result<NetNs> {
+        // SAFETY: ioctl on a descriptor we own; NS_GET_NSTYPE takes no argument.
+        let kind = unsafe { libc::ioctl(fd.as_raw_fd(), NS_GET_NSTYPE as _) };
+        if kind < 0 {
+            let e = io::Error::last_os_error();
+            return Err(io::Error::new(e.kind(), format!("not a namespace descriptor: {e}")));
+        }
+        if kind != libc::CLONE_NEWNET {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "the descriptor is not a network namespace"));
+        }
+        let mut st = MaybeUninit::<libc::stat>::zeroed();
+        // SAFETY: fstat fills the zeroed stat buffer for a descriptor we own.
+        if unsafe { libc::fstat(fd.as_raw_fd(), st.as_mut_ptr()) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: zero-initialised and filled by the kernel: valid either way.
+        let st = unsafe { st.assume_init() };
+        Ok(NetNs { fd, dev: st.st_dev, ino: st.st_ino })
+    }
+
+    /// The network namespace the calling thread is in now.
+    pub fn current_thread() -> io::Result<NetNs> {
+        let f = std::fs::File::open("/proc/thread-self/ns/net")?;
+        NetNs::from_fd(f.into())
+    }
+
+    /// The namespace's identity: two descriptors with the same one name the same namespace.
+    pub fn id(&self) -> (u64, u64) {
+        (self.dev, self.ino)
+    }
+
+    /// The namespace's inode (what `ip netns identify` and `/proc/PID/ns/net` show).
+    pub fn inode(&self) -> u64 {
+        self.ino
+    }
+}
+
+/// Moves the calling thread into `ns`.
+fn setns_net(ns: &NetNs) -> io::Result<()> {
+    // SAFETY: setns on a descriptor we hold open; it changes only the calling thread's
+    // namespace and reports failure through the return value.
+    let rc = unsafe { libc::setns(ns.fd.as_raw_fd(), libc::CLONE_NEWNET) };
+    if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+}
+
+/// Runs `f` with the calling thread in `target`, then returns it to `home` (the namespace it
+/// was in). Sockets `f` creates belong to `target` for their whole life, wherever they are used.
+///
+/// Failing to return is not recoverable: every socket the thread made afterwards would be in a
+/// pod's namespace. The process aborts rather than run on like that.
+pub fn in_netns<T>(target: &NetNs, home: &NetNs, f: impl FnOnce() -> T) -> io::Result<T> {
+    setns_net(target)?;
+    let out = f();
+    if let Err(e) = setns_net(home) {
+        eprintln!("fatal: could not return to the proxy's own network namespace: {e}");
+        std::process::abort();
+    }
+    Ok(out)
+}
+
+/// Checks at start-up that the process may enter network namespaces (`CAP_SYS_ADMIN`), by
+/// entering its own.
+pub fn can_setns() -> io::Result<()> {
+    let own = NetNs::current_thread()?;
+    setns_net(&own)
+}
+
+/// One received datagram of a `SOCK_SEQPACKET` socket, with the descriptors it carried.
+#[derive(Debug)]
+pub struct Received {
+    pub len: usize,
+    pub fds: Vec<std::os::fd::OwnedFd>,
+    /// The message did not fit the buffer (`MSG_TRUNC`).
+    pub truncated: bool,
+    /// Descriptors were dropped for lack of room (`MSG_CTRUNC`).
+    pub fds_truncated: bool,
+}
+
+/// Room for this many descriptors in one message; more are dropped by the kernel (and the
+/// message is marked `MSG_CTRUNC`).
+const MAX_FDS: usize = 8;
+
+/// Receives one message without blocking, taking ownership of any `SCM_RIGHTS` descriptors
+/// (close-on-exec). `Ok(None)`: nothing to read now. A zero-length message with no descriptor is
+/// the peer's end of stream.
+pub fn recv_with_fds(fd: RawFd, buf: &mut [u8]) -> io::Result<Option<Received>> {
+    use std::os::fd::FromRawFd;
+    // u64 alignment satisfies cmsghdr's.
+    let mut control = [0u64; 64];
+    // SAFETY: CMSG_SPACE only computes a size.
+    let space = unsafe { libc::CMSG_SPACE((MAX_FDS * size_of::<libc::c_int>()) as u32) } as usize;
+    debug_assert!(space <= size_of::<[u64; 64]>());
+    let mut iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
+    // SAFETY: a zeroed msghdr is a valid "no name, no control" header; we fill the fields below.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = space as _;
+    // SAFETY: every pointer in `msg` refers to live buffers of the stated lengths, which the
+    // kernel fills.
+    let n = unsafe { libc::recvmsg(fd, &mut msg, libc::MSG_CMSG_CLOEXEC | libc::MSG_DONTWAIT) };
+    if n < 0 {
+        let e = io::Error::last_os_error();
+        return if e.kind() == io::ErrorKind::WouldBlock { Ok(None) } else { Err(e) };
+    }
+    let mut fds = Vec::new();
+    // SAFETY: the CMSG_* walk stays within `msg_controllen` bytes of `control`, as the kernel
+    // wrote them; each SCM_RIGHTS payload holds whole c_ints, and every descriptor in it is
+    // now ours (installed in this process by recvmsg), so wrapping each in an OwnedFd once is
+    // right.
+    unsafe {
+        let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
+        while !cmsg.is_null() {
+            if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_RIGHTS {
+                let data = libc::CMSG_DATA(cmsg) as *const libc::c_int;
+                let payload = (*cmsg).cmsg_len as usize - libc::CMSG_LEN(0) as usize;
+                for i in 0..payload / size_of::<libc::c_int>() {
+                    let raw = std::ptr::read_unaligned(data.add(i));
+                    fds.push(std::os::fd::OwnedFd::from_raw_fd(raw));
+                }
+            }
+            cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
+        }
+    }
+    Ok(Some(Received {
+        len: n as usize,
+        fds,
+        truncated: msg.msg_flags & libc::MSG_TRUNC != 0,
+        fds_truncated: msg.msg_flags & libc::MSG_CTRUNC != 0,
+    }))
+}
+
+/// Sends one message with `fds` attached as `SCM_RIGHTS` (none: a plain message), without
+/// blocking. Used by the tests' node agent as much as by anything else.
+pub fn send_with_fds(fd: RawFd, data: &[u8], fds: &[RawFd]) -> io::Result<usize> {
+    let mut control = [0u64; 64];
+    let mut iov = libc::iovec { iov_base: data.as_ptr() as *mut _, iov_len: data.len() };
+    // SAFETY: a zeroed msghdr is valid; filled below.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    if !fds.is_empty() {
+        if fds.len() > MAX_FDS {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "too many descriptors"));
+        }
+        let bytes = size_of_val(fds);
+        // SAFETY: the control buffer is large enough for MAX_FDS descriptors (checked above);
+        // the header and payload are written within CMSG_SPACE(bytes) of it.
+        unsafe {
+            msg.msg_control = control.as_mut_ptr().cast();
+            msg.msg_controllen = libc::CMSG_SPACE(bytes as u32) as _;
+            let cmsg = libc::CMSG_FIRSTHDR(&msg);
+            (*cmsg).cmsg_level = libc::SOL_SOCKET;
+            (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+            (*cmsg).cmsg_len = libc::CMSG_LEN(bytes as u32) as _;
+            std::ptr::copy_nonoverlapping(fds.as_ptr(), libc::CMSG_DATA(cmsg) as *mut libc::c_int, fds.len());
+        }
+    }
+    // SAFETY: `msg` points at live buffers; the kernel only reads them.
+    let n = unsafe { libc::sendmsg(fd, &msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
+    if n < 0 { Err(io::Error::last_os_error()) } else { Ok(n as usize) }
+}
+
+/// Sets `net.ipv4.tcp_migrate_req` in the calling thread's network namespace (a pod's, entered
+/// with [`in_netns`]): connections queued on a listener that stops move to another listener of
+/// its `SO_REUSEPORT` group (the replacement proxy's) instead of being reset.
+pub fn enable_migrate_req() -> io::Result<()> {
+    std::fs::write("/proc/sys/net/ipv4/tcp_migrate_req", b"1")
+}
+
+/// Registers an owned socket with the tokio reactor of the calling thread (the control thread's
+/// unix sockets, which tokio has no type for).
+pub fn tokio_async_fd(socket: socket2::Socket) -> io::Result<tokio::io::unix::AsyncFd<socket2::Socket>> {
+    // SAFETY: the `Socket` owns its descriptor, which stays open and the same until the
+    // `AsyncFd` (its only owner from here) is dropped; `as_raw_fd` always returns it.
+    unsafe { tokio::io::unix::AsyncFd::register(socket) }.map_err(|e| e.into_parts().1)
 }

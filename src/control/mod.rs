@@ -8,6 +8,7 @@ pub mod certs;
 pub mod http;
 pub mod istio_ca;
 pub mod local;
+pub mod pods;
 pub mod xds;
 
 use std::cell::{Cell, RefCell};
@@ -111,10 +112,13 @@ struct ControlState {
     /// Per format (Prometheus text, OpenMetrics): the requests waiting for the scrape being
     /// gathered now, if one is.
     scrapes_in_flight: RefCell<[Option<Vec<oneshot::Sender<bytes::Bytes>>>; 2]>,
+    /// In-pod mode: the pods the node agent handed over.
+    pods: Option<Rc<pods::PodManager>>,
 }
 
 impl ControlState {
     fn new(spec: &mut ControlSpec, ca: CaChoice) -> Rc<ControlState> {
+        let pods = spec.cfg.inpod.then(|| Rc::new(pods::PodManager::new(spec.cfg.clone(), spec.workers.clone())));
         Rc::new(ControlState {
             cfg: spec.cfg.clone(),
             current: RefCell::new(spec.initial.clone()),
@@ -136,6 +140,7 @@ impl ControlState {
             xds: RefCell::new(None),
             requested: RefCell::new(BTreeSet::new()),
             scrapes_in_flight: RefCell::default(),
+            pods,
         })
     }
 
@@ -159,6 +164,10 @@ impl ControlState {
     fn track_identities(&self) {
         let current = self.current.borrow().clone();
         let mut wanted = current.local_identities();
+        // A pod's certificate is fetched as soon as the pod is handed over.
+        if let Some(p) = &self.pods {
+            wanted.extend(p.identities());
+        }
         let mut requested = self.requested.borrow_mut();
         let local_ids: BTreeSet<Identity> =
             current.workloads().filter(|w| current.scope.contains(w)).map(|w| w.identity()).collect();
@@ -238,6 +247,9 @@ impl ControlState {
                 return Err("waiting for istiod's first answer for workloads and policies".into());
             }
         }
+        if let Some(p) = &self.pods {
+            p.readiness()?;
+        }
         let dead = self.worker_alive.iter().enumerate().filter(|(_, a)| !a.load(Ordering::Acquire));
         let mut pending: Vec<String> =
             dead.map(|(i, _)| format!("worker {i} stopped (see its panic in the log)")).collect();
@@ -308,10 +320,17 @@ async fn run(mut spec: ControlSpec, ca: CaChoice, ready: std::sync::mpsc::Sender
     }
     let requests = std::mem::replace(&mut spec.cert_requests, mpsc::unbounded_channel().1);
     tokio::task::spawn_local(certificates_on_demand(state.clone(), requests));
+    if let Some(p) = &state.pods {
+        tokio::task::spawn_local(pods::run(state.clone(), p.clone()));
+    }
     let _ = ready.send(Ok(addrs));
 
     wait_for_shutdown(&mut spec.shutdown_rx, spec.handle_signals).await;
     state.draining.set(true);
+    // The node agent's next Adds go to the proxy that replaces this one.
+    if let Some(p) = &state.pods {
+        p.shutdown();
+    }
     // Probes now reach only the proxy that replaces this one (a port shared by SO_REUSEPORT
     // hands what was queued here to it). Admin and metrics stay up until the exit.
     readiness.abort();
@@ -489,7 +508,13 @@ async fn readiness_handler(state: Rc<ControlState>, req: Request) -> Response {
 
 async fn admin_handler(state: Rc<ControlState>, req: Request) -> Response {
     match (req.method.as_str(), req.path.as_str()) {
-        ("GET", "/config_dump") => Response::json(config_dump(&state)),
+        ("GET", "/config_dump") => {
+            let pods = match &state.pods {
+                Some(p) => Some(p.dump().await),
+                None => None,
+            };
+            Response::json(config_dump(&state, pods))
+        }
         ("POST", "/quitquitquit") => {
             let _ = state.shutdown_tx.send(());
             Response::text(200, "OK\n")
@@ -566,6 +591,9 @@ async fn metrics_handler(state: Rc<ControlState>, req: Request) -> Response {
         x.render_metrics(&mut extra, openmetrics);
     }
     render_panics(&mut extra, openmetrics);
+    if let Some(p) = &state.pods {
+        p.render_metrics(&mut extra, openmetrics);
+    }
     let body: bytes::Bytes = state.scrape().await.render(env!("CARGO_PKG_VERSION"), openmetrics, &extra).into();
     for waiter in state.scrapes_in_flight.borrow_mut()[format].take().unwrap_or_default() {
         let _ = waiter.send(body.clone());
@@ -595,7 +623,7 @@ fn render_panics(out: &mut String, openmetrics: bool) {
 }
 
 /// The `config_dump` document: Istio ztunnel's top-level keys, plus our generation details.
-fn config_dump(state: &ControlState) -> String {
+fn config_dump(state: &ControlState, workload_state: Option<serde_json::Value>) -> String {
     let snap = state.current.borrow().clone();
     let workloads: Vec<_> = snap.workloads().map(|w| w.as_ref()).collect();
     let services: Vec<_> = snap.services().map(|s| &s.service).collect();
@@ -606,6 +634,7 @@ fn config_dump(state: &ControlState) -> String {
         "services": services,
         "policies": policies,
         "certificates": state.certs.dump(),
+        "workloadState": workload_state.unwrap_or_else(|| json!({})),
         "config": &*state.cfg,
         "version": {
             "name": env!("CARGO_PKG_NAME"),

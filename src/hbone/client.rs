@@ -21,6 +21,7 @@ use crate::net::{DialOpts, dial};
 use crate::tls::stream::TlsStream;
 use crate::worker::WorkerCtx;
 use crate::worker::error::ProxyError;
+use crate::worker::pods::PodNet;
 
 type SendRequest = h2::client::SendRequest<Bytes>;
 
@@ -51,6 +52,14 @@ fn hbone_err(what: &str, e: impl std::fmt::Display) -> ProxyError {
     ProxyError::Hbone(format!("{what}: {e}"))
 }
 
+/// Where an outbound stream comes from: the client's address, and the pod (in-pod mode) whose
+/// namespace the connection leaves from.
+#[derive(Clone, Copy)]
+pub struct Origin<'a> {
+    pub client: SocketAddr,
+    pub pod: Option<&'a PodNet>,
+}
+
 /// Opens a CONNECT stream to `target` through `hbone_addr`: the workload's `ip:targetPort`, or
 /// for a waypoint the original destination.
 pub async fn connect(
@@ -59,14 +68,16 @@ pub async fn connect(
     expected: &[Identity],
     hbone_addr: SocketAddr,
     target: SocketAddr,
-    client: SocketAddr,
+    origin: Origin<'_>,
     service_host: Option<&str>,
 ) -> Result<HboneStream, ProxyError> {
+    let Origin { client, pod } = origin;
     let identity = source.identity();
     let mut dst_ids = expected.to_vec();
     dst_ids.sort();
     dst_ids.dedup();
-    let key = PoolKey { src_id: identity.clone(), dst_ids, dst: hbone_addr, src_ip: client.ip() };
+    let pod_id = pod.map_or(0, PodNet::id);
+    let key = PoolKey { src_id: identity.clone(), dst_ids, dst: hbone_addr, src_ip: client.ip(), pod: pod_id };
     // A stream the peer never processed (it was going away: GOAWAY, REFUSED_STREAM, or the
     // connection was already closing) is tried again on another connection; nothing of the
     // client's has been sent yet. This is what keeps a restart of the peer invisible. A stream
@@ -74,7 +85,7 @@ pub async fn connect(
     let mut attempts = 0;
     loop {
         attempts += 1;
-        let (slot, fresh) = checkout(ctx, &key, &identity, expected, hbone_addr, client).await?;
+        let (slot, fresh) = checkout(ctx, &key, &identity, expected, hbone_addr, client, pod).await?;
         let send_request = slot.conn().clone();
         let request = Request::builder()
             .method(Method::CONNECT)
@@ -128,6 +139,7 @@ async fn checkout(
     expected: &[Identity],
     hbone_addr: SocketAddr,
     client: SocketAddr,
+    pod: Option<&PodNet>,
 ) -> Result<(StreamSlot<SendRequest>, bool), ProxyError> {
     loop {
         match ctx.pool.checkout(key, Instant::now()) {
@@ -149,7 +161,7 @@ async fn checkout(
             }
             Checkout::Dial => {
                 let mut guard = DialGuard { pool: &ctx.pool, key, done: false };
-                let (conn, dead) = dial_connection(ctx, identity, expected, hbone_addr, client.ip()).await?;
+                let (conn, dead) = dial_connection(ctx, identity, expected, hbone_addr, client.ip(), pod).await?;
                 guard.done = true;
                 tracing::debug!(src = %identity, dst = %hbone_addr, "new pooled HBONE connection");
                 return Ok((ctx.pool.dialed(key, conn, dead, Instant::now()), true));
@@ -166,12 +178,19 @@ async fn dial_connection(
     expected: &[Identity],
     hbone_addr: SocketAddr,
     client_ip: std::net::IpAddr,
+    pod: Option<&PodNet>,
 ) -> Result<(SendRequest, Rc<Cell<bool>>), ProxyError> {
     let cert = ctx.certificate(identity, ctx.cfg.connect_timeout).await?;
     // From the client's own address when allowed (as Istio's node proxy does): the destination
     // then sees, and authorizes, the real source IP. That is why the pool key has the source IP.
-    let spoof_source = (ctx.spoof_source && client_ip != hbone_addr.ip()).then_some(client_ip);
-    let opts = DialOpts { mark: ctx.cfg.packet_mark, spoof_source, timeout: ctx.cfg.connect_timeout };
+    // A pod's connection leaves from inside the pod, from its own address already.
+    let spoof_source = (pod.is_none() && ctx.spoof_source && client_ip != hbone_addr.ip()).then_some(client_ip);
+    let opts = DialOpts {
+        netns: ctx.netns_of(pod),
+        mark: ctx.cfg.packet_mark,
+        spoof_source,
+        timeout: ctx.cfg.connect_timeout,
+    };
     let tcp = dial(hbone_addr, opts).await?;
     let conn = ClientConnection::new(cert.client_config(), ServerName::IpAddress(hbone_addr.ip().into()))
         .map_err(|e| hbone_err("TLS client setup", e))?;

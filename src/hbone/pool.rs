@@ -31,6 +31,8 @@ pub struct PoolKey {
     pub dst_ids: Vec<Identity>,
     pub dst: SocketAddr,
     pub src_ip: IpAddr,
+    /// The pod (in-pod mode) whose namespace the connection leaves from; 0 for the node.
+    pub pod: u64,
 }
 
 /// What the pool needs to know of a connection.
@@ -175,6 +177,17 @@ impl<K: Clone + Eq + Hash, C: PoolConn> Pool<K, C> {
             });
         }
         conns.retain(|_, list| !list.is_empty());
+    }
+
+    /// Takes the connections of the keys `which` selects out of the pool (a pod that went
+    /// away): no new stream goes to them, and each closes once its streams end.
+    pub fn retire_where(&self, which: impl Fn(&K) -> bool) {
+        self.conns.borrow_mut().retain(|k, list| {
+            if which(k) {
+                list.iter().for_each(|c| c.dead.set(true));
+            }
+            !which(k)
+        });
     }
 
     /// Open pooled connections.

@@ -23,6 +23,7 @@ use crate::tls::stream::TlsStream;
 use crate::worker::conns::{AuthzInfo, Direction, Signal};
 use crate::worker::error::ProxyError;
 use crate::worker::lifecycle::Connection;
+use crate::worker::pods::PodNet;
 use crate::worker::{LocalSnapshot, WorkerCtx};
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -51,11 +52,13 @@ struct Accepted {
     workload: Arc<Workload>,
     /// Fired by a stream that finds the workload gone: the connection sends GOAWAY.
     retire: Signal,
+    /// The pod (in-pod mode) whose listener accepted the connection.
+    pod: Option<Rc<PodNet>>,
 }
 
 /// Serves one HBONE connection until the peer closes it or drain ends it.
-pub async fn serve(ctx: Rc<WorkerCtx>, stream: TcpStream, peer: SocketAddr) {
-    let guard = ctx.conns.register(Direction::Inbound, peer);
+pub async fn serve(ctx: Rc<WorkerCtx>, stream: TcpStream, peer: SocketAddr, pod: Option<Rc<PodNet>>) {
+    let guard = ctx.conns.register(Direction::Inbound, peer, pod.as_ref().map_or(0, |p| p.id()));
     // Nothing is allocated for the handshake until the client sends: a connection that stays
     // silent costs only its socket and this small task, and is closed at the timeout.
     match monoio::time::timeout(HANDSHAKE_TIMEOUT, stream.readable(true)).await {
@@ -65,7 +68,7 @@ pub async fn serve(ctx: Rc<WorkerCtx>, stream: TcpStream, peer: SocketAddr) {
     }
     // Boxed: the handshake's state (TLS, HTTP/2) is large, and a task is allocated at the size
     // of its largest state; only connections that send get it.
-    Box::pin(serve_accepted(ctx, stream, peer, guard)).await;
+    Box::pin(serve_accepted(ctx, stream, peer, guard, pod)).await;
 }
 
 async fn serve_accepted(
@@ -73,15 +76,21 @@ async fn serve_accepted(
     stream: TcpStream,
     peer: SocketAddr,
     guard: crate::worker::conns::ConnGuard,
+    pod: Option<Rc<PodNet>>,
 ) {
-    let Some((h2, accepted)) = accept(&ctx, stream, peer).await else { return };
+    let Some((h2, accepted)) = accept(&ctx, stream, peer, pod).await else { return };
     serve_streams(&ctx, h2, Rc::new(accepted), guard.close_signal()).await;
     drop(guard);
 }
 
 /// The local workload the connection is for, its certificate, TLS, then the HTTP/2 handshake.
 /// Logs why and returns `None` when the connection cannot be served.
-async fn accept(ctx: &WorkerCtx, stream: TcpStream, peer: SocketAddr) -> Option<(H2Server, Accepted)> {
+async fn accept(
+    ctx: &WorkerCtx,
+    stream: TcpStream,
+    peer: SocketAddr,
+    pod: Option<Rc<PodNet>>,
+) -> Option<(H2Server, Accepted)> {
     let dst = match stream.local_addr() {
         Ok(a) => canonical(a),
         Err(e) => {
@@ -95,11 +104,27 @@ async fn accept(ctx: &WorkerCtx, stream: TcpStream, peer: SocketAddr) -> Option<
     }
     ctx.handshakes.set(ctx.handshakes.get() + 1);
     let _slot = HandshakeSlot(&ctx.handshakes);
-    let snap = ctx.snapshot();
+    let snap = match &pod {
+        // A pod's workload may reach this node's config after the pod's first connection.
+        Some(p) => match ctx.pod_snapshot(p).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(%peer, %dst, "HBONE connection for pod {}: {e}; closing", p.spec.uid);
+                return None;
+            }
+        },
+        None => ctx.snapshot(),
+    };
     let Some(workload) = snap.local_workload_by_ip(&ctx.cfg.network, dst.ip()).cloned() else {
         tracing::warn!(%peer, %dst, "HBONE connection for an address that is not a local workload; closing");
         return None;
     };
+    if let Some(p) = &pod {
+        if p.workload(&snap).is_none_or(|w| w.uid != workload.uid) {
+            tracing::warn!(%peer, %dst, uid = %p.spec.uid, "HBONE connection for an address that is not this pod's; closing");
+            return None;
+        }
+    }
     let identity = workload.identity();
     // Normally in the snapshot already; right after start (or a config push) it may still be on
     // its way from the control thread: wait for it rather than refuse the peer.
@@ -138,7 +163,7 @@ async fn accept(ctx: &WorkerCtx, stream: TcpStream, peer: SocketAddr) -> Option<
         .handshake::<_, Bytes>(tls);
     // A client that completes TLS and never sends the HTTP/2 preface is closed, not kept.
     match monoio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
-        Ok(Ok(h2)) => Some((h2, Accepted { dst, peer, peer_id, workload, retire: Signal::default() })),
+        Ok(Ok(h2)) => Some((h2, Accepted { dst, peer, peer_id, workload, retire: Signal::default(), pod })),
         Ok(Err(e)) => {
             tracing::info!(%peer, error = %e, "HBONE HTTP/2 handshake failed");
             None
@@ -175,8 +200,9 @@ async fn serve_streams(ctx: &Rc<WorkerCtx>, mut h2: H2Server, accepted: Rc<Accep
                     tracing::info!(%peer, "HBONE peer did not answer PING within {timeout:?}; closing");
                     break;
                 }
-                _ = ctx.draining.wait() => {
-                    // Drain starts: GOAWAY, open streams may finish, new ones are refused.
+                _ = crate::worker::pods::draining(ctx, accepted.pod.as_deref()) => {
+                    // Drain starts (the proxy's, or the pod's): GOAWAY, open streams may
+                    // finish, new ones are refused.
                     h2.graceful_shutdown();
                     goaway_sent = true;
                     continue;
@@ -220,7 +246,8 @@ async fn stream(
     request: http::Request<h2::RecvStream>,
     mut respond: h2::server::SendResponse<Bytes>,
 ) {
-    let mut conn = Connection::new(&ctx, Direction::Inbound, accepted.peer);
+    let pod_id = accepted.pod.as_ref().map_or(0, |p| p.id());
+    let mut conn = Connection::new(&ctx, Direction::Inbound, accepted.peer, pod_id);
     describe_source(&mut conn, &ctx, &snap, &accepted, &request);
     let res = match admit(&ctx, &snap, &mut conn, &accepted, &request) {
         // Only the body goes on: the request's head would otherwise be kept twice in this
@@ -302,7 +329,12 @@ async fn connect(
 ) -> Result<(), ProxyError> {
     let peer_ip = accepted.peer.ip();
     let spoof_source = (ctx.spoof_source && peer_ip != target.ip()).then_some(peer_ip);
-    let opts = DialOpts { mark: ctx.cfg.packet_mark, spoof_source, timeout: ctx.cfg.connect_timeout };
+    let opts = DialOpts {
+        netns: ctx.netns_of(accepted.pod.as_deref()),
+        mark: ctx.cfg.packet_mark,
+        spoof_source,
+        timeout: ctx.cfg.connect_timeout,
+    };
     let upstream = match dial(target, opts).await {
         Ok(u) => u,
         Err(e) => {
@@ -315,6 +347,9 @@ async fn connect(
         .send_response(status_only(StatusCode::OK), false)
         .map_err(|e| ProxyError::Hbone(format!("answering CONNECT: {e}")))?;
     conn.established(ctx, 0);
+    if accepted.pod.is_some() {
+        conn.guard().set_destination(None, target, if accepted.peer_id.is_some() { "HBONE" } else { "TCP" });
+    }
     // Downstream is the HTTP/2 side here: what the peer sends goes to the pod.
     let stats = conn.stats();
     let close = conn.guard().close_signal().wait();

@@ -66,9 +66,19 @@ pub fn bind_std(addr: SocketAddr, opts: ListenOpts) -> io::Result<std::net::TcpL
     Ok(socket.into())
 }
 
+/// The network namespace a socket is made in (a pod's, in in-pod mode), and the one the thread
+/// returns to.
+#[derive(Debug, Clone, Copy)]
+pub struct InNetns<'a> {
+    pub pod: &'a sys::NetNs,
+    pub home: &'a sys::NetNs,
+}
+
 /// Options of an upstream (proxy -> destination) connection.
 #[derive(Debug, Clone, Copy)]
-pub struct DialOpts {
+pub struct DialOpts<'a> {
+    /// Create the socket in this namespace (a pod's: its traffic leaves from the pod).
+    pub netns: Option<InNetns<'a>>,
     /// `SO_MARK`, so traffic redirection rules skip the proxy's own connections.
     pub mark: Option<u32>,
     /// Bind this source address first (original source preservation, needs `IP_TRANSPARENT`).
@@ -93,9 +103,13 @@ pub enum DialError {
 ///
 /// The socket is made and configured by hand (monoio's own connect takes no options), then
 /// connected non-blocking and awaited for writability, which both drivers support.
-pub async fn dial(dst: SocketAddr, opts: DialOpts) -> Result<TcpStream, DialError> {
-    let socket = Socket::new(Domain::for_address(dst), Type::STREAM, Some(Protocol::TCP))
-        .map_err(|e| DialError::Socket(dst, e))?;
+pub async fn dial(dst: SocketAddr, opts: DialOpts<'_>) -> Result<TcpStream, DialError> {
+    let new_socket = || Socket::new(Domain::for_address(dst), Type::STREAM, Some(Protocol::TCP));
+    let socket = match opts.netns {
+        None => new_socket(),
+        Some(ns) => sys::in_netns(ns.pod, ns.home, new_socket).and_then(|r| r),
+    }
+    .map_err(|e| DialError::Socket(dst, e))?;
     let prep = || -> io::Result<()> {
         socket.set_nonblocking(true)?;
         socket.set_tcp_nodelay(true)?;

@@ -20,6 +20,13 @@ pub enum WorkerMsg {
     Drain { deadline: Instant },
     /// Send this worker's metrics (a scrape).
     Scrape(tokio::sync::oneshot::Sender<crate::telemetry::metrics::Dump>),
+    /// In-pod mode: bind this pod's listeners inside its namespace; the reply says whether they
+    /// are bound (or why not).
+    AddPod { pod: Arc<crate::inpod::PodSpec>, reply: tokio::sync::oneshot::Sender<Result<(), String>> },
+    /// Stop serving pod `id`: its listeners now, its connections at `deadline`.
+    DrainPod { id: u64, deadline: Instant },
+    /// Send the open connections of every pod (`config_dump`).
+    PodConnections(tokio::sync::oneshot::Sender<Vec<crate::inpod::PodConnection>>),
 }
 
 /// The control thread's end.

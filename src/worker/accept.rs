@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use monoio::net::{TcpListener, TcpStream};
 
+use super::pods::PodNet;
 use super::{WorkerCtx, contained, lifecycle};
 use crate::net::canonical;
 
@@ -33,7 +34,9 @@ fn out_of_resources(e: &std::io::Error) -> bool {
 /// How long a listener pauses when out of descriptors or memory.
 const BACKOFF: Duration = Duration::from_millis(50);
 
-pub async fn accept_loop(ctx: Rc<WorkerCtx>, kind: Listener, listener: TcpListener) {
+/// Accepts on `listener` until drain: the worker's, or pod `pod`'s (which also stops when that
+/// pod drains alone).
+pub async fn accept_loop(ctx: Rc<WorkerCtx>, kind: Listener, listener: TcpListener, pod: Option<Rc<PodNet>>) {
     // Warnings are bounded: the first of a burst, then one every few seconds with a count.
     let mut failures = 0u64;
     let mut last_warning: Option<Instant> = None;
@@ -41,7 +44,7 @@ pub async fn accept_loop(ctx: Rc<WorkerCtx>, kind: Listener, listener: TcpListen
         // Drain stops the listener (`sys::stop_listening`), which ends a pending accept with an
         // error; the grace is a fallback for a kernel where it would not.
         let stopped = async {
-            ctx.draining.wait().await;
+            super::pods::draining(&ctx, pod.as_deref()).await;
             monoio::time::sleep(Duration::from_millis(500)).await;
         };
         let accepted = monoio::select! {
@@ -49,8 +52,8 @@ pub async fn accept_loop(ctx: Rc<WorkerCtx>, kind: Listener, listener: TcpListen
             _ = stopped => break,
         };
         match accepted {
-            Ok((stream, peer)) => dispatch(&ctx, kind, stream, canonical(peer)),
-            Err(_) if ctx.draining.fired() => break,
+            Ok((stream, peer)) => dispatch(&ctx, kind, stream, canonical(peer), &pod),
+            Err(_) if ctx.draining.fired() || pod.as_ref().is_some_and(|p| p.draining.fired()) => break,
             Err(e) if out_of_resources(&e) => {
                 failures += 1;
                 if last_warning.is_none_or(|t| t.elapsed() >= Duration::from_secs(5)) {
@@ -72,14 +75,17 @@ pub async fn accept_loop(ctx: Rc<WorkerCtx>, kind: Listener, listener: TcpListen
     tracing::debug!(worker = ctx.id, listener = ?kind, "listener closed for drain");
 }
 
-fn dispatch(ctx: &Rc<WorkerCtx>, kind: Listener, stream: TcpStream, peer: SocketAddr) {
+fn dispatch(ctx: &Rc<WorkerCtx>, kind: Listener, stream: TcpStream, peer: SocketAddr, pod: &Option<Rc<PodNet>>) {
     crate::net::prepare_accepted(&stream);
     let id = ctx.id;
+    let pod = pod.clone();
     match kind {
         // An HBONE connection carries many streams for its whole life: one task serves them.
-        Listener::InboundHbone => {
-            monoio::spawn(contained(id, "hbone connection", crate::hbone::server::serve(ctx.clone(), stream, peer)))
-        }
-        _ => monoio::spawn(contained(id, "connection setup", lifecycle::run(ctx.clone(), kind, stream, peer))),
+        Listener::InboundHbone => monoio::spawn(contained(
+            id,
+            "hbone connection",
+            crate::hbone::server::serve(ctx.clone(), stream, peer, pod),
+        )),
+        _ => monoio::spawn(contained(id, "connection setup", lifecycle::run(ctx.clone(), kind, stream, peer, pod))),
     };
 }

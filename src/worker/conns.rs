@@ -131,6 +131,11 @@ struct Entry {
     reason: Cell<CloseReason>,
     direction: Direction,
     peer: SocketAddr,
+    /// The pod (in-pod mode) whose listener accepted it; 0 for the node's own listeners.
+    pod: u64,
+    /// For a pod's connection once set up: the original and the actual destination, and how
+    /// it travels (`config_dump`'s `workloadState`).
+    dsts: Option<(Option<SocketAddr>, SocketAddr, &'static str)>,
     /// Set when the connection was authorized: what to re-check when policies change.
     authz: Option<Box<AuthzInfo>>,
 }
@@ -174,6 +179,13 @@ impl ConnGuard {
             e.authz = Some(Box::new(info));
         }
     }
+
+    /// Records where a pod's connection goes (nothing is kept for the node's own).
+    pub fn set_destination(&self, original: Option<SocketAddr>, actual: SocketAddr, protocol: &'static str) {
+        if let Some(e) = self.table.entries.borrow_mut().get_mut(&self.id).filter(|e| e.pod != 0) {
+            e.dsts = Some((original, actual, protocol));
+        }
+    }
 }
 
 impl Drop for ConnGuard {
@@ -183,12 +195,14 @@ impl Drop for ConnGuard {
 }
 
 impl ConnTable {
-    pub fn register(self: &Rc<Self>, direction: Direction, peer: SocketAddr) -> ConnGuard {
+    /// Registers a connection accepted from `peer`, by pod `pod`'s listener (0: the node's).
+    pub fn register(self: &Rc<Self>, direction: Direction, peer: SocketAddr, pod: u64) -> ConnGuard {
         let id = self.next.get();
         self.next.set(id + 1);
         let close = Signal::default();
         let reason = Cell::new(CloseReason::DrainDeadline);
-        self.entries.borrow_mut().insert(id, Entry { close: close.clone(), reason, direction, peer, authz: None });
+        let entry = Entry { close: close.clone(), reason, direction, peer, pod, dsts: None, authz: None };
+        self.entries.borrow_mut().insert(id, entry);
         ConnGuard { table: self.clone(), id, close }
     }
 
@@ -237,13 +251,45 @@ impl ConnTable {
         denied.len()
     }
 
+    /// Open connections of pod `pod`.
+    pub fn count_pod(&self, pod: u64) -> usize {
+        self.entries.borrow().values().filter(|e| e.pod == pod).count()
+    }
+
+    /// Every pod's open connections, for `config_dump`.
+    pub fn pod_connections(&self) -> Vec<crate::inpod::PodConnection> {
+        self.entries
+            .borrow()
+            .values()
+            // Set up ones only (an HBONE connection's entry is not one: its streams are).
+            .filter(|e| e.pod != 0 && e.dsts.is_some())
+            .map(|e| crate::inpod::PodConnection {
+                pod: e.pod,
+                inbound: e.direction == Direction::Inbound,
+                src: e.peer,
+                original_dst: e.dsts.and_then(|d| d.0),
+                actual_dst: e.dsts.map(|d| d.1),
+                protocol: e.dsts.map(|d| d.2).unwrap_or("TCP"),
+            })
+            .collect()
+    }
+
+    /// Asks pod `pod`'s open connections to close now, for `reason`.
+    pub fn close_pod(&self, pod: u64, reason: CloseReason) {
+        self.close_where(reason, |e| e.pod == pod)
+    }
+
     /// Asks every open connection to close now, for `reason`.
     pub fn close_all(&self, reason: CloseReason) {
+        self.close_where(reason, |_| true)
+    }
+
+    fn close_where(&self, reason: CloseReason, which: impl Fn(&Entry) -> bool) {
         let signals: Vec<Signal> = self
             .entries
             .borrow()
             .values()
-            .filter(|e| !e.close.fired())
+            .filter(|e| !e.close.fired() && which(e))
             .map(|e| {
                 e.reason.set(reason);
                 e.close.clone()
@@ -297,9 +343,12 @@ mod tests {
     fn table_tracks_and_closes() {
         let t = Rc::new(ConnTable::default());
         let peer: SocketAddr = "127.0.0.1:1".parse().unwrap();
-        let a = t.register(Direction::Outbound, peer);
-        let b = t.register(Direction::Inbound, peer);
+        let a = t.register(Direction::Outbound, peer, 0);
+        let b = t.register(Direction::Inbound, peer, 7);
         assert_eq!(t.len(), 2);
+        assert_eq!(t.count_pod(7), 1);
+        t.close_pod(7, CloseReason::DrainDeadline);
+        assert!(!a.close_signal().fired() && b.close_signal().fired(), "only the pod's connection");
         t.close_all(CloseReason::DrainDeadline);
         assert!(a.close_signal().fired() && b.close_signal().fired());
         assert_eq!(a.close_reason(), CloseReason::DrainDeadline);

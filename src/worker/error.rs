@@ -20,6 +20,12 @@ pub enum ProxyError {
     UnknownSource(IpAddr),
     #[error("destination {0} is not a workload served by this proxy")]
     UnknownLocalDestination(SocketAddr),
+    #[error(
+        "timed out waiting for workload {0} from the config source (no workload with its name, namespace and service account on this node)"
+    )]
+    PodWorkloadMissing(String),
+    #[error("destination {0} is not the address of pod {1}")]
+    NotThisPod(SocketAddr, String),
     #[error(transparent)]
     Route(#[from] RouteError),
     #[error("HBONE destination {0} has no workload identity to verify; refusing rather than sending in clear")]

@@ -10,6 +10,7 @@ use super::authz;
 use super::conns::AuthzInfo;
 use super::error::ProxyError;
 use super::lifecycle::{Connection, Established, Upstream};
+use super::pods::{self, PodNet};
 use super::{WorkerCtx, original_dst};
 use crate::hbone::target::Refusal;
 use crate::net::{DialOpts, dial};
@@ -22,15 +23,29 @@ pub async fn handle(
     conn: &mut Connection,
     stream: TcpStream,
     peer: SocketAddr,
+    pod: Option<&PodNet>,
 ) -> Result<Established, ProxyError> {
-    let dst = original_dst(&stream, peer, ctx.addrs.inbound_plain)?;
+    let listener = match pod {
+        Some(_) => SocketAddr::new(ctx.addrs.inbound_plain.ip(), pods::INBOUND_PLAIN_PORT),
+        None => ctx.addrs.inbound_plain,
+    };
+    let dst = original_dst(&stream, peer, listener)?;
     // The proxy's own ports are never a plaintext target, on any address.
     if ctx.own_ports.contains(&dst.port()) {
         return Err(RouteError::Loop(dst).into());
     }
-    let snap = ctx.snapshot();
+    let snap = match pod {
+        Some(p) => ctx.pod_snapshot(p).await?,
+        None => ctx.snapshot(),
+    };
     let network = ctx.cfg.network.as_str();
     let target = snap.local_workload_by_ip(network, dst.ip()).ok_or(ProxyError::UnknownLocalDestination(dst))?;
+    // Inside a pod, only that pod is served.
+    if let Some(p) = pod {
+        if p.workload(&snap).is_none_or(|w| w.uid != target.uid) {
+            return Err(ProxyError::NotThisPod(dst, p.spec.uid.clone()));
+        }
+    }
     let log = &mut conn.log;
     log.dst_workload = Some(target.clone());
     log.src_workload = snap.workload_by_ip(network, peer.ip()).cloned();
@@ -42,7 +57,13 @@ pub async fn handle(
         .map_err(|d| ProxyError::Refused(Refusal::Denied(d)))?;
     conn.guard().set_authz(AuthzInfo { conn: rbac_conn, workload_uid: target.uid.clone() });
     let spoof_source = (ctx.spoof_source && peer.ip() != dst.ip()).then_some(peer.ip());
-    let opts = DialOpts { mark: ctx.cfg.packet_mark, spoof_source, timeout: ctx.cfg.connect_timeout };
+    let opts = DialOpts {
+        netns: ctx.netns_of(pod),
+        mark: ctx.cfg.packet_mark,
+        spoof_source,
+        timeout: ctx.cfg.connect_timeout,
+    };
     let upstream = dial(dst, opts).await?;
+    conn.guard().set_destination(Some(dst), dst, "TCP");
     Ok(Established { downstream: stream, upstream: Upstream::Tcp(upstream), early_bytes: 0 })
 }

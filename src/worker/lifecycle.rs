@@ -19,6 +19,7 @@ use monoio::net::TcpStream;
 use super::accept::Listener;
 use super::conns::{ConnGuard, Direction};
 use super::error::ProxyError;
+use super::pods::PodNet;
 use super::{WorkerCtx, contained, inbound_plain, outbound, socks5};
 use crate::hbone::client::HboneStream;
 use crate::net::relay::{Halves, RelayEnd, RelayStats, relay};
@@ -38,14 +39,15 @@ pub struct Connection {
 }
 
 impl Connection {
-    /// Registers a new connection from `peer` in the worker's table.
-    pub fn new(ctx: &WorkerCtx, direction: Direction, peer: SocketAddr) -> Connection {
+    /// Registers a new connection from `peer` in the worker's table, accepted by pod `pod`'s
+    /// listener (0: the node's).
+    pub fn new(ctx: &WorkerCtx, direction: Direction, peer: SocketAddr, pod: u64) -> Connection {
         let name = match direction {
             Direction::Inbound => "inbound",
             Direction::Outbound => "outbound",
         };
         Connection {
-            guard: ctx.conns.register(direction, peer),
+            guard: ctx.conns.register(direction, peer, pod),
             log: Box::new(ConnLog::new(name, peer)),
             stats: Rc::default(),
             counted: [None, None],
@@ -163,14 +165,14 @@ const SETUP_TIMEOUT: Duration = Duration::from_secs(10);
 /// Sets a connection accepted on `listener` up, then hands it to a task of its own for the
 /// relay. The setup future is as large as its largest state (handshake buffers, routing);
 /// ending it frees that memory, so a long-lived idle connection only keeps the small relay task.
-pub async fn run(ctx: Rc<WorkerCtx>, listener: Listener, stream: TcpStream, peer: SocketAddr) {
+pub async fn run(ctx: Rc<WorkerCtx>, listener: Listener, stream: TcpStream, peer: SocketAddr, pod: Option<Rc<PodNet>>) {
     let direction = match listener {
         Listener::InboundPlain | Listener::InboundHbone => Direction::Inbound,
         Listener::Outbound | Listener::Socks5 => Direction::Outbound,
     };
-    let mut conn = Connection::new(&ctx, direction, peer);
+    let mut conn = Connection::new(&ctx, direction, peer, pod.as_ref().map_or(0, |p| p.id()));
     let close = conn.guard().close_signal().clone();
-    let setup = setup(&ctx, listener, &mut conn, stream, peer);
+    let setup = setup(&ctx, listener, &mut conn, stream, peer, pod.as_deref());
     let res = monoio::select! {
         r = setup => r,
         _ = close.wait() => Err(ProxyError::Closed(conn.guard().close_reason())),
@@ -203,17 +205,18 @@ async fn setup(
     conn: &mut Connection,
     stream: TcpStream,
     peer: SocketAddr,
+    pod: Option<&PodNet>,
 ) -> Result<Established, ProxyError> {
     match listener {
-        Listener::Outbound => outbound::captured(ctx, conn, stream, peer).await,
+        Listener::Outbound => outbound::captured(ctx, conn, stream, peer, pod).await,
         Listener::Socks5 => {
             // The client's handshake plus our dial (which has its own timeout too).
             let limit = ctx.cfg.connect_timeout + SETUP_TIMEOUT;
-            monoio::time::timeout(limit, socks5::handle(ctx, conn, stream, peer))
+            monoio::time::timeout(limit, socks5::handle(ctx, conn, stream, peer, pod))
                 .await
                 .unwrap_or(Err(ProxyError::SetupTimeout(limit)))
         }
-        Listener::InboundPlain => inbound_plain::handle(ctx, conn, stream, peer).await,
+        Listener::InboundPlain => inbound_plain::handle(ctx, conn, stream, peer, pod).await,
         // Served by `hbone::server`, never routed here.
         Listener::InboundHbone => Err(ProxyError::Hbone("HBONE connections are not set up as TCP".into())),
     }

@@ -21,6 +21,7 @@ pub mod error;
 mod inbound_plain;
 pub mod lifecycle;
 mod outbound;
+pub mod pods;
 pub mod socks5;
 mod spawn;
 
@@ -82,6 +83,10 @@ pub struct WorkerCtx {
     /// Fires when the next snapshot is applied (an on-demand certificate arriving); replaced by
     /// a fresh one each time. Each waiter holds one slot, freed when it stops waiting.
     snapshot_waiters: RefCell<Signal>,
+    /// In-pod mode: the pods this worker serves, by id.
+    pods: RefCell<std::collections::HashMap<u64, Rc<pods::PodNet>>>,
+    /// In-pod mode: the namespace this thread runs in, returned to after making a pod's socket.
+    home_netns: Option<crate::sys::NetNs>,
 }
 
 impl WorkerCtx {

@@ -9,8 +9,10 @@ use super::authz;
 use super::conns::AuthzInfo;
 use super::error::ProxyError;
 use super::lifecycle::{Connection, Established, Upstream};
+use super::pods::{self, PodNet};
 use super::{WorkerCtx, original_dst};
 use crate::config::ProxyMode;
+use crate::hbone::client::Origin;
 use crate::hbone::{client as hbone_client, target};
 use crate::net::{DialOpts, dial};
 use crate::rbac;
@@ -24,10 +26,18 @@ pub async fn captured(
     conn: &mut Connection,
     stream: TcpStream,
     peer: SocketAddr,
+    pod: Option<&PodNet>,
 ) -> Result<Established, ProxyError> {
-    let dst = original_dst(&stream, peer, ctx.addrs.outbound)?;
-    let snap = ctx.snapshot();
-    let upstream = connect(ctx, conn, &snap, peer, dst).await?;
+    let listener = match pod {
+        Some(_) => SocketAddr::new(ctx.addrs.outbound.ip(), pods::OUTBOUND_PORT),
+        None => ctx.addrs.outbound,
+    };
+    let dst = original_dst(&stream, peer, listener)?;
+    let snap = match pod {
+        Some(p) => ctx.pod_snapshot(p).await?,
+        None => ctx.snapshot(),
+    };
+    let upstream = connect(ctx, conn, &snap, peer, dst, pod).await?;
     Ok(Established { downstream: stream, upstream, early_bytes: 0 })
 }
 
@@ -38,20 +48,35 @@ pub async fn connect(
     snap: &Snapshot,
     peer: SocketAddr,
     dst: SocketAddr,
+    pod: Option<&PodNet>,
 ) -> Result<Upstream, ProxyError> {
-    let source = match ctx.cfg.proxy_mode {
-        ProxyMode::Dedicated => snap.dedicated_workload(),
-        ProxyMode::Shared => snap.local_workload_by_ip(&ctx.cfg.network, peer.ip()),
+    // A pod's traffic is the pod's, whatever its address; otherwise the source is the dedicated
+    // proxy's workload, or the local workload with the client's address.
+    let source = match (pod, ctx.cfg.proxy_mode) {
+        (Some(p), _) => p.workload(snap),
+        (None, ProxyMode::Dedicated) => snap.dedicated_workload(),
+        (None, ProxyMode::Shared) => snap.local_workload_by_ip(&ctx.cfg.network, peer.ip()),
     }
     .ok_or(ProxyError::UnknownSource(peer.ip()))?;
     conn.log.src_workload = Some(source.clone());
     let at = PlanContext {
         network: &ctx.cfg.network,
         own_ports: &ctx.own_ports,
-        fast_path: ctx.cfg.node_local_fast_path,
+        // In-pod, a destination pod on this node is reached in its own namespace, through its
+        // HBONE listener: the fast path's direct connect would leave from the wrong namespace.
+        fast_path: ctx.cfg.node_local_fast_path && !ctx.cfg.inpod,
         hbone_port: ctx.hbone_port(),
     };
     let plan = routing::plan(snap, &at, source, dst, &mut |n| fastrand::u64(..n))?;
+    if pod.is_some() {
+        let (actual, protocol) = match &plan.action {
+            Action::Waypoint { waypoint, .. } => (waypoint.hbone_addr, "HBONE"),
+            Action::Hbone { hbone_addr, .. } => (*hbone_addr, "HBONE"),
+            Action::FastPath { target, .. } => (*target, "TCP"),
+            Action::Tcp { upstream } => (*upstream, "TCP"),
+        };
+        conn.guard().set_destination(Some(dst), actual, protocol);
+    }
     let log = &mut conn.log;
     log.dst_workload = plan.route.workload.clone();
     log.dst_service = plan.route.service.clone();
@@ -68,7 +93,7 @@ pub async fn connect(
                 &waypoint.identities,
                 waypoint.hbone_addr,
                 authority,
-                peer,
+                Origin { client: peer, pod },
                 host,
             ))
             .await?;
@@ -85,14 +110,27 @@ pub async fn connect(
             // Boxed, here and above: the HBONE dial (TLS and HTTP/2 handshakes) is by far the
             // largest state of a connection's setup, and an unboxed one would size every
             // setup task, and every move of it at spawn, after it.
-            let stream =
-                Box::pin(hbone_client::connect(ctx, source, &identities, hbone_addr, target, peer, host)).await?;
+            let stream = Box::pin(hbone_client::connect(
+                ctx,
+                source,
+                &identities,
+                hbone_addr,
+                target,
+                Origin { client: peer, pod },
+                host,
+            ))
+            .await?;
             Ok(Upstream::Hbone(stream))
         }
         Action::Tcp { upstream } => {
             log.path = Some(SetupPath::Tcp);
             tracing::debug!(src = %peer, %dst, %upstream, transport = ?plan.route.transport, "proxying outbound");
-            let opts = DialOpts { mark: ctx.cfg.packet_mark, spoof_source: None, timeout: ctx.cfg.connect_timeout };
+            let opts = DialOpts {
+                netns: ctx.netns_of(pod),
+                mark: ctx.cfg.packet_mark,
+                spoof_source: None,
+                timeout: ctx.cfg.connect_timeout,
+            };
             Ok(Upstream::Tcp(dial(upstream, opts).await?))
         }
     }
@@ -118,6 +156,6 @@ async fn fast_path(
     conn.guard().set_authz(AuthzInfo { conn: rbac_conn, workload_uid: workload.uid.clone() });
     tracing::info!(src = %peer, "proxy to {dst} using node local fast path");
     let spoof_source = (ctx.spoof_source && peer.ip() != dst.ip()).then_some(peer.ip());
-    let opts = DialOpts { mark: ctx.cfg.packet_mark, spoof_source, timeout: ctx.cfg.connect_timeout };
+    let opts = DialOpts { netns: None, mark: ctx.cfg.packet_mark, spoof_source, timeout: ctx.cfg.connect_timeout };
     Ok(Upstream::Tcp(dial(dst, opts).await?))
 }

@@ -14,6 +14,7 @@ use super::WorkerCtx;
 use super::error::ProxyError;
 use super::lifecycle::{Connection, Established, Upstream};
 use super::outbound::connect;
+use super::pods::PodNet;
 use crate::net::DialError;
 use crate::routing::RouteError;
 use crate::snapshot::Snapshot;
@@ -206,6 +207,7 @@ pub async fn handle(
     conn: &mut Connection,
     mut stream: TcpStream,
     peer: SocketAddr,
+    pod: Option<&PodNet>,
 ) -> Result<Established, ProxyError> {
     let socks = |e: Socks5Error| ProxyError::Socks5(e.message);
     let mut acc = Vec::new();
@@ -226,7 +228,10 @@ pub async fn handle(
         }
     };
     acc.drain(..used);
-    let snap = ctx.snapshot();
+    let snap = match pod {
+        Some(p) => ctx.pod_snapshot(p).await?,
+        None => ctx.snapshot(),
+    };
     let dst = match target {
         Target::Addr(a) => a,
         Target::Name(name, port) => {
@@ -236,7 +241,11 @@ pub async fn handle(
                 panic!("a test asked this connection to panic");
             }
             let network = ctx.cfg.network.as_str();
-            let ns = snap.local_workload_by_ip(network, peer.ip()).map(|w| w.namespace.clone()).unwrap_or_default();
+            let client = match pod {
+                Some(p) => p.workload(&snap),
+                None => snap.local_workload_by_ip(network, peer.ip()),
+            };
+            let ns = client.map(|w| w.namespace.clone()).unwrap_or_default();
             match resolve(&snap, &name, port, network, &ns, peer.is_ipv4()) {
                 Some(a) => a,
                 None => {
@@ -246,7 +255,7 @@ pub async fn handle(
             }
         }
     };
-    let mut upstream = match connect(ctx, conn, &snap, peer, dst).await {
+    let mut upstream = match connect(ctx, conn, &snap, peer, dst, pod).await {
         Ok(u) => u,
         Err(e) => {
             let _ = write(&mut stream, reply(reply_code(&e), None)).await;

@@ -14,7 +14,7 @@ use monoio::net::TcpListener;
 
 use super::accept::{Listener, accept_loop};
 use super::conns::{CloseReason, ConnTable, Signal};
-use super::{WorkerCtx, own_ports};
+use super::{WorkerCtx, own_ports, pods};
 use crate::config::{Config, IoDriver};
 use crate::hbone::pool::HbonePool;
 use crate::model::Identity;
@@ -124,8 +124,12 @@ fn uring_runtime() -> io::Result<monoio::Runtime<monoio::time::TimeDriver<monoio
     })
 }
 
-/// Binds this worker's listeners: captured ones may be TPROXY targets; SOCKS5 only when on.
-fn bind_all(addrs: &ListenAddrs) -> io::Result<Vec<(Listener, TcpListener)>> {
+/// Binds this worker's listeners: captured ones may be TPROXY targets; SOCKS5 only when on. In
+/// in-pod mode there are none here: every pod gets its own, inside its namespace.
+fn bind_all(addrs: &ListenAddrs, inpod: bool) -> io::Result<Vec<(Listener, TcpListener)>> {
+    if inpod {
+        return Ok(Vec::new());
+    }
     let captured = ListenOpts { transparent: true, backlog: 1024 };
     let bind = |kind: Listener, addr: SocketAddr, opts: ListenOpts| {
         bind_listener(addr, opts)
@@ -155,7 +159,19 @@ fn bound_addrs(listeners: &[(Listener, TcpListener)], asked: &ListenAddrs) -> Li
 }
 
 async fn run(spec: WorkerSpec, driver: &'static str, ready: std::sync::mpsc::Sender<io::Result<Bound>>) {
-    let listeners = match bind_all(&spec.addrs) {
+    let home_netns = if spec.cfg.inpod {
+        match crate::sys::NetNs::current_thread() {
+            Ok(ns) => Some(ns),
+            Err(e) => {
+                let _ =
+                    ready.send(Err(io::Error::new(e.kind(), format!("opening this thread's network namespace: {e}"))));
+                return;
+            }
+        }
+    } else {
+        None
+    };
+    let listeners = match bind_all(&spec.addrs, spec.cfg.inpod) {
         Ok(l) => l,
         Err(e) => {
             let _ = ready.send(Err(e));
@@ -188,10 +204,12 @@ async fn run(spec: WorkerSpec, driver: &'static str, ready: std::sync::mpsc::Sen
         metrics: Rc::new(Shard::default()),
         handshakes: Cell::new(0),
         snapshot_waiters: RefCell::new(Signal::default()),
+        pods: RefCell::default(),
+        home_netns,
     });
     for (kind, listener) in listeners {
         ctx.accepting.set(ctx.accepting.get() + 1);
-        monoio::spawn(accept_loop(ctx.clone(), kind, listener));
+        monoio::spawn(accept_loop(ctx.clone(), kind, listener, None));
     }
     monoio::spawn(sweep_pool(ctx.clone()));
     // Control messages are handled by their own task, so scrapes are answered during drain too.
@@ -230,6 +248,13 @@ async fn control_messages(
                     }
                 }
             }
+            Some(WorkerMsg::AddPod { pod, reply }) => {
+                let _ = reply.send(pods::add_pod(&ctx, pod));
+            }
+            Some(WorkerMsg::DrainPod { id, deadline }) => pods::drain_pod(&ctx, id, deadline),
+            Some(WorkerMsg::PodConnections(reply)) => {
+                let _ = reply.send(pods::connections(&ctx));
+            }
             Some(WorkerMsg::Drain { deadline }) => {
                 drain_at.set(Some(deadline));
                 drain_now.fire();
@@ -264,6 +289,7 @@ async fn drain(ctx: &WorkerCtx, deadline: Instant) {
             tracing::debug!(worker = ctx.id, error = %e, "stopping a listener");
         }
     }
+    pods::stop_all(ctx);
     // The accept loops must run to drop their listeners, and under io_uring a dropped socket is
     // a queued close that only reaches the kernel when the runtime next parks: without this a
     // worker with no connections would exit with its listeners still open in the process, and
