@@ -107,10 +107,11 @@ fn scenarios_1_2_3_before_the_mesh_then_hbone_by_a_push_and_same_node() {
     ];
     assert!(counted(&s, "istio_tcp_connections_opened_total", &inbound) >= 1.0, "w2 counts the HBONE stream");
 
-    // 3. Same-node traffic goes through the proxy too (node-local fast path), authorized and
-    // counted like the rest.
+    // 3. Same-node traffic goes through the proxy too, authorized and counted like the rest:
+    // in-pod, from sleep2's namespace to httpbin's HBONE listener in its own.
     assert_eq!(rig.curl("sleep2", vip()).as_deref(), Ok("httpbin"), "scenario 3");
-    rig.log_line(1, &[&format!("proxy to {httpbin}:80 using node local fast path")]);
+    let sleep2 = rig.pod("sleep2").ip;
+    rig.log_line(1, &[&format!("src={sleep2}"), &format!("proxy to {httpbin}:80 using HBONE via {httpbin}:15008")]);
     let s = rig.scrape(1);
     assert!(counted(&s, "istio_tcp_connections_opened_total", &inbound) >= 2.0);
 }
@@ -431,11 +432,11 @@ fn scenarios_4_9_13_telemetry_an_hbone_speaking_client_and_restart() {
         });
         rx.recv().unwrap();
         std::thread::sleep(Duration::from_millis(200));
-        // The new pod: its init container installs the redirection again (in place: nothing
-        // escapes capture meanwhile), then its proxy starts next to the old one.
-        rig.reinstall_redirection(1);
+        // The new proxy starts next to the old one; the node agent hands it every pod of the
+        // node, and it binds each pod's listeners next to the old proxy's.
         let new = rig.spawn(1, "-new");
-        assert!(rig.in_node(1, || eventually(|| new.log().contains("control plane listening"))), "the new proxy is up");
+        rig.handover(1);
+        assert!(rig.in_node(1, || eventually(rig_ready)), "the new proxy is ready");
         std::thread::sleep(Duration::from_millis(200));
         let term = Instant::now();
         old.terminate();

@@ -2,6 +2,7 @@
 //! histograms, connection rate and idle memory, direct versus through the proxy, measured from
 //! /proc, reported as JSON, markdown and an SVG plot. See perf/README.md.
 
+pub mod agent;
 pub mod load;
 pub mod netns;
 pub mod plot;

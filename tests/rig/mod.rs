@@ -1,12 +1,16 @@
 //! The two-node rig of SCENARIOS.md (root only).
 //!
 //! Nodes `w1` and `w2` are network namespaces joined by a veth link. Each runs the `ztunnel`
-//! binary in shared mode (`NODE_NAME`), configured through its environment as the DaemonSet
-//! does, behind the redirection the DaemonSet installs (`deploy/ztunnel-redirect.sh`, not a
-//! copy). Pods are further namespaces behind their node (a veth pair each, routed through the
-//! node, calico style). Every namespace (with its links and rules) and every process is removed
-//! on drop, also when a test fails; a failing test prints the nodes' logs.
+//! binary in shared mode, which is in-pod mode (`NODE_NAME`), configured through its
+//! environment as Istio's chart does. Pods are further namespaces behind their node (a veth pair
+//! each, routed through the node, calico style), with istio-cni's in-pod redirection installed
+//! inside each; every node has a stand-in for istio-cni's node agent (`perf::agent`) that hands
+//! its pods' namespaces to the node's proxy over ZDS. Every namespace (with its links and rules)
+//! and every process is removed on drop, also when a test fails; a failing test prints the
+//! nodes' logs.
 #![allow(dead_code)] // each test binary uses a different subset
+// The rig's one lock (the node agents' connections, replaced from scenario threads) is test code.
+#![allow(clippy::disallowed_types)]
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -19,13 +23,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use perf::agent::{Agent, AgentConn, install_inpod_rules, netns_path};
 use perf::netns::{run_in, sh};
 use ztunnel::model::Identity;
 use ztunnel::tls::WorkloadCert;
 
 use crate::common::*;
-
-pub const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/ztunnel-redirect.sh");
 
 /// The nodes: name, address on the node link, pod CIDR.
 pub const NODES: [(&str, &str, &str); 2] =
@@ -99,8 +102,10 @@ fn attach(node: &Ns, ns: &Ns, host_if: &str, ip: &str) {
     node.exec(&["ip", "route", "add", &format!("{ip}/32"), "dev", host_if]);
 }
 
-fn install_redirection(node: &Ns, cidr: &str) {
-    node.exec(&["env", &format!("POD_CIDRS={cidr}"), "POD_IFACES=vp+", "sh", SCRIPT, "add"]);
+/// The uid the node agent knows pod `name` by (a Kubernetes uid; the config's workloads have
+/// other uids, so the proxy must match the pod by name, namespace and service account).
+pub fn pod_uid(name: &str) -> String {
+    format!("0000-{name}-uid")
 }
 
 /// What the mesh config says, written to the nodes' `LOCAL_XDS_PATH`.
@@ -258,6 +263,10 @@ pub struct Rig {
     pub proxies: Vec<Option<NodeProxy>>,
     pub pods: Vec<(&'static str, Pod)>,
     pub outsiders: Vec<Ns>,
+    /// Each node's agent, and its connection to the node's newest proxy.
+    pub agents: Vec<Agent>,
+    /// Replaced from the scenario threads (a restart), so behind a lock.
+    pub zds: std::sync::Mutex<Vec<Option<AgentConn>>>,
     pub nodes: Vec<Ns>,
     pub dir: TestDir,
     tag: String,
@@ -305,19 +314,37 @@ impl Rig {
         for (name, node, ip) in PODS {
             let ns = Ns::new(format!("zp{pid}{tag}{name}"));
             attach(&nodes[node], &ns, &format!("vp{name}"), ip);
+            // What istio-cni does when the pod joins the ambient mesh.
+            install_inpod_rules(&ns.0).unwrap();
             pods.push((name, Pod { ns, ip }));
         }
-        for (node, (_, _, cidr)) in nodes.iter().zip(NODES) {
-            install_redirection(node, cidr);
-        }
         let dir = TestDir::new(&format!("rig-{tag}"));
-        Rig { proxies: Vec::new(), pods, outsiders: Vec::new(), nodes, dir, tag: tag.into(), env: Vec::new() }
+        let agents = NODES.iter().map(|(n, ..)| Agent::bind(&dir.0.join(format!("zds-{n}.sock"))).unwrap()).collect();
+        Rig {
+            proxies: Vec::new(),
+            pods,
+            outsiders: Vec::new(),
+            agents,
+            zds: std::sync::Mutex::new(vec![None, None]),
+            nodes,
+            dir,
+            tag: tag.into(),
+            env: Vec::new(),
+        }
     }
 
-    /// Runs the redirection script's `add` on node `i` again, as a new pod of the DaemonSet
-    /// does (its init container) while the old one still serves.
-    pub fn reinstall_redirection(&self, i: usize) {
-        install_redirection(&self.nodes[i], NODES[i].2);
+    /// Node `i`'s agent takes its newest proxy's connection and hands it every pod of the node
+    /// (the snapshot), as istio-cni does for a proxy that (re)connects.
+    pub fn handover(&self, i: usize) {
+        let conn = self.agents[i].accept(PATIENCE).unwrap_or_else(|e| panic!("node {i}'s proxy connects: {e:#}"));
+        for (name, node, _) in PODS.iter().filter(|(_, n, _)| *n == i) {
+            let sa = name.trim_end_matches('2');
+            let pod = &self.pod(name).ns.0;
+            let ack = conn.add(&pod_uid(name), (name, "ambient-demo", sa), &netns_path(pod)).unwrap();
+            assert_eq!(ack, Ok(()), "node {node}'s proxy took pod {name}");
+        }
+        assert_eq!(conn.snapshot_sent().unwrap(), Ok(()));
+        self.zds.lock().unwrap()[i] = Some(conn);
     }
 
     /// The local CA both nodes share (a cluster has one mesh root), created before the proxies
@@ -353,6 +380,9 @@ impl Rig {
             self.proxies.push(Some(p));
         }
         for i in 0..2 {
+            self.handover(i);
+        }
+        for i in 0..2 {
             let p = self.proxies[i].as_mut().unwrap();
             let ok = run_in(self.nodes[i].name(), || eventually(|| rig_ready() || !p.running())).unwrap();
             assert!(ok && p.running(), "node {i} is ready:\n{}", p.log());
@@ -363,6 +393,7 @@ impl Rig {
     pub fn spawn(&self, i: usize, suffix: &str) -> NodeProxy {
         let mut env = self.env.clone();
         env.push(("NODE_NAME".into(), NODES[i].0.into()));
+        env.push(("INPOD_UDS".into(), self.agents[i].path.display().to_string()));
         NodeProxy::spawn(&self.nodes[i].0, &env, self.dir.0.join(format!("{}{suffix}.log", NODES[i].0)))
     }
 
