@@ -237,6 +237,11 @@ impl PodManager {
                     self.remove(uid, Instant::now() + self.cfg.termination_deadline);
                 }
                 tracing::info!(pods = self.pods.borrow().len(), drained = stale.len(), "node agent snapshot processed");
+                if !stale.is_empty() {
+                    // A pod's listeners, tasks and tables are freed by now or soon: hand the
+                    // heap back rather than keep the high-water mark of a busier node.
+                    crate::sys::release_free_memory();
+                }
                 Outcome::ok()
             }
         }

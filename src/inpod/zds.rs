@@ -59,9 +59,9 @@ pub enum ZdsError {
 }
 
 impl ZdsError {
-    /// Errors that end the connection; the others fail one request (NACKed, the pod retried).
+    /// Errors that end the connection; the others fail one `Add` (NACKed; the agent retries).
     pub fn is_fatal(&self) -> bool {
-        !matches!(self, ZdsError::BadNetns { .. })
+        !matches!(self, ZdsError::BadNetns { .. } | ZdsError::NoNetns(_))
     }
 }
 

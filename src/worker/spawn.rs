@@ -179,8 +179,16 @@ async fn run(spec: WorkerSpec, driver: &'static str, ready: std::sync::mpsc::Sen
         }
     };
     let addrs = bound_addrs(&listeners, &spec.addrs);
-    tracing::info!(worker = spec.id, driver, outbound = %addrs.outbound, inbound_plain = %addrs.inbound_plain, inbound = %addrs.inbound,
-        socks5 = ?addrs.socks5, "worker listening");
+    if spec.cfg.inpod {
+        tracing::info!(
+            worker = spec.id,
+            driver,
+            "worker started (in-pod mode: each pod's listeners are bound as it arrives)"
+        );
+    } else {
+        tracing::info!(worker = spec.id, driver, outbound = %addrs.outbound, inbound_plain = %addrs.inbound_plain, inbound = %addrs.inbound,
+            socks5 = ?addrs.socks5, "worker listening");
+    }
     // Acknowledge the initial generation before reporting start-up: once `start` returns,
     // readiness must not see a worker without config.
     spec.generation.store(spec.initial.generation, Ordering::Release);

@@ -8,7 +8,8 @@
 //! its pods' namespaces to the node's proxy over ZDS. Every namespace (with its links and rules)
 //! and every process is removed on drop, also when a test fails; a failing test prints the
 //! nodes' logs.
-#![allow(dead_code)] // each test binary uses a different subset
+#![allow(dead_code)]
+// each test binary uses a different subset
 // The rig's one lock (the node agents' connections, replaced from scenario threads) is test code.
 #![allow(clippy::disallowed_types)]
 
@@ -89,7 +90,7 @@ pub struct Pod {
 /// Connects namespace `ns` (address `ip`) to `node` by a veth pair, calico style: a /32 on the
 /// pod's side, a link-local gateway that every pod-facing interface of the node carries, and a
 /// /32 route on the node.
-fn attach(node: &Ns, ns: &Ns, host_if: &str, ip: &str) {
+pub fn attach(node: &Ns, ns: &Ns, host_if: &str, ip: &str) {
     sh("ip", &["link", "add", host_if, "netns", &node.0, "type", "veth", "peer", "name", "eth0", "netns", &ns.0])
         .unwrap();
     ns.exec(&["ip", "addr", "add", &format!("{ip}/32"), "dev", "eth0"]);
@@ -200,7 +201,7 @@ pub struct NodeProxy {
 }
 
 impl NodeProxy {
-    fn spawn(ns: &str, env: &[(String, String)], log: PathBuf) -> NodeProxy {
+    pub fn spawn(ns: &str, env: &[(String, String)], log: PathBuf) -> NodeProxy {
         let out = File::create(&log).unwrap();
         let err = out.try_clone().unwrap();
         // `ip netns exec` execs the binary: the child's id is the proxy's.
@@ -218,6 +219,10 @@ impl NodeProxy {
 
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     pub fn running(&mut self) -> bool {
@@ -491,7 +496,7 @@ pub fn rig_ready() -> bool {
     http("127.0.0.1:15021".parse().unwrap(), "GET", "/healthz/ready").is_ok_and(|(s, _)| s == 200)
 }
 
-fn admin_get(addr: &str, path: &str) -> serde_json::Value {
+pub fn admin_get(addr: &str, path: &str) -> serde_json::Value {
     let (code, body) = http(addr.parse().unwrap(), "GET", path).unwrap();
     assert_eq!(code, 200, "{path}: {body}");
     serde_json::from_str(&body).unwrap()
