@@ -1,11 +1,12 @@
-# Multi-stage build of the proxy. The runtime image holds the binary, the traffic redirection
-# script and the two tools the script needs.
+# Multi-stage build of the proxy. The default (last) stage is the in-pod image that Istio's
+# ztunnel chart runs: the binary alone. `--target node-capture` adds the node-level redirection
+# script and the tools it needs, for deploy/node-capture/.
 FROM rust:1-bookworm AS build
 WORKDIR /src
 COPY . .
 RUN cargo build --release --locked --bin ztunnel
 
-FROM debian:bookworm-slim
+FROM debian:bookworm-slim AS node-capture
 # Not pinned to package versions (DL3008): the archive replaces them with each security update,
 # so pins would break the build; the base image's release is the pin.
 # hadolint ignore=DL3008
@@ -13,10 +14,16 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends iptables iproute2 \
     && rm -rf /var/lib/apt/lists/*
 COPY --from=build /src/target/release/ztunnel /usr/local/bin/ztunnel
-COPY deploy/ztunnel-redirect.sh /usr/local/bin/ztunnel-redirect.sh
-# The proxy runs as root with only NET_ADMIN and NET_RAW (see deploy/ztunnel.yaml): transparent
-# listeners, original source addresses and SO_MARK need them; file access needs nothing special.
-# 15001 outbound, 15006 inbound plaintext, 15008 HBONE, 15020 metrics, 15021 readiness
-# (15000, admin, listens on localhost only)
+COPY deploy/node-capture/ztunnel-redirect.sh /usr/local/bin/ztunnel-redirect.sh
 EXPOSE 15001 15006 15008 15020 15021
 ENTRYPOINT ["/usr/local/bin/ztunnel"]
+
+FROM debian:bookworm-slim
+COPY --from=build /src/target/release/ztunnel /usr/local/bin/ztunnel
+# In-pod mode: the data ports listen inside each pod's network namespace (istio-cni hands them
+# over); the proxy's own pod serves 15020 metrics and 15021 readiness (15000, admin, listens on
+# localhost only). Istio's chart runs it as `ztunnel proxy ztunnel`, as uid 0 with NET_ADMIN,
+# SYS_ADMIN (entering pod namespaces) and NET_RAW.
+EXPOSE 15020 15021
+ENTRYPOINT ["/usr/local/bin/ztunnel"]
+CMD ["proxy", "ztunnel"]

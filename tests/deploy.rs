@@ -1,6 +1,7 @@
 //! deploy/: the manifests carry what a cluster needs (checked field by field, and the proxy's own
-//! config parser accepts the environment they set), and the redirection script installs and
-//! removes its rules cleanly (as root, in a scratch network namespace).
+//! config parser accepts the environment they set): the in-pod DaemonSet is what Istio's chart
+//! installs; the node-capture alternative's redirection script installs and removes its rules
+//! cleanly (as root, in a scratch network namespace).
 
 mod common;
 
@@ -11,21 +12,108 @@ use serde::Deserialize;
 use serde_json::Value;
 use ztunnel::config::{Config, Source};
 
-const MANIFEST: &str = include_str!("../deploy/ztunnel.yaml");
-const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/ztunnel-redirect.sh");
+const INPOD_MANIFEST: &str = include_str!("../deploy/ztunnel.yaml");
+const MANIFEST: &str = include_str!("../deploy/node-capture/ztunnel-node.yaml");
+const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/node-capture/ztunnel-redirect.sh");
 
-fn documents() -> Vec<Value> {
-    serde_yaml_ng::Deserializer::from_str(MANIFEST)
+fn parse(manifest: &str) -> Vec<Value> {
+    serde_yaml_ng::Deserializer::from_str(manifest)
         .map(|d| Value::deserialize(d).expect("every document is valid YAML"))
         .collect()
 }
 
+fn documents() -> Vec<Value> {
+    parse(MANIFEST)
+}
+
 fn kind<'a>(docs: &'a [Value], kind: &str) -> &'a Value {
-    docs.iter().find(|d| d["kind"] == kind).unwrap_or_else(|| panic!("a {kind} in deploy/ztunnel.yaml"))
+    docs.iter().find(|d| d["kind"] == kind).unwrap_or_else(|| panic!("a {kind} in the manifest"))
+}
+
+/// A container's environment, downward-API values standing in as the kubelet would fill them.
+fn environment(c: &Value) -> HashMap<String, String> {
+    let mut env = HashMap::new();
+    for e in c["env"].as_array().unwrap() {
+        let name = e["name"].as_str().unwrap().to_string();
+        let value = match (&e["value"], &e["valueFrom"]["fieldRef"]["fieldPath"], &e["valueFrom"]["resourceFieldRef"]) {
+            (Value::String(v), _, _) => v.clone(),
+            (_, Value::String(path), _) if path == "status.podIP" => "10.0.0.7".into(),
+            (_, Value::String(_), _) => "from-the-downward-api".into(),
+            // limits.cpu with no limit set: the node's allocatable CPUs, rounded up.
+            (_, _, Value::Object(_)) => "4".into(),
+            _ => panic!("env {name} has no value"),
+        };
+        env.insert(name, value);
+    }
+    env
+}
+
+/// What COMPAT.md says Istio's ztunnel chart installs (ambient profile, defaults): the in-pod
+/// manifest is the same pod, so either installs this proxy the same way.
+#[test]
+fn the_inpod_daemonset_is_what_istios_chart_installs() {
+    let docs = parse(INPOD_MANIFEST);
+    for d in &docs {
+        assert_eq!(d["metadata"]["namespace"], "istio-system");
+    }
+    let ds = kind(&docs, "DaemonSet");
+    assert_eq!(ds["metadata"]["name"], "ztunnel", "istioctl ztunnel-config finds daemonset/ztunnel");
+    assert_eq!(ds["spec"]["selector"]["matchLabels"], serde_json::json!({"app": "ztunnel"}));
+    let rolling = &ds["spec"]["updateStrategy"]["rollingUpdate"];
+    assert_eq!((&rolling["maxSurge"], &rolling["maxUnavailable"]), (&1.into(), &0.into()));
+    let meta = &ds["spec"]["template"]["metadata"];
+    assert_eq!(meta["labels"]["app"], "ztunnel");
+    assert_eq!(meta["labels"]["sidecar.istio.io/inject"], "false");
+    assert_eq!(meta["labels"]["istio.io/dataplane-mode"], "none", "istio-cni must not capture the proxy itself");
+    assert_eq!(meta["annotations"]["prometheus.io/scrape"], "true");
+    assert_eq!(meta["annotations"]["prometheus.io/port"], "15020");
+    let pod = &ds["spec"]["template"]["spec"];
+    assert!(pod["hostNetwork"].is_null() || pod["hostNetwork"] == false, "no host network in in-pod mode");
+    assert_eq!(pod["priorityClassName"], "system-node-critical");
+    assert_eq!(pod["tolerations"], serde_json::json!([{"operator": "Exists"}]));
+    assert_eq!(pod["terminationGracePeriodSeconds"], 30);
+    let c = &pod["containers"][0];
+    assert_eq!(c["name"], "istio-proxy");
+    assert_eq!(c["args"], serde_json::json!(["proxy", "ztunnel"]));
+    assert_eq!(c["ports"], serde_json::json!([{"containerPort": 15020, "name": "ztunnel-stats", "protocol": "TCP"}]));
+    assert_eq!(c["readinessProbe"]["httpGet"], serde_json::json!({"path": "/healthz/ready", "port": 15021}));
+    assert_eq!(c["resources"]["requests"], serde_json::json!({"cpu": "200m", "memory": "512Mi"}));
+    let sc = &c["securityContext"];
+    assert_eq!(sc["capabilities"], serde_json::json!({"drop": ["ALL"], "add": ["NET_ADMIN", "SYS_ADMIN", "NET_RAW"]}));
+    assert_eq!((&sc["runAsUser"], &sc["runAsGroup"]), (&0.into(), &1337.into()));
+    assert_eq!(sc["readOnlyRootFilesystem"], true);
+    let volume = |name: &str| {
+        pod["volumes"].as_array().unwrap().iter().find(|v| v["name"] == name).unwrap_or_else(|| panic!("volume {name}"))
+    };
+    assert_eq!(volume("istiod-ca-cert")["configMap"]["name"], "istio-ca-root-cert");
+    let token = &volume("istio-token")["projected"]["sources"][0]["serviceAccountToken"];
+    assert_eq!((&token["audience"], &token["expirationSeconds"]), (&"istio-ca".into(), &43200.into()));
+    assert_eq!(
+        volume("cni-ztunnel-sock-dir")["hostPath"],
+        serde_json::json!({"path": "/var/run/ztunnel", "type": "DirectoryOrCreate"})
+    );
+    assert!(volume("tmp")["emptyDir"].is_object());
+
+    // The chart's environment through the proxy's own parser: in-pod mode, istiod by a
+    // scheme-less address, the drain deadline from the grace period.
+    let env = environment(c);
+    let get = |k: &str| env.get(k).cloned();
+    let cfg = Config::from_source(&Source::new(&get)).expect("the chart's environment is a valid config");
+    assert!(cfg.inpod);
+    assert_eq!(cfg.xds_address.as_deref(), Some("https://istiod.istio-system.svc:15012"));
+    assert_eq!(cfg.ca_address.as_deref(), Some("https://istiod.istio-system.svc:15012"));
+    assert_eq!(cfg.termination_deadline, std::time::Duration::from_secs(25));
+    assert_eq!(cfg.worker_threads, 4, "one worker per CPU");
+    let mounted = |path: &std::path::Path| {
+        c["volumeMounts"].as_array().unwrap().iter().any(|m| path.starts_with(m["mountPath"].as_str().unwrap()))
+    };
+    for path in [cfg.inpod_uds.as_path(), std::path::Path::new(&cfg.xds_root_ca), cfg.auth_token.as_deref().unwrap()] {
+        assert!(mounted(path), "{} is mounted", path.display());
+    }
 }
 
 #[test]
-fn the_daemonset_has_what_a_node_proxy_needs() {
+fn the_node_capture_daemonset_has_what_a_node_proxy_needs() {
     let docs = documents();
     for d in &docs {
         assert!(d["apiVersion"].is_string() && d["metadata"]["name"].is_string(), "{d}");
@@ -70,17 +158,7 @@ fn the_daemonset_has_what_a_node_proxy_needs() {
     assert_eq!(root["configMap"]["name"], "istio-ca-root-cert");
 
     // The environment: the proxy's own parser accepts it (downward-API values stand in).
-    let mut env: HashMap<String, String> = HashMap::new();
-    for e in c["env"].as_array().unwrap() {
-        let name = e["name"].as_str().unwrap().to_string();
-        let value = match (&e["value"], &e["valueFrom"]["fieldRef"]["fieldPath"]) {
-            (Value::String(v), _) => v.clone(),
-            (_, Value::String(path)) if path == "status.podIP" => "10.0.0.7".into(),
-            (_, Value::String(_)) => "from-the-downward-api".into(),
-            _ => panic!("env {name} has no value"),
-        };
-        env.insert(name, value);
-    }
+    let env = environment(c);
     for var in [
         "XDS_ADDRESS",
         "CA_ADDRESS",
@@ -96,6 +174,7 @@ fn the_daemonset_has_what_a_node_proxy_needs() {
     }
     let get = |k: &str| env.get(k).cloned();
     let cfg = Config::from_source(&Source::new(&get)).expect("the manifest's environment is a valid config");
+    assert!(!cfg.inpod, "node-level capture");
     assert_eq!(cfg.node_name.as_deref(), Some("from-the-downward-api"));
     assert_eq!(cfg.auth_token.as_deref(), Some(std::path::Path::new("/var/run/secrets/tokens/istio-token")));
     let mounted = |path: &str| {
@@ -113,9 +192,10 @@ fn the_daemonset_has_what_a_node_proxy_needs() {
 
 #[test]
 fn the_uninstall_daemonset_removes_the_rules_on_every_node() {
-    let docs: Vec<Value> = serde_yaml_ng::Deserializer::from_str(include_str!("../deploy/ztunnel-uninstall.yaml"))
-        .map(|d| Value::deserialize(d).expect("valid YAML"))
-        .collect();
+    let docs: Vec<Value> =
+        serde_yaml_ng::Deserializer::from_str(include_str!("../deploy/node-capture/ztunnel-uninstall.yaml"))
+            .map(|d| Value::deserialize(d).expect("valid YAML"))
+            .collect();
     assert_eq!(docs.len(), 1);
     let ds = kind(&docs, "DaemonSet");
     assert_eq!(ds["metadata"]["namespace"], "istio-system");
