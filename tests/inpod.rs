@@ -301,10 +301,7 @@ fn pod_churn_100_pods_traffic_deletes_and_a_reconnect() {
         .unwrap();
         assert_eq!(got, ip(i), "pod {i}'s traffic leaves from the pod");
     }
-    assert!(
-        eventually(|| node.log().contains("src.workload=\"c99\"")),
-        "attributed to the pod's workload"
-    );
+    assert!(eventually(|| node.log().contains("src.workload=\"c99\"")), "attributed to the pod's workload");
     // The traffic's connections are gone; count what the pods themselves hold.
     assert!(eventually(|| (usage(node.pid()).0 - fds_before) % N == 0), "descriptors per pod are whole");
     let (fds_full, rss_full) = usage(node.pid());

@@ -18,6 +18,14 @@ perf: throughput, latency and connection-rate benchmarks for ztunnel-compatible 
       (default perf/results/<timestamp>/). --policies N puts N authorization policies (all
       passing the benchmark's traffic) in the config, to measure what authorization costs.
 
+  perf inpod [--quick] [--reps N] [--pods N] [--proxy BINARY] [--compare OTHER_BINARY] [--out DIR]
+      in-pod mode (root): Add-to-ack time for one pod and for N pods (default 100), descriptors
+      and memory per pod, and connection rate and rr latency from a pod in in-pod mode next to
+      dedicated mode, for each proxy in one run. Writes inpod.json and inpod.md into DIR.
+  perf inpod --socket-cost [--iters N]
+      what one socket costs made in the thread's namespace, by entering a pod's namespace and
+      back on the same thread, or by a helper thread living in it (nanoseconds per socket)
+
   perf server [--ip IP ...] [--echo-port P] [--sink-port P]
       echo and discard servers until interrupted (ports 0: chosen and printed)
 
@@ -88,6 +96,7 @@ fn real_main() -> anyhow::Result<()> {
     match cmd.as_str() {
         "run" => cmd_run(args),
         "server" => cmd_server(args),
+        "inpod" => cmd_inpod(args),
         "client" => cmd_client(args),
         other => bail!("unknown command {other:?}\n\n{USAGE}"),
     }
@@ -122,6 +131,35 @@ fn cmd_run(mut args: Args) -> anyhow::Result<()> {
     let report = perf::run(&opts)?;
     println!("{}", std::fs::read_to_string(out.join("report.md"))?);
     println!("wrote {} records to {}", report.records.len(), out.display());
+    Ok(())
+}
+
+fn cmd_inpod(mut args: Args) -> anyhow::Result<()> {
+    if args.flag("--socket-cost") {
+        let iters = args.parsed("--iters", 100_000usize)?;
+        args.done()?;
+        println!("{}", serde_json::to_string_pretty(&perf::inpod::socket_cost(iters)?)?);
+        return Ok(());
+    }
+    let quick = args.flag("--quick");
+    let reps = args.parsed("--reps", if quick { 1usize } else { 3 })?;
+    let pods = args.parsed("--pods", 100usize)?;
+    let proxy = args.value("--proxy")?.map(PathBuf::from);
+    let compare = args.value("--compare")?.map(PathBuf::from);
+    let out = args.value("--out")?.map(PathBuf::from);
+    args.done()?;
+    let proxy = match proxy {
+        Some(p) => p,
+        None => perf::proxy::default_binary()?,
+    };
+    let out = out.unwrap_or_else(|| {
+        let stamp = perf::scenario::now_rfc3339().replace(':', "-");
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("results").join(format!("inpod-{stamp}"))
+    });
+    let opts = perf::inpod::InpodOpts { proxy, compare, out: out.clone(), pods, quick, reps };
+    perf::inpod::run(&opts)?;
+    println!("{}", std::fs::read_to_string(out.join("inpod.md"))?);
+    println!("wrote {}", out.display());
     Ok(())
 }
 

@@ -634,7 +634,7 @@ fn fill_latency(rec: &mut Record, h: &hdrhistogram::Histogram<u64>) {
     rec.histogram = Some(load::histogram_counts(h));
 }
 
-fn label_of(binary: &Path, fallback: &str) -> String {
+pub fn label_of(binary: &Path, fallback: &str) -> String {
     binary.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| fallback.to_string())
 }
 
