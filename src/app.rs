@@ -190,6 +190,13 @@ fn start_workers(
     cert_tx: mpsc::UnboundedSender<crate::model::Identity>,
 ) -> anyhow::Result<StartedWorkers> {
     let cores = core_affinity::get_core_ids().unwrap_or_default();
+    let resolvers = Arc::new(match crate::dns::resolv::load(&cfg.resolv_conf) {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!(path = %cfg.resolv_conf.display(), error = %e, "no resolv.conf: forwarding DNS to 127.0.0.1:53");
+            crate::dns::resolv::Resolvers::default()
+        }
+    });
     let mut started = StartedWorkers {
         txs: Vec::new(),
         generations: Vec::new(),
@@ -200,6 +207,10 @@ fn start_workers(
             inbound_plain: cfg.listeners.inbound_plain,
             inbound: cfg.listeners.inbound,
             socks5: cfg.socks5.then_some(cfg.listeners.socks5),
+            dns_port: match (cfg.proxy_mode, cfg.dns_capture) {
+                (crate::config::ProxyMode::Dedicated, true) => cfg.dns_proxy_addrs.first().map(|a| a.port()),
+                _ => None,
+            },
         },
         driver: "",
         handles: Vec::new(),
@@ -222,6 +233,7 @@ fn start_workers(
             alive: alive.clone(),
             done: done_tx,
             cert_requests: cert_tx.clone(),
+            dns: resolvers.clone(),
         };
         let (handle, ready) = worker::spawn(spec).context("spawning a worker thread")?;
         let bound = ready.recv().map_err(|_| anyhow::anyhow!("worker {id} died during start-up"))?;

@@ -11,8 +11,8 @@ use std::time::Duration;
 /// Istio's `PACKET_MARK` default (0x539).
 pub const DEFAULT_PACKET_MARK: u32 = 1337;
 
+/// Written as Istio's ztunnel writes it in `config_dump` (`Shared`, `Dedicated`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "camelCase")]
 pub enum ProxyMode {
     /// One proxy for every workload whose `node` is ours.
     Shared,
@@ -129,6 +129,16 @@ pub struct Config {
     /// `ENABLE_NODE_LOCAL_FAST_PATH`: a destination served by this proxy skips TLS and HTTP/2;
     /// the inbound checks run in-process and the pod is dialed directly.
     pub node_local_fast_path: bool,
+    /// The DNS proxy (`ISTIO_META_DNS_CAPTURE`: on unless set to something other than `true`).
+    pub dns_capture: bool,
+    /// `ISTIO_META_DNS_PROXY_ADDR` in dedicated mode (`localhost:PORT` is both loopbacks).
+    pub dns_proxy_addrs: Vec<SocketAddr>,
+    /// `IPV6_ENABLED`: AAAA answers for mesh names.
+    pub ipv6_enabled: bool,
+    /// `PREFERED_SERVICE_NAMESPACE` (Istio's spelling): preferred among services sharing a name.
+    pub preferred_service_namespace: Option<String>,
+    /// `ZTUNNEL_RESOLV_CONF`: where the upstream resolvers are read from.
+    pub resolv_conf: PathBuf,
     /// HTTP/2 PING interval on HBONE connections, and how long a PONG may take before the
     /// connection is dropped (Istio: 10 s and 20 s).
     #[serde(serialize_with = "ser_duration")]
@@ -147,8 +157,13 @@ pub struct LocalCaConfig {
     pub dir: PathBuf,
 }
 
+/// Durations as Istio's ztunnel writes them in `config_dump` (`{secs, nanos}`; Kiali reads them).
 fn ser_duration<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-    s.collect_str(&format_args!("{d:?}"))
+    use serde::ser::SerializeStruct;
+    let mut st = s.serialize_struct("Duration", 2)?;
+    st.serialize_field("secs", &d.as_secs())?;
+    st.serialize_field("nanos", &d.subsec_nanos())?;
+    st.end()
 }
 
 /// A start-up configuration error: which variable (or flag), which value, and why.
@@ -415,6 +430,18 @@ fn termination_deadline(src: &Source) -> Result<Duration, ConfigError> {
         None => Duration::from_secs(5),
         Some(s) => Duration::from_secs(if s > 10 { s - 5 } else { s.saturating_sub(1) }.max(1)),
     })
+}
+
+/// `ISTIO_META_DNS_PROXY_ADDR`: `localhost:PORT` (both loopback addresses) or `IP:PORT`.
+fn parse_dns_addr(v: &str) -> Result<Vec<SocketAddr>, String> {
+    if let Some(port) = v.strip_prefix("localhost:") {
+        let port: u16 = port.parse().map_err(|_| "expected localhost:PORT or IP:PORT".to_string())?;
+        return Ok(vec![
+            SocketAddr::new(Ipv4Addr::LOCALHOST.into(), port),
+            SocketAddr::new(Ipv6Addr::LOCALHOST.into(), port),
+        ]);
+    }
+    v.parse::<SocketAddr>().map(|a| vec![a]).map_err(|_| "expected localhost:PORT or IP:PORT".to_string())
 }
 
 /// An istiod address: `https://host:port`, or `host:port`, which means https as in Istio.
@@ -687,6 +714,16 @@ impl Config {
                 .unwrap_or(100),
             pool_idle_timeout: src.duration("POOL_UNUSED_RELEASE_TIMEOUT", Duration::from_secs(300))?,
             node_local_fast_path: src.bool("ENABLE_NODE_LOCAL_FAST_PATH")?.unwrap_or(true),
+            dns_capture: src.value("ISTIO_META_DNS_CAPTURE").is_none_or(|v| v.eq_ignore_ascii_case("true")),
+            dns_proxy_addrs: src
+                .parse("ISTIO_META_DNS_PROXY_ADDR", parse_dns_addr)?
+                .unwrap_or_else(|| parse_dns_addr("localhost:15053").expect("the default is valid")),
+            ipv6_enabled: src.bool("IPV6_ENABLED")?.unwrap_or(true),
+            preferred_service_namespace: src.value("PREFERED_SERVICE_NAMESPACE"),
+            resolv_conf: src
+                .value("ZTUNNEL_RESOLV_CONF")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| "/etc/resolv.conf".into()),
             hbone_keepalive_interval: Duration::from_secs(10),
             hbone_keepalive_timeout: Duration::from_secs(20),
         })
@@ -722,6 +759,7 @@ impl Config {
             ("ENABLE_ORIG_SRC", "false".into()),
             ("CONNECTION_TERMINATION_DEADLINE", "1s".into()),
             ("FAKE_CA", "true".into()),
+            ("ISTIO_META_DNS_PROXY_ADDR", "127.0.0.1:0".into()),
         ]
         .into_iter()
         .collect();

@@ -7,6 +7,7 @@
 pub mod app;
 pub mod config;
 pub mod control;
+pub mod dns;
 pub mod hbone;
 pub mod inpod;
 pub mod model;

@@ -452,3 +452,27 @@ pub fn tokio_async_fd(socket: socket2::Socket) -> io::Result<tokio::io::unix::As
     // `AsyncFd` (its only owner from here) is dropped; `as_raw_fd` always returns it.
     unsafe { tokio::io::unix::AsyncFd::register(socket) }.map_err(|e| e.into_parts().1)
 }
+
+/// One datagram from a non-blocking UDP socket into `buf`: `Ok(None)` when none is waiting.
+pub fn udp_recv_from(sock: &impl AsRawFd, buf: &mut [u8]) -> io::Result<Option<(usize, SocketAddr)>> {
+    // SAFETY: the caller holds the socket for the whole call, so the descriptor stays open for
+    // the borrow's life.
+    let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(sock.as_raw_fd()) };
+    // SAFETY: `MaybeUninit<u8>` has the layout of `u8`; recv only writes initialised bytes.
+    let uninit = unsafe { &mut *(buf as *mut [u8] as *mut [MaybeUninit<u8>]) };
+    match socket2::SockRef::from(&fd).recv_from(uninit) {
+        Ok((n, from)) => {
+            let from = from.as_socket().ok_or_else(|| io::Error::other("datagram from a non-IP address"))?;
+            Ok(Some((n, from)))
+        }
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Sends one datagram without blocking (a full socket buffer drops it, as UDP may).
+pub fn udp_send_to(sock: &impl AsRawFd, buf: &[u8], to: SocketAddr) -> io::Result<usize> {
+    // SAFETY: as in `udp_recv_from`.
+    let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(sock.as_raw_fd()) };
+    socket2::SockRef::from(&fd).send_to(buf, &to.into())
+}

@@ -1,6 +1,7 @@
-//! SCENARIOS.md, 1 to 14, on the two-node rig of `tests/rig` (root only; skipped with the
-//! reason otherwise): two `ztunnel` processes in node namespaces, pods behind them, the
-//! DaemonSet's redirection script, an HTTP server in `httpbin` and `curl`-like clients.
+//! SCENARIOS.md, 1 to 14, and the pods' DNS, on the two-node rig of `tests/rig` (root only;
+//! skipped with the reason otherwise): two `ztunnel` processes in in-pod mode in node
+//! namespaces, pods behind them with istio-cni's rules handed over by the node agent stand-in,
+//! an HTTP server in `httpbin` and `curl`-like clients.
 
 mod common;
 mod fake_istiod;
@@ -623,5 +624,74 @@ fn scenario_14_istiod_loss() {
     for i in 0..2 {
         let s = rig.scrape(i);
         assert!(counted(&s, "istio_xds_connection_terminations_total", &[]) >= 1.0, "node {i} counted the loss");
+    }
+}
+
+/// `/etc/netns/<ns>/resolv.conf` (what `ip netns exec` shows the pod as its resolv.conf),
+/// removed on drop.
+struct PodResolvConf(std::path::PathBuf);
+
+impl PodResolvConf {
+    fn write(ns: &str, text: &str) -> PodResolvConf {
+        let dir = std::path::PathBuf::from(format!("/etc/netns/{ns}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("resolv.conf"), text).unwrap();
+        PodResolvConf(dir)
+    }
+}
+
+impl Drop for PodResolvConf {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[test]
+fn dns_of_every_pod_through_istio_cni_capture() {
+    if skip_without_netns("dns_of_every_pod_through_istio_cni_capture") {
+        return;
+    }
+    // The cluster's DNS, as the proxy's own resolv.conf names it: a stand-in on w1's node
+    // address, which pods on both nodes can reach.
+    let mut rig = Rig::network("k");
+    let upstream = rig.in_node(0, || UpstreamDns::start(format!("{}:53", NODES[0].1).parse().unwrap()));
+    let resolv = rig.dir.0.join("node-resolv.conf");
+    std::fs::write(&resolv, format!("nameserver {}\noptions timeout:2 attempts:2\n", NODES[0].1)).unwrap();
+    let config = rig.dir.write_config(&Mesh::hbone().yaml());
+    rig.start(&[
+        ("LOCAL_XDS_PATH", config.display().to_string()),
+        ("XDS_ADDRESS", String::new()),
+        ("ZTUNNEL_RESOLV_CONF", resolv.display().to_string()),
+    ]);
+    // The pods' resolv.conf as Kubernetes writes it; the nameserver address does not matter:
+    // istio-cni sends every query to port 53 to the proxy's 15053 in the pod.
+    let pod_conf = "search ambient-demo.svc.cluster.local svc.cluster.local cluster.local\n\
+                    nameserver 10.96.0.53\noptions ndots:5 timeout:2 attempts:2\n";
+    let _confs: Vec<PodResolvConf> =
+        ["sleep", "sleep2"].iter().map(|p| PodResolvConf::write(&rig.pod(p).ns.0, pod_conf)).collect();
+    let resolve = |pod: &str, name: &str| -> String {
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", &rig.pod(pod).ns.0, "getent", "ahostsv4", name])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .next()
+            .and_then(|l| l.split_whitespace().next())
+            .unwrap_or("")
+            .to_string()
+    };
+    for pod in ["sleep", "sleep2"] {
+        assert_eq!(resolve(pod, "httpbin.ambient-demo.svc.cluster.local"), VIP, "{pod}: the service's FQDN");
+        assert_eq!(resolve(pod, "httpbin"), VIP, "{pod}: the short name");
+        assert_eq!(resolve(pod, "httpbin.ambient-demo"), VIP, "{pod}: name.namespace");
+        assert_eq!(resolve(pod, "outside.example"), "203.0.113.7", "{pod}: an outside name, forwarded");
+        assert_eq!(resolve(pod, "nothing.example"), "", "{pod}: NXDOMAIN passes through");
+    }
+    assert!(upstream.queries.load(std::sync::atomic::Ordering::Relaxed) > 0, "forwarded names reached the upstream");
+    for i in 0..2 {
+        let s = rig.scrape(i);
+        assert!(counted(&s, "istio_dns_requests_total", &[("request_query_type", "a")]) >= 4.0, "node {i} counts DNS");
+        assert!(counted(&s, "istio_dns_upstream_requests_total", &[]) >= 1.0, "node {i} counts forwarded queries");
     }
 }

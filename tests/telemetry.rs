@@ -15,7 +15,8 @@ use http::{Method, StatusCode};
 use ztunnel::config::Config;
 use ztunnel::tls::ca::LocalCa;
 
-const LABELS: [&str; 23] = [
+/// Every label Istio's ztunnel writes on `istio_tcp_*` (what the Istio dashboards group by).
+const LABELS: [&str; 27] = [
     "reporter",
     "source_workload",
     "source_canonical_service",
@@ -25,6 +26,8 @@ const LABELS: [&str; 23] = [
     "source_app",
     "source_version",
     "source_cluster",
+    "source_region",
+    "source_zone",
     "destination_service",
     "destination_service_namespace",
     "destination_service_name",
@@ -36,6 +39,8 @@ const LABELS: [&str; 23] = [
     "destination_app",
     "destination_version",
     "destination_cluster",
+    "destination_region",
+    "destination_zone",
     "request_protocol",
     "response_flags",
     "connection_security_policy",

@@ -3,6 +3,7 @@
 //! /proc, reported as JSON, markdown and an SVG plot. See perf/README.md.
 
 pub mod agent;
+pub mod dns;
 pub mod inpod;
 pub mod load;
 pub mod netns;

@@ -18,6 +18,11 @@ perf: throughput, latency and connection-rate benchmarks for ztunnel-compatible 
       (default perf/results/<timestamp>/). --policies N puts N authorization policies (all
       passing the benchmark's traffic) in the config, to measure what authorization costs.
 
+  perf run dns [--quick] [--reps N] [--clients N] [--secs S] [--proxy BINARY] [--compare OTHER_BINARY] [--out DIR]
+      the DNS proxy (root): queries/s, latency and queries per proxy CPU second for a mesh name
+      and a forwarded one, each proxy in dedicated mode in a scratch namespace, side by side.
+      Writes dns.json and dns.md into DIR.
+
   perf inpod [--quick] [--reps N] [--pods N] [--proxy BINARY] [--compare OTHER_BINARY] [--out DIR]
       in-pod mode (root): Add-to-ack time for one pod and for N pods (default 100), descriptors
       and memory per pod, and connection rate and rr latency from a pod in in-pod mode next to
@@ -110,8 +115,12 @@ fn cmd_run(mut args: Args) -> anyhow::Result<()> {
     let proxy = args.value("--proxy")?.map(PathBuf::from);
     let compare = args.value("--compare")?.map(PathBuf::from);
     let out = args.value("--out")?.map(PathBuf::from);
+    if args.0.first().is_some_and(|s| s == "dns") {
+        args.0.remove(0);
+        return cmd_dns(args, quick, reps, proxy, compare, out);
+    }
     if args.0.is_empty() {
-        bail!("run needs a scenario: local or netns");
+        bail!("run needs a scenario: local, netns or dns");
     }
     let scenario = match args.0.remove(0).as_str() {
         "local" => Scenario::Local,
@@ -131,6 +140,33 @@ fn cmd_run(mut args: Args) -> anyhow::Result<()> {
     let report = perf::run(&opts)?;
     println!("{}", std::fs::read_to_string(out.join("report.md"))?);
     println!("wrote {} records to {}", report.records.len(), out.display());
+    Ok(())
+}
+
+fn cmd_dns(
+    mut args: Args,
+    quick: bool,
+    reps: Option<usize>,
+    proxy: Option<PathBuf>,
+    compare: Option<PathBuf>,
+    out: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    let clients = args.parsed("--clients", 4usize)?;
+    let secs = args.parsed("--secs", if quick { 1.0f64 } else { 5.0 })?;
+    args.done()?;
+    let proxy = match proxy {
+        Some(p) => p,
+        None => perf::proxy::default_binary()?,
+    };
+    let out = out.unwrap_or_else(|| {
+        let stamp = perf::scenario::now_rfc3339().replace(':', "-");
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("results").join(format!("dns-{stamp}"))
+    });
+    let reps = reps.unwrap_or(if quick { 1 } else { 3 });
+    let opts = perf::dns::DnsOpts { proxy, compare, out: out.clone(), secs, clients, reps };
+    perf::dns::run(&opts)?;
+    println!("{}", std::fs::read_to_string(out.join("dns.md"))?);
+    println!("wrote {}", out.display());
     Ok(())
 }
 

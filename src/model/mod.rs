@@ -12,7 +12,9 @@ mod workload;
 
 pub use addr::{IpNet, NamespacedHostname, NetworkAddress};
 pub use policy::{Action, Authorization, PolicyScope, RbacMatch, ServiceAccountMatch, StringMatch};
-pub use service::{Endpoint, HealthPolicy, IpFamilies, LoadBalancer, LoadBalancerMode, RoutingPreference, Service};
+pub use service::{
+    Endpoint, HealthPolicy, IpFamilies, LoadBalancer, LoadBalancerMode, RoutingPreference, Service, Visibility,
+};
 pub use workload::{
     ApplicationTunnel, GatewayAddress, GatewayDestination, HealthStatus, Identity, Locality, NetworkMode, Protocol,
     TunnelProtocol, Workload,

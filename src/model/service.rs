@@ -81,9 +81,34 @@ pub struct Service {
     pub load_balancer: Option<LoadBalancer>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ip_families: Option<IpFamilies>,
+    /// Among services sharing a hostname, the one DNS prefers after the client's namespace.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub canonical: bool,
+    /// Who may resolve it: everyone, or only clients in its namespace.
+    #[serde(default, skip_serializing_if = "Visibility::is_public")]
+    pub visibility: Visibility,
+}
+
+/// A service's visibility to DNS clients (Istio's `exportTo: .` ServiceEntries are `Namespace`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Visibility {
+    #[default]
+    Public,
+    Namespace,
+}
+
+impl Visibility {
+    pub fn is_public(&self) -> bool {
+        *self == Visibility::Public
+    }
 }
 
 impl Service {
+    /// Whether a client in `namespace` may see this service (DNS).
+    pub fn visible_to(&self, namespace: &str) -> bool {
+        self.visibility == Visibility::Public || self.namespace == namespace
+    }
+
     pub fn namespaced_hostname(&self) -> NamespacedHostname {
         NamespacedHostname { namespace: self.namespace.clone(), hostname: self.hostname.clone() }
     }

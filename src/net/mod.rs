@@ -29,6 +29,8 @@ pub struct ListenAddrs {
     pub inbound_plain: SocketAddr,
     pub inbound: SocketAddr,
     pub socks5: Option<SocketAddr>,
+    /// The dedicated-mode DNS server's port, if it runs (0: any, resolved by the first worker).
+    pub dns_port: Option<u16>,
 }
 
 /// How a listener socket is set up before it is handed to a worker's runtime.
@@ -156,4 +158,18 @@ pub fn prepare_accepted(stream: &TcpStream) {
 /// address see one form only.
 pub fn canonical(addr: SocketAddr) -> SocketAddr {
     SocketAddr::new(addr.ip().to_canonical(), addr.port())
+}
+
+/// A `SO_REUSEPORT` UDP socket bound to `addr` (each worker binds its own: the kernel spreads
+/// datagrams over them by source).
+pub fn bind_udp(addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    Ok(socket.into())
 }

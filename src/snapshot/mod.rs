@@ -184,6 +184,11 @@ impl ConfigIndex {
         all.iter().find(|s| s.service.namespace == prefer_namespace).or_else(|| all.first())
     }
 
+    /// Every service with this hostname (several namespaces may use one), in config order.
+    pub fn services_by_hostname(&self, hostname: &str) -> &[Arc<ServiceEntry>] {
+        self.service_by_host.get(hostname).map(Vec::as_slice).unwrap_or_default()
+    }
+
     pub fn service(&self, key: &NamespacedHostname) -> Option<&Arc<ServiceEntry>> {
         self.services.get(key)
     }

@@ -20,7 +20,7 @@ use crate::net::relay::RelayStats;
 use crate::snapshot::ServiceEntry;
 
 /// Label names, in the order `Labels` holds their values (COMPAT.md's list).
-pub const LABEL_NAMES: [&str; 23] = [
+pub const LABEL_NAMES: [&str; 27] = [
     "reporter",
     "source_workload",
     "source_canonical_service",
@@ -30,6 +30,8 @@ pub const LABEL_NAMES: [&str; 23] = [
     "source_app",
     "source_version",
     "source_cluster",
+    "source_region",
+    "source_zone",
     "destination_service",
     "destination_service_namespace",
     "destination_service_name",
@@ -41,6 +43,8 @@ pub const LABEL_NAMES: [&str; 23] = [
     "destination_app",
     "destination_version",
     "destination_cluster",
+    "destination_region",
+    "destination_zone",
     "request_protocol",
     "response_flags",
     "connection_security_policy",
@@ -94,7 +98,7 @@ const MAX_SERIES: usize = 10_000;
 
 /// One series' label values, in [`LABEL_NAMES`] order.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct Labels(pub [Box<str>; 23]);
+pub struct Labels(pub [Box<str>; 27]);
 
 /// What a connection's labels are built from.
 #[derive(Debug, Default, Clone)]
@@ -105,6 +109,8 @@ pub struct Peer {
     pub namespace: Option<String>,
     pub principal: Option<String>,
     pub cluster: Option<String>,
+    pub region: Option<String>,
+    pub zone: Option<String>,
 }
 
 impl Peer {
@@ -125,6 +131,8 @@ impl Peer {
             namespace: Some(w.namespace.clone()),
             principal: Some(principal(&w.identity())),
             cluster: Some(if w.cluster_id.is_empty() { default_cluster.into() } else { w.cluster_id.clone() }),
+            region: w.locality.as_ref().map(|l| l.region.clone()),
+            zone: w.locality.as_ref().map(|l| l.zone.clone()),
         }
     }
 
@@ -143,6 +151,8 @@ impl Peer {
                 "k8s.cluster.name" => p.cluster = v,
                 "service.name" => p.canonical_service = v,
                 "service.version" => p.canonical_revision = v,
+                "cloud.region" => p.region = v,
+                "cloud.availability_zone" => p.zone = v,
                 k if k.starts_with("k8s.") && k.ends_with(".name") && k.len() < 40 => p.workload = v,
                 _ => {}
             }
@@ -189,6 +199,8 @@ impl Labels {
             v(&src.canonical_service),
             v(&src.canonical_revision),
             v(&src.cluster),
+            v(&src.region),
+            v(&src.zone),
             v(&svc.hostname),
             v(&svc.namespace),
             v(&svc.name),
@@ -200,6 +212,8 @@ impl Labels {
             v(&dst.canonical_service),
             v(&dst.canonical_revision),
             v(&dst.cluster),
+            v(&dst.region),
+            v(&dst.zone),
             "tcp".into(),
             response_flags.into(),
             (if mutual_tls { "mutual_tls" } else { UNKNOWN }).into(),
@@ -210,7 +224,7 @@ impl Labels {
     /// series cap: what a peer's baggage may have filled in).
     fn without_source_details(&self) -> Labels {
         let mut l = self.clone();
-        for i in [1, 2, 3, 4, 6, 7, 8] {
+        for i in [1, 2, 3, 4, 6, 7, 8, 9, 10] {
             l.0[i] = UNKNOWN.into();
         }
         l
@@ -330,6 +344,46 @@ pub struct Shard {
     /// Labels of recent connections by what they were made of (see [`Shard::labels`]).
     recent: RefCell<HashMap<LabelKey, Rc<Series>>>,
     setup: RefCell<Vec<Histogram<u64>>>,
+    dns: RefCell<HashMap<DnsKey, DnsCounts>>,
+}
+
+/// The labels of Istio's `istio_dns_*` series.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct DnsKey {
+    /// Lowercase record type (`a`, `aaaa`, `srv`, ...).
+    pub query_type: String,
+    /// `udp` or `tcp`.
+    pub protocol: &'static str,
+    pub source_canonical_service: String,
+    pub source_canonical_revision: String,
+}
+
+/// A counter family of DNS: name, help, and which count it shows.
+type DnsFamily = (&'static str, &'static str, fn(&DnsCounts) -> u64);
+
+/// Istio's buckets for `istio_dns_upstream_request_duration_seconds`, in microseconds.
+pub const DNS_BUCKETS_US: [u64; 6] = [500, 1_000, 10_000, 100_000, 1_000_000, 5_000_000];
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct DnsCounts {
+    pub requests: u64,
+    pub upstream_requests: u64,
+    pub upstream_failures: u64,
+    /// Upstream durations per bucket of [`DNS_BUCKETS_US`] (not cumulative), then `+Inf`.
+    pub upstream_buckets: [u64; 7],
+    pub upstream_sum_us: u64,
+}
+
+impl DnsCounts {
+    fn add(&mut self, o: &DnsCounts) {
+        self.requests += o.requests;
+        self.upstream_requests += o.upstream_requests;
+        self.upstream_failures += o.upstream_failures;
+        for (a, b) in self.upstream_buckets.iter_mut().zip(o.upstream_buckets) {
+            *a += b;
+        }
+        self.upstream_sum_us += o.upstream_sum_us;
+    }
 }
 
 impl Default for Shard {
@@ -340,6 +394,7 @@ impl Default for Shard {
             next: Cell::new(0),
             recent: RefCell::default(),
             setup: RefCell::new(SETUP_PATHS.iter().map(|_| new_histogram()).collect()),
+            dns: RefCell::default(),
         }
     }
 }
@@ -422,6 +477,22 @@ impl Shard {
         let _ = self.setup.borrow_mut()[i].record(us);
     }
 
+    /// One DNS request answered (mesh or forwarded), and for a forwarded one how the upstream
+    /// exchange went (`Some((took, failed))`).
+    pub fn dns(&self, key: DnsKey, upstream: Option<(Duration, bool)>) {
+        let mut map = self.dns.borrow_mut();
+        let c = map.entry(key).or_default();
+        c.requests += 1;
+        if let Some((took, failed)) = upstream {
+            c.upstream_requests += 1;
+            c.upstream_failures += u64::from(failed);
+            let us = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
+            let i = DNS_BUCKETS_US.iter().position(|b| us <= *b).unwrap_or(DNS_BUCKETS_US.len());
+            c.upstream_buckets[i] += 1;
+            c.upstream_sum_us = c.upstream_sum_us.saturating_add(us);
+        }
+    }
+
     /// Everything counted so far, with open connections' bytes as of now.
     pub fn dump(&self) -> Dump {
         let mut series: HashMap<Labels, Totals> =
@@ -431,7 +502,7 @@ impl Shard {
             t.sent += stats.sent.get();
             t.received += stats.received.get();
         }
-        Dump { series, setup: self.setup.borrow().clone() }
+        Dump { series, setup: self.setup.borrow().clone(), dns: self.dns.borrow().clone() }
     }
 }
 
@@ -441,11 +512,16 @@ pub struct Dump {
     pub series: HashMap<Labels, Totals>,
     /// Setup-time histograms in [`SETUP_PATHS`] order.
     pub setup: Vec<Histogram<u64>>,
+    pub dns: HashMap<DnsKey, DnsCounts>,
 }
 
 impl Dump {
     pub fn empty() -> Dump {
-        Dump { series: HashMap::new(), setup: SETUP_PATHS.iter().map(|_| new_histogram()).collect() }
+        Dump {
+            series: HashMap::new(),
+            setup: SETUP_PATHS.iter().map(|_| new_histogram()).collect(),
+            dns: HashMap::new(),
+        }
     }
 
     pub fn merge(&mut self, other: Dump) {
@@ -454,6 +530,9 @@ impl Dump {
         }
         for (mine, theirs) in self.setup.iter_mut().zip(other.setup) {
             let _ = mine.add(theirs);
+        }
+        for (k, v) in other.dns {
+            self.dns.entry(k).or_default().add(&v);
         }
     }
 
@@ -484,11 +563,69 @@ impl Dump {
         let _ = writeln!(out, "# TYPE istio_build gauge");
         let _ = writeln!(out, "istio_build{{component=\"ztunnel\",tag=\"{}\"}} 1", escape(build_tag));
         self.render_setup(&mut out, openmetrics);
+        self.render_dns(&mut out, openmetrics);
         out.push_str(extra);
         if openmetrics {
             out.push_str("# EOF\n");
         }
         out
+    }
+
+    /// Istio's `istio_dns_*` families (only once a DNS request was seen).
+    fn render_dns(&self, out: &mut String, openmetrics: bool) {
+        if self.dns.is_empty() {
+            return;
+        }
+        let mut keys: Vec<&DnsKey> = self.dns.keys().collect();
+        keys.sort();
+        let labels = |k: &DnsKey| {
+            let or_unknown = |s: &str| if s.is_empty() { "unknown".to_string() } else { escape(s) };
+            format!(
+                "request_query_type=\"{}\",request_protocol=\"{}\",source_canonical_service=\"{}\",source_canonical_revision=\"{}\"",
+                escape(&k.query_type),
+                k.protocol,
+                or_unknown(&k.source_canonical_service),
+                or_unknown(&k.source_canonical_revision)
+            )
+        };
+        let counters: [DnsFamily; 3] = [
+            ("istio_dns_requests", "Total number of DNS requests (unstable).", |c| c.requests),
+            ("istio_dns_upstream_requests", "Total number of DNS requests forwarded to upstream (unstable).", |c| {
+                c.upstream_requests
+            }),
+            (
+                "istio_dns_upstream_failures",
+                "Total number of DNS requests that failed to forward upstream (unstable).",
+                |c| c.upstream_failures,
+            ),
+        ];
+        for (name, help, get) in counters {
+            let family = if openmetrics { name.to_string() } else { format!("{name}_total") };
+            let _ = writeln!(out, "# HELP {family} {help}\n# TYPE {family} counter");
+            for k in &keys {
+                let _ = writeln!(out, "{name}_total{{{}}} {}", labels(k), get(&self.dns[*k]));
+            }
+        }
+        let name = "istio_dns_upstream_request_duration_seconds";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Total time in seconds Istio takes to get DNS response from upstream (unstable).\n# TYPE {name} histogram"
+        );
+        for k in &keys {
+            let c = &self.dns[*k];
+            if c.upstream_requests == 0 {
+                continue;
+            }
+            let l = labels(k);
+            let mut cumulative = 0;
+            for (i, le) in DNS_BUCKETS_US.iter().enumerate() {
+                cumulative += c.upstream_buckets[i];
+                let _ = writeln!(out, "{name}_bucket{{{l},le=\"{}\"}} {cumulative}", *le as f64 / 1e6);
+            }
+            let _ = writeln!(out, "{name}_bucket{{{l},le=\"+Inf\"}} {}", c.upstream_requests);
+            let _ = writeln!(out, "{name}_sum{{{l}}} {}", c.upstream_sum_us as f64 / 1e6);
+            let _ = writeln!(out, "{name}_count{{{l}}} {}", c.upstream_requests);
+        }
     }
 
     fn render_setup(&self, out: &mut String, _openmetrics: bool) {

@@ -63,7 +63,7 @@ pub struct WorkerCtx {
     pub conns: Rc<ConnTable>,
     pub draining: Signal,
     /// Accept loops still running; drain waits for them to close their listeners.
-    accepting: Cell<usize>,
+    pub(crate) accepting: Cell<usize>,
     /// The listeners' descriptors, stopped when drain starts (`sys::stop_listening`).
     listener_fds: RefCell<Vec<std::os::fd::RawFd>>,
     /// The proxy's own listening ports (configured and well-known): never a destination.
@@ -87,6 +87,18 @@ pub struct WorkerCtx {
     pods: RefCell<std::collections::HashMap<u64, Rc<pods::PodNet>>>,
     /// In-pod mode: the namespace this thread runs in, returned to after making a pod's socket.
     home_netns: Option<crate::sys::NetNs>,
+    /// The upstream resolvers of the DNS proxy.
+    pub dns: Arc<crate::dns::resolv::Resolvers>,
+    /// Forwarded DNS queries in flight, and DNS TCP clients, on this worker (both bounded).
+    pub(crate) dns_in_flight: Cell<usize>,
+    pub(crate) dns_tcp_clients: Cell<usize>,
+    /// The one buffer every DNS UDP server of this worker reads into.
+    pub(crate) dns_buf: RefCell<Vec<u8>>,
+    /// Forwarded DNS answers by (name, type), with when they were stored and when they expire.
+    #[allow(clippy::type_complexity)]
+    pub(crate) dns_cache: RefCell<
+        std::collections::HashMap<(String, u16), (hickory_proto::op::Message, std::time::Instant, std::time::Instant)>,
+    >,
 }
 
 impl WorkerCtx {

@@ -1,6 +1,6 @@
 //! A worker's share of in-pod mode: for every pod the node agent handed over, this worker's own
-//! `SO_REUSEPORT` listeners inside the pod's network namespace (15001, 15006, 15008, and 15080
-//! when SOCKS5 is on), so the kernel spreads the pod's connections over the workers like the
+//! `SO_REUSEPORT` listeners inside the pod's network namespace (15001, 15006, 15008, 15080 when
+//! SOCKS5 is on, and the DNS proxy's UDP and TCP 15053 on both loopback addresses), so the kernel spreads the pod's connections over the workers like the
 //! node's. Sockets are created in the pod's namespace by entering it on this thread and coming
 //! straight back (`sys::in_netns`); once made, a socket stays in its namespace wherever it is
 //! used, so the worker's io_uring serves every pod without further switching.
@@ -130,10 +130,14 @@ pub fn add_pod(ctx: &Rc<WorkerCtx>, spec: Arc<PodSpec>) -> Result<(), String> {
         return Ok(());
     }
     let home = ctx.home_netns.as_ref().ok_or("in-pod mode is off on this worker")?;
-    let socks5 = ctx.cfg.socks5;
-    let listeners = sys::in_netns(&spec.netns, home, || bind_pod_listeners(socks5))
-        .and_then(|r| r)
-        .map_err(|e| format!("binding the pod's listeners in its network namespace: {e}"))?;
+    let (socks5, dns) = (ctx.cfg.socks5, ctx.cfg.dns_capture);
+    let (listeners, dns_sockets) = sys::in_netns(&spec.netns, home, || -> io::Result<_> {
+        let listeners = bind_pod_listeners(socks5)?;
+        let dns_sockets = if dns { crate::dns::server::bind(&crate::dns::server::pod_addrs())? } else { Vec::new() };
+        Ok((listeners, dns_sockets))
+    })
+    .and_then(|r| r)
+    .map_err(|e| format!("binding the pod's listeners in its network namespace: {e}"))?;
     let listeners = listeners
         .into_iter()
         .map(|(kind, l)| TcpListener::from_std(l).map(|l| (kind, l)))
@@ -149,6 +153,12 @@ pub fn add_pod(ctx: &Rc<WorkerCtx>, spec: Arc<PodSpec>) -> Result<(), String> {
         ctx.accepting.set(ctx.accepting.get() + 1);
         monoio::spawn(accept_loop(ctx.clone(), kind, listener, Some(pod.clone())));
     }
+    // The pod's DNS proxy (istio-cni sends its port 53 to 15053).
+    let dns_fds = crate::dns::server::start(ctx, dns_sockets, Some(pod.clone())).map_err(|e| {
+        pod.stop_listening(ctx.id);
+        format!("starting the pod's DNS proxy: {e}")
+    })?;
+    pod.listener_fds.borrow_mut().extend(dns_fds);
     tracing::debug!(worker = ctx.id, uid = %pod.spec.uid, id = pod.id(), "pod listeners bound");
     ctx.pods.borrow_mut().insert(pod.id(), pod);
     Ok(())

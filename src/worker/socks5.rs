@@ -241,12 +241,20 @@ pub async fn handle(
                 panic!("a test asked this connection to panic");
             }
             let network = ctx.cfg.network.as_str();
-            let client = match pod {
-                Some(p) => p.workload(&snap),
-                None => snap.local_workload_by_ip(network, peer.ip()),
+            let client = match (pod, ctx.cfg.proxy_mode) {
+                (Some(p), _) => p.workload(&snap),
+                (None, crate::config::ProxyMode::Dedicated) => snap.dedicated_workload(),
+                (None, crate::config::ProxyMode::Shared) => snap.local_workload_by_ip(network, peer.ip()),
             };
             let ns = client.map(|w| w.namespace.clone()).unwrap_or_default();
-            match resolve(&snap, &name, port, network, &ns, peer.is_ipv4()) {
+            let found = match resolve(&snap, &name, port, network, &ns, peer.is_ipv4()) {
+                Some(a) => Some(a),
+                // Any other mesh name (short names, wildcards), then the upstream resolvers.
+                None => crate::dns::server::resolve_name(ctx, pod, &snap, client.map(|c| &**c), &name, peer.is_ipv4())
+                    .await
+                    .map(|ip| SocketAddr::new(ip, port)),
+            };
+            match found {
                 Some(a) => a,
                 None => {
                     write(&mut stream, reply(REPLY_HOST_UNREACHABLE, None)).await?;

@@ -49,6 +49,8 @@ pub struct WorkerSpec {
     pub done: tokio::sync::oneshot::Sender<()>,
     /// Asks the control thread for a certificate nobody fetched ahead of time.
     pub cert_requests: tokio::sync::mpsc::UnboundedSender<Identity>,
+    /// Where forwarded DNS queries go.
+    pub dns: Arc<crate::dns::resolv::Resolvers>,
 }
 
 /// Marks the worker as ended when its thread unwinds or returns, so a panicking worker fails
@@ -155,6 +157,7 @@ fn bound_addrs(listeners: &[(Listener, TcpListener)], asked: &ListenAddrs) -> Li
         inbound_plain: addr_of(Listener::InboundPlain).unwrap_or(asked.inbound_plain),
         inbound: addr_of(Listener::InboundHbone).unwrap_or(asked.inbound),
         socks5: addr_of(Listener::Socks5),
+        dns_port: asked.dns_port,
     }
 }
 
@@ -178,7 +181,23 @@ async fn run(spec: WorkerSpec, driver: &'static str, ready: std::sync::mpsc::Sen
             return;
         }
     };
-    let addrs = bound_addrs(&listeners, &spec.addrs);
+    let mut addrs = bound_addrs(&listeners, &spec.addrs);
+    // Dedicated mode's DNS server: the first worker resolves port 0, the others bind its port.
+    let dns_sockets = if let Some(port) = spec.addrs.dns_port {
+        let wanted: Vec<SocketAddr> = spec.cfg.dns_proxy_addrs.iter().map(|a| SocketAddr::new(a.ip(), port)).collect();
+        match crate::dns::server::bind(&wanted) {
+            Ok(s) => {
+                addrs.dns_port = s.first().and_then(|d| d.udp.local_addr().ok()).map(|a| a.port());
+                s
+            }
+            Err(e) => {
+                let _ = ready.send(Err(e));
+                return;
+            }
+        }
+    } else {
+        Vec::new()
+    };
     if spec.cfg.inpod {
         tracing::info!(
             worker = spec.id,
@@ -214,7 +233,16 @@ async fn run(spec: WorkerSpec, driver: &'static str, ready: std::sync::mpsc::Sen
         snapshot_waiters: RefCell::new(Signal::default()),
         pods: RefCell::default(),
         home_netns,
+        dns: spec.dns,
+        dns_in_flight: Cell::new(0),
+        dns_tcp_clients: Cell::new(0),
+        dns_buf: RefCell::new(vec![0; crate::dns::server::MAX_UDP_QUERY]),
+        dns_cache: RefCell::default(),
     });
+    match crate::dns::server::start(&ctx, dns_sockets, None) {
+        Ok(fds) => ctx.listener_fds.borrow_mut().extend(fds),
+        Err(e) => tracing::error!(worker = ctx.id, error = %e, "DNS proxy not started"),
+    }
     for (kind, listener) in listeners {
         ctx.accepting.set(ctx.accepting.get() + 1);
         monoio::spawn(accept_loop(ctx.clone(), kind, listener, None));

@@ -455,3 +455,142 @@ pub fn established_on(port: u16) -> usize {
         })
         .count()
 }
+
+/// DNS over UDP to `server`: the answer, or the error (within `PATIENCE`).
+pub fn dns_udp(server: SocketAddr, query: &[u8]) -> io::Result<Vec<u8>> {
+    let bind: SocketAddr = if server.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse().unwrap();
+    let s = std::net::UdpSocket::bind(bind)?;
+    s.set_read_timeout(Some(PATIENCE))?;
+    s.connect(server)?;
+    s.send(query)?;
+    let mut buf = vec![0u8; 65_535];
+    let n = s.recv(&mut buf)?;
+    buf.truncate(n);
+    Ok(buf)
+}
+
+/// DNS over UDP as a resolver does it: up to `tries` sends, a second apart (UDP may drop).
+pub fn dns_udp_retry(server: SocketAddr, query: &[u8], tries: usize) -> io::Result<Vec<u8>> {
+    let bind: SocketAddr = if server.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse().unwrap();
+    let s = std::net::UdpSocket::bind(bind)?;
+    s.set_read_timeout(Some(Duration::from_secs(1)))?;
+    s.connect(server)?;
+    let mut buf = vec![0u8; 65_535];
+    let mut last = io::Error::other("no try");
+    for _ in 0..tries {
+        s.send(query)?;
+        match s.recv(&mut buf) {
+            Ok(n) => {
+                buf.truncate(n);
+                return Ok(buf);
+            }
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
+}
+
+/// DNS over TCP to `server` (length-prefixed), one request.
+pub fn dns_tcp(server: SocketAddr, query: &[u8]) -> io::Result<Vec<u8>> {
+    let mut s = TcpStream::connect(server)?;
+    s.set_read_timeout(Some(PATIENCE))?;
+    let mut framed = (query.len() as u16).to_be_bytes().to_vec();
+    framed.extend_from_slice(query);
+    s.write_all(&framed)?;
+    let mut len = [0u8; 2];
+    s.read_exact(&mut len)?;
+    let mut body = vec![0u8; u16::from_be_bytes(len) as usize];
+    s.read_exact(&mut body)?;
+    Ok(body)
+}
+
+/// A query for `name` of type `t`, with EDNS (payload) when given.
+pub fn dns_query(name: &str, t: hickory_proto::rr::RecordType, edns: Option<u16>) -> Vec<u8> {
+    use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query};
+    let mut m = Message::new(fastrand::u16(..), MessageType::Query, OpCode::Query);
+    m.metadata.recursion_desired = true;
+    m.add_query(Query::query(hickory_proto::rr::Name::from_ascii(name).unwrap(), t));
+    if let Some(p) = edns {
+        let mut e = Edns::new();
+        e.set_max_payload(p);
+        m.set_edns(e);
+    }
+    m.to_vec().unwrap()
+}
+
+/// A stand-in upstream resolver on `addr` (UDP and TCP): `outside.example.` has one A record,
+/// `big.example.` has 256 (over UDP: truncated with TC), anything else is NXDOMAIN. It counts
+/// the queries it got. Runs until the process ends.
+pub struct UpstreamDns {
+    pub addr: SocketAddr,
+    pub queries: std::sync::Arc<AtomicUsize>,
+}
+
+impl UpstreamDns {
+    pub fn start(addr: SocketAddr) -> UpstreamDns {
+        let udp = std::net::UdpSocket::bind(addr).unwrap();
+        let addr = udp.local_addr().unwrap();
+        let tcp = TcpListener::bind(addr).unwrap();
+        let queries = std::sync::Arc::new(AtomicUsize::new(0));
+        let q = queries.clone();
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 4096];
+            while let Ok((n, from)) = udp.recv_from(&mut buf) {
+                q.fetch_add(1, Ordering::Relaxed);
+                if let Some(answer) = upstream_answer(&buf[..n], true) {
+                    let _ = udp.send_to(&answer, from);
+                }
+            }
+        });
+        let q = queries.clone();
+        std::thread::spawn(move || {
+            for c in tcp.incoming() {
+                let Ok(mut c) = c else { continue };
+                q.fetch_add(1, Ordering::Relaxed);
+                std::thread::spawn(move || {
+                    let mut len = [0u8; 2];
+                    if c.read_exact(&mut len).is_err() {
+                        return;
+                    }
+                    let mut body = vec![0u8; u16::from_be_bytes(len) as usize];
+                    if c.read_exact(&mut body).is_err() {
+                        return;
+                    }
+                    if let Some(answer) = upstream_answer(&body, false) {
+                        let mut framed = (answer.len() as u16).to_be_bytes().to_vec();
+                        framed.extend_from_slice(&answer);
+                        let _ = c.write_all(&framed);
+                    }
+                });
+            }
+        });
+        UpstreamDns { addr, queries }
+    }
+}
+
+fn upstream_answer(query: &[u8], udp: bool) -> Option<Vec<u8>> {
+    use hickory_proto::op::{Message, OpCode, ResponseCode};
+    use hickory_proto::rr::{RData, Record, rdata::A};
+    let q = Message::from_vec(query).ok()?;
+    let question = q.queries.first()?.clone();
+    let mut r = Message::response(q.metadata.id, OpCode::Query);
+    r.metadata.authoritative = true;
+    r.metadata.recursion_available = true;
+    r.add_query(question.clone());
+    let name = question.name().to_ascii().to_ascii_lowercase();
+    let a = |ip: [u8; 4]| Record::from_rdata(question.name().clone(), 60, RData::A(A(ip.into())));
+    match name.as_str() {
+        "outside.example." => {
+            r.add_answer(a([203, 0, 113, 7]));
+        }
+        "big.example." => {
+            let n = if udp { 10 } else { 256 };
+            for i in 0..n {
+                r.add_answer(a([198, 51, (i / 250) as u8, (i % 250) as u8 + 1]));
+            }
+            r.metadata.truncation = udp;
+        }
+        _ => r.metadata.response_code = ResponseCode::NXDomain,
+    }
+    r.to_vec().ok()
+}

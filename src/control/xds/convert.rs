@@ -11,7 +11,7 @@ use crate::model::{
     Action, ApplicationTunnel, Authorization, GatewayAddress, GatewayDestination, HealthPolicy, HealthStatus,
     IpFamilies, IpNet, LoadBalancer, LoadBalancerMode, Locality, NamespacedHostname, NetworkAddress, NetworkMode,
     PolicyScope, Protocol, RbacMatch, RoutingPreference, Service, ServiceAccountMatch, StringMatch, TunnelProtocol,
-    Workload,
+    Visibility, Workload,
 };
 
 /// Why a resource could not be converted: the field path and the reason.
@@ -247,6 +247,12 @@ impl TryFrom<pwl::Service> for Service {
             waypoint: gateway("waypoint", s.waypoint)?,
             load_balancer,
             ip_families,
+            canonical: s.canonical,
+            // An unknown value is public, as in Istio's ztunnel.
+            visibility: match pwl::Visibility::try_from(s.visibility) {
+                Ok(pwl::Visibility::Namespace) => Visibility::Namespace,
+                _ => Visibility::Public,
+            },
         })
     }
 }
