@@ -81,8 +81,12 @@ workloads:
         // Refusals, in COMPAT.md's order.
         let cases = [
             (Method::GET, "http://127.0.0.3/".to_string(), StatusCode::BAD_REQUEST),
-            (Method::CONNECT, "127.0.0.9:80".to_string(), StatusCode::SERVICE_UNAVAILABLE),
+            // A target that is no workload at all: 400, like any target but the connection's
+            // own workload (the connection's destination decides, not a lookup of the target).
+            (Method::CONNECT, "127.0.0.9:80".to_string(), StatusCode::BAD_REQUEST),
             (Method::CONNECT, format!("127.0.0.2:{other_port}"), StatusCode::BAD_REQUEST),
+            // The target's port is checked only once it is the connection's own workload.
+            (Method::CONNECT, "127.0.0.9:15008".to_string(), StatusCode::BAD_REQUEST),
             (Method::CONNECT, "127.0.0.3:15008".to_string(), StatusCode::SERVICE_UNAVAILABLE),
             (Method::CONNECT, "127.0.0.3:1".to_string(), StatusCode::SERVICE_UNAVAILABLE),
         ];

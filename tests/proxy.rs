@@ -341,7 +341,7 @@ fn admin_config_dump_readiness_and_quit() {
     assert_eq!(svc["endpoints"].as_object().unwrap().len(), 2, "endpoints derived from the workloads");
     assert_eq!(dump["configGeneration"], 1);
     assert!(dump["certificates"].is_array(), "certificates listed (their content: certificates_follow_...)");
-    assert_eq!(dump["config"]["terminationDeadline"], "1s");
+    assert_eq!(dump["config"]["terminationDeadline"], serde_json::json!({"secs": 1, "nanos": 0}));
     assert!(dump["version"]["version"].is_string());
     assert_eq!(http(proxy.addrs.admin, "GET", "/nope").unwrap().0, 404);
     assert_eq!(http(proxy.addrs.admin, "GET", "/quitquitquit").unwrap().0, 405);
@@ -392,5 +392,123 @@ fn certificates_follow_the_local_hbone_workloads() {
     // When the workload leaves the mesh its certificate is forgotten.
     dir.write_config(&yaml.replace("protocol: HBONE", "protocol: TCP"));
     assert!(eventually(|| config_dump(&proxy)["certificates"].as_array().is_some_and(|c| c.is_empty())));
+    stop(proxy);
+}
+
+/// `config_dump` decoded with the field names and types `istioctl ztunnel-config` and Kiali's
+/// ztunnel view use (strict where they are: a list where they expect a list, a decimal serial, a
+/// duration object); a change that breaks those tools breaks this test.
+#[test]
+fn config_dump_decodes_as_istioctl_and_kiali_read_it() {
+    use serde::Deserialize;
+    #[derive(Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    #[allow(dead_code)]
+    struct Dump {
+        workloads: Vec<Workload>,
+        services: Vec<Service>,
+        policies: Vec<serde_json::Value>,
+        certificates: Vec<Certificate>,
+        workload_state: std::collections::BTreeMap<String, serde_json::Value>,
+        staged_services: serde_json::Value,
+        static_config: serde_json::Value,
+        config: ZtunnelConfig,
+        version: Version,
+    }
+    #[derive(Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    #[allow(dead_code)]
+    struct Workload {
+        uid: String,
+        name: String,
+        namespace: String,
+        workload_ips: Vec<std::net::IpAddr>,
+        protocol: String,
+        service_account: String,
+        cluster_id: String,
+        trust_domain: String,
+        capacity: u32,
+        status: String,
+        services: Vec<String>,
+    }
+    #[derive(Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    #[allow(dead_code)]
+    struct Service {
+        name: String,
+        namespace: String,
+        hostname: String,
+        vips: Vec<String>,
+        ports: std::collections::BTreeMap<String, u16>,
+        endpoints: std::collections::BTreeMap<String, serde_json::Value>,
+    }
+    #[derive(Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Certificate {
+        identity: String,
+        state: String,
+        cert_chain: Vec<CertEntry>,
+        root_certs: Vec<CertEntry>,
+    }
+    #[derive(Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct CertEntry {
+        pem: String,
+        serial_number: String,
+        valid_from: String,
+        expiration_time: String,
+    }
+    #[derive(Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Duration {
+        secs: u64,
+        nanos: u32,
+    }
+    #[derive(Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct ZtunnelConfig {
+        proxy_mode: String,
+        secret_ttl: Duration,
+        termination_deadline: Duration,
+        cluster_id: String,
+    }
+    #[derive(Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    #[allow(dead_code)]
+    struct Version {
+        version: String,
+        git_revision: String,
+        rust_version: String,
+        build_profile: String,
+        build_status: String,
+        istio_version: String,
+    }
+
+    let a = EchoServer::start("127.0.0.2", "a");
+    let dir = TestDir::new("dump-shape");
+    let proxy = start(&dir.write_config(&mesh(a.addr, a.addr, "")));
+    // The HBONE workload's certificate is fetched ahead.
+    assert!(eventually(|| config_dump(&proxy)["certificates"]
+        .as_array()
+        .is_some_and(|c| c.iter().any(|c| c["state"] == "Available"))));
+    let raw = http(proxy.addrs.admin, "GET", "/config_dump").unwrap().1;
+    let dump: Dump = serde_json::from_str(&raw).unwrap_or_else(|e| panic!("{e}: {raw}"));
+    let web = dump.workloads.iter().find(|w| !w.services.is_empty()).expect("a workload backing a service");
+    assert!(web.services.iter().all(|s| s.contains('/')), "namespace/hostname: {:?}", web.services);
+    assert!(dump.workloads.iter().all(|w| w.capacity >= 1 && !w.cluster_id.is_empty() && !w.trust_domain.is_empty()));
+    assert!(dump.services.iter().any(|s| s.hostname == "web.ns.svc.cluster.local"));
+    let cert = dump.certificates.iter().find(|c| c.state == "Available").unwrap();
+    assert!(cert.identity.starts_with("spiffe://"));
+    for entry in cert.cert_chain.iter().chain(&cert.root_certs) {
+        assert!(entry.pem.starts_with("-----BEGIN CERTIFICATE-----"), "{}", entry.pem);
+        assert!(entry.serial_number.bytes().all(|b| b.is_ascii_digit()), "decimal: {}", entry.serial_number);
+        assert!(entry.valid_from.ends_with('Z') && entry.expiration_time.contains('T'));
+    }
+    assert!(dump.workload_state.is_empty(), "outside in-pod mode: an empty object");
+    assert_eq!(dump.config.proxy_mode, "Shared");
+    assert_eq!((dump.config.secret_ttl.secs, dump.config.secret_ttl.nanos), (86_400, 0));
+    assert_eq!(dump.config.termination_deadline.secs, 1);
+    assert_eq!(dump.config.cluster_id, "Kubernetes");
+    assert!(!dump.version.git_revision.is_empty() && !dump.version.rust_version.is_empty());
     stop(proxy);
 }

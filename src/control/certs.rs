@@ -181,6 +181,7 @@ impl CertManager {
         let entries = self.entries.borrow();
         let describe = |der: &rustls::pki_types::CertificateDer<'_>| match crate::tls::cert_info(der) {
             Ok(i) => json!({
+                "pem": pem::encode(&pem::Pem::new("CERTIFICATE", der.as_ref().to_vec())),
                 "serialNumber": i.serial,
                 "validFrom": crate::telemetry::rfc3339(i.not_before),
                 "expirationTime": crate::telemetry::rfc3339(i.not_after),

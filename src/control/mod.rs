@@ -44,6 +44,8 @@ pub struct ProxyAddrs {
     pub inbound_plain: SocketAddr,
     pub inbound: SocketAddr,
     pub socks5: Option<SocketAddr>,
+    /// The DNS proxy's first address in dedicated mode (in-pod mode: inside each pod).
+    pub dns: Option<SocketAddr>,
     pub admin: SocketAddr,
     pub readiness: SocketAddr,
     pub metrics: SocketAddr,
@@ -305,6 +307,10 @@ async fn run(mut spec: ControlSpec, ca: CaChoice, ready: std::sync::mpsc::Sender
         inbound_plain: spec.worker_addrs.inbound_plain,
         inbound: spec.worker_addrs.inbound,
         socks5: spec.worker_addrs.socks5,
+        dns: spec
+            .worker_addrs
+            .dns_port
+            .and_then(|port| spec.cfg.dns_proxy_addrs.first().map(|a| SocketAddr::new(a.ip(), port))),
         admin: ports.admin.local_addr().unwrap_or(spec.cfg.listeners.admin),
         readiness: ports.readiness.local_addr().unwrap_or(spec.cfg.listeners.readiness),
         metrics: ports.metrics.local_addr().unwrap_or(spec.cfg.listeners.metrics),
@@ -622,10 +628,29 @@ fn render_panics(out: &mut String, openmetrics: bool) {
     let _ = writeln!(out, "ztunnel_task_panics_total {}", crate::worker::TASK_PANICS.load(Ordering::Relaxed));
 }
 
+/// A workload as Istio's ztunnel dumps it: `services` as a list of `namespace/hostname` (Kiali
+/// types it `[]string`), and `capacity`, `clusterId`, `trustDomain` and `serviceAccount` always
+/// written (with the defaults they have when unset).
+fn dump_workload(w: &crate::model::Workload, cfg: &Config) -> serde_json::Value {
+    let mut v = serde_json::to_value(w).unwrap_or_default();
+    if let Some(obj) = v.as_object_mut() {
+        let services: Vec<String> = w.services.keys().map(|k| k.to_string()).collect();
+        obj.insert("services".into(), json!(services));
+        obj.insert("capacity".into(), json!(w.capacity));
+        let cluster = if w.cluster_id.is_empty() { cfg.cluster_id.as_str() } else { w.cluster_id.as_str() };
+        obj.insert("clusterId".into(), json!(cluster));
+        let td = if w.trust_domain.is_empty() { cfg.trust_domain.as_str() } else { w.trust_domain.as_str() };
+        obj.insert("trustDomain".into(), json!(td));
+        let sa = if w.service_account.is_empty() { "default" } else { w.service_account.as_str() };
+        obj.insert("serviceAccount".into(), json!(sa));
+    }
+    v
+}
+
 /// The `config_dump` document: Istio ztunnel's top-level keys, plus our generation details.
 fn config_dump(state: &ControlState, workload_state: Option<serde_json::Value>) -> String {
     let snap = state.current.borrow().clone();
-    let workloads: Vec<_> = snap.workloads().map(|w| w.as_ref()).collect();
+    let workloads: Vec<serde_json::Value> = snap.workloads().map(|w| dump_workload(w, &state.cfg)).collect();
     let services: Vec<_> = snap.services().map(|s| &s.service).collect();
     let policies: Vec<_> = snap.policies().map(|p| p.as_ref()).collect();
     let generations: Vec<u64> = state.worker_generations.iter().map(|g| g.load(Ordering::Acquire)).collect();
@@ -637,9 +662,16 @@ fn config_dump(state: &ControlState, workload_state: Option<serde_json::Value>) 
         "workloadState": workload_state.unwrap_or_else(|| json!({})),
         "config": &*state.cfg,
         "version": {
-            "name": env!("CARGO_PKG_NAME"),
             "version": env!("CARGO_PKG_VERSION"),
+            "gitRevision": env!("ZTUNNEL_GIT_REVISION"),
+            "rustVersion": env!("ZTUNNEL_RUSTC_VERSION"),
+            "buildProfile": env!("ZTUNNEL_BUILD_PROFILE"),
+            "buildStatus": env!("ZTUNNEL_BUILD_STATUS"),
+            "istioVersion": std::env::var("ISTIO_META_ISTIO_VERSION").unwrap_or_else(|_| "unknown".into()),
+            "name": env!("CARGO_PKG_NAME"),
         },
+        "stagedServices": {},
+        "staticConfig": {},
         "generation": snap.generation,
         "configGeneration": snap.config_generation,
         "source": &snap.source,

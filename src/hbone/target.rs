@@ -22,8 +22,6 @@ pub enum Refusal {
         conn_dst: IpAddr,
         uid: String,
     },
-    /// No workload served here owns the address.
-    NotLocal(SocketAddr),
     /// The target is not the workload the connection was accepted for.
     NotThisWorkload {
         target: SocketAddr,
@@ -41,7 +39,7 @@ impl Refusal {
             Refusal::NotConnect(_) | Refusal::BadAuthority(_) | Refusal::NotThisWorkload { .. } => {
                 StatusCode::BAD_REQUEST
             }
-            Refusal::WorkloadGone { .. } | Refusal::NotLocal(_) | Refusal::ForbiddenPort(_) | Refusal::Upstream(_) => {
+            Refusal::WorkloadGone { .. } | Refusal::ForbiddenPort(_) | Refusal::Upstream(_) => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             Refusal::Denied(_) => StatusCode::UNAUTHORIZED,
@@ -57,7 +55,6 @@ impl fmt::Display for Refusal {
             Refusal::WorkloadGone { conn_dst, uid } => {
                 write!(f, "workload {uid}, which this connection was accepted for, is no longer at {conn_dst}")
             }
-            Refusal::NotLocal(t) => write!(f, "{t} is not a workload served here"),
             Refusal::NotThisWorkload { target, conn_dst } => {
                 write!(f, "target {target} is not the workload this connection is for ({conn_dst})")
             }
@@ -86,9 +83,11 @@ pub fn parse_request(method: &Method, authority: Option<&str>) -> Result<SocketA
     })
 }
 
-/// The checks on a target after its syntax: the connection's own workload (`conn_uid`, accepted
-/// at `conn_dst`) still served here at that address, the target a workload served here, the
-/// one this connection is for, on a port that is not 0 nor the proxy's own.
+/// The checks on a target after its syntax, in COMPAT.md's order: the connection's own workload
+/// (`conn_uid`, accepted at `conn_dst`) still served here at that address (else 503); the target
+/// that workload's address (else 400, whatever the target is: another local pod, a pod of
+/// another node, no workload at all); a port that is not 0 nor the proxy's own (else 503).
+/// Nothing about the target is looked up: the connection's destination decides.
 pub fn check_target(
     snap: &Snapshot,
     network: &str,
@@ -98,9 +97,6 @@ pub fn check_target(
 ) -> Result<(), Refusal> {
     if snap.local_workload_by_ip(network, conn_dst).is_none_or(|w| w.uid != conn_uid) {
         return Err(Refusal::WorkloadGone { conn_dst, uid: conn_uid.to_string() });
-    }
-    if snap.local_workload_by_ip(network, target.ip()).is_none() {
-        return Err(Refusal::NotLocal(target));
     }
     if target.ip() != conn_dst {
         return Err(Refusal::NotThisWorkload { target, conn_dst });
@@ -167,12 +163,19 @@ mod tests {
         let dst: IpAddr = "10.0.0.1".parse().unwrap();
         let check = |t: &str| check_target(&s, "", &own, (dst, "here"), sa(t));
         assert!(check("10.0.0.1:80").is_ok());
-        let e = check("10.0.1.1:80").unwrap_err();
-        assert!(matches!(e, Refusal::NotLocal(_)), "a workload of another node");
-        assert_eq!(e.status(), StatusCode::SERVICE_UNAVAILABLE);
-        let e = check("10.0.0.2:80").unwrap_err();
-        assert!(matches!(e, Refusal::NotThisWorkload { .. }), "another local pod");
-        assert_eq!(e.status(), StatusCode::BAD_REQUEST);
+        // Any target but the connection's own workload is 400: another local pod, a pod of
+        // another node, an address that is no workload.
+        for other in ["10.0.0.2:80", "10.0.1.1:80", "192.0.2.1:80"] {
+            let e = check(other).unwrap_err();
+            assert!(matches!(e, Refusal::NotThisWorkload { .. }), "{other}: {e}");
+            assert_eq!(e.status(), StatusCode::BAD_REQUEST);
+        }
+        // The order: a gone workload (503) before a wrong target (400); a wrong target before
+        // a forbidden port.
+        let e = check_target(&s, "", &own, (dst, "deleted-pod"), sa("10.0.1.1:15008")).unwrap_err();
+        assert!(matches!(e, Refusal::WorkloadGone { .. }), "{e}");
+        let e = check("10.0.0.2:15008").unwrap_err();
+        assert!(matches!(e, Refusal::NotThisWorkload { .. }), "{e}");
         for port in [0, 15001, 15006, 15008] {
             let e = check(&format!("10.0.0.1:{port}")).unwrap_err();
             assert!(matches!(e, Refusal::ForbiddenPort(p) if p == port));

@@ -194,7 +194,8 @@ pub fn cert_info(der: &CertificateDer<'_>) -> Result<CertInfo, TlsError> {
         }
     };
     Ok(CertInfo {
-        serial: cert.raw_serial_as_string().replace(':', ""),
+        // Decimal, as Istio's ztunnel and istioctl show it.
+        serial: cert.tbs_certificate.serial.to_string(),
         not_before: to_system(cert.validity().not_before),
         not_after: to_system(cert.validity().not_after),
     })
