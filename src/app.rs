@@ -134,7 +134,7 @@ fn certificate_source(cfg: &Config) -> anyhow::Result<CaChoice> {
     Ok(CaChoice::Istio(CaOptions {
         address: address.clone(),
         root_ca: read_pem(&cfg.ca_root_ca, "CA_ROOT_CA")?,
-        alt_hostname: cfg.alt_xds_hostname.clone(),
+        alt_hostname: cfg.alt_ca_hostname.clone().or_else(|| cfg.alt_xds_hostname.clone()),
         token_path: cfg.auth_token.clone(),
         cluster_id: cfg.cluster_id.clone(),
         ttl: cfg.secret_ttl,

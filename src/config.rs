@@ -85,6 +85,8 @@ pub struct Config {
     pub xds_root_ca: String,
     /// `ALT_XDS_HOSTNAME`: the name istiod's certificate is checked against, if not the address's.
     pub alt_xds_hostname: Option<String>,
+    /// `ALT_CA_HOSTNAME`: the same for the CA (default: `ALT_XDS_HOSTNAME`).
+    pub alt_ca_hostname: Option<String>,
     /// `AUTH_TOKEN`: the file with the bearer token for istiod (re-read on every connect).
     pub auth_token: Option<PathBuf>,
     pub cluster_id: String,
@@ -325,13 +327,22 @@ impl<'a> Source<'a> {
     }
 }
 
+/// Exactly what Istio's ztunnel accepts for a boolean: `true` or `false`.
 pub fn parse_bool(v: &str) -> Result<bool, String> {
-    match v.to_ascii_lowercase().as_str() {
-        "true" | "1" | "yes" | "on" => Ok(true),
-        "false" | "0" | "no" | "off" => Ok(false),
+    match v {
+        "true" => Ok(true),
+        "false" => Ok(false),
         _ => Err("expected true or false".into()),
     }
 }
+
+/// Settings Istio's ztunnel has that this proxy does not implement and that decide what is
+/// trusted: ignoring them would silently weaken a mesh that relies on them, so start-up refuses.
+const REFUSED: [(&str, &str); 3] = [
+    ("CRL_PATH", "certificate revocation lists are not supported"),
+    ("TLS12_ENABLED", "only TLS 1.3 is supported"),
+    ("COMPLIANCE_POLICY", "compliance policies (FIPS cipher restrictions) are not supported"),
+];
 
 /// Parses durations such as `5s`, `100ms`, `1m30s`, `1.5h`, `24h`, `2d`.
 pub fn parse_duration(v: &str) -> Result<Duration, String> {
@@ -617,6 +628,14 @@ fn ipv6_available() -> bool {
 impl Config {
     /// Builds and validates the configuration.
     pub fn from_source(src: &Source) -> Result<Config, ConfigError> {
+        for (var, why) in REFUSED {
+            if let Some(v) = src.value(var) {
+                // Istio's own "off" values change nothing: accepted.
+                if !(var == "TLS12_ENABLED" && v == "false") {
+                    return Err(invalid(var, &v, format!("{why}; unset it to run this proxy")));
+                }
+            }
+        }
         let (proxy_mode, workload_info) = proxy_mode(src)?;
         let inpod = proxy_mode == ProxyMode::Shared && src.bool("INPOD_ENABLED")?.unwrap_or(true);
         let (local_xds_path, xds_address) = config_sources(src)?;
@@ -671,6 +690,7 @@ impl Config {
             xds_address,
             ca_address,
             alt_xds_hostname: src.value("ALT_XDS_HOSTNAME").filter(|v| !v.trim().is_empty()),
+            alt_ca_hostname: src.value("ALT_CA_HOSTNAME").filter(|v| !v.trim().is_empty()),
             auth_token: match src.raw("AUTH_TOKEN") {
                 None => Some(PathBuf::from("/var/run/secrets/tokens/istio-token")),
                 Some(v) if v.trim().is_empty() => None,
@@ -851,6 +871,11 @@ mod tests {
             ("XDS_ADDRESS", "istiod"),
             ("CONNECTION_TERMINATION_DEADLINE", "soon"),
             ("UNSTABLE_ENABLE_SOCKS5", "maybe"),
+            ("UNSTABLE_ENABLE_SOCKS5", "1"),
+            ("ENABLE_ORIG_SRC", "yes"),
+            ("CRL_PATH", "/etc/crl.pem"),
+            ("TLS12_ENABLED", "true"),
+            ("COMPLIANCE_POLICY", "fips-140-2"),
             ("ZTUNNEL_OUTBOUND_ADDR", "nowhere"),
         ] {
             let err = cfg(&with(&[(var, value)])).unwrap_err().to_string();

@@ -58,6 +58,9 @@ pub struct WaypointRoute {
     pub identities: Vec<Identity>,
 }
 
+/// A waypoint's workload and the identities it may present.
+type WaypointPick = (Arc<Workload>, Vec<Identity>);
+
 /// The waypoint for `route`, if one applies: the service's waypoint for traffic to a service,
 /// the workload's for traffic addressed to a workload. None when the source is that waypoint
 /// itself (its own outbound goes to the destination, never back to itself).
@@ -75,24 +78,27 @@ pub fn waypoint(
     let Some(gateway) = gateway else { return Ok(None) };
     let port = if gateway.hbone_mtls_port == 0 { 15008 } else { gateway.hbone_mtls_port };
     let unresolved = || RouteError::WaypointUnresolved(gateway.destination.to_string());
-    let (workload, mut identities) = match &gateway.destination {
-        GatewayDestination::Address(addr) => {
-            let wl = snap.workload_by_ip(&addr.network, addr.address).ok_or_else(unresolved)?;
-            if wl.uid == source.uid {
-                return Ok(None);
-            }
-            (wl.clone(), Vec::new())
+    // A waypoint given as a service: one of its endpoints, never the source itself.
+    let mut via_service = |svc: &crate::snapshot::ServiceEntry| -> Result<Option<WaypointPick>, RouteError> {
+        if svc.endpoints.iter().any(|ep| ep.workload.uid == source.uid) {
+            return Ok(None);
         }
-        GatewayDestination::Hostname(name) => {
-            let svc = snap.service(name).ok_or_else(unresolved)?;
-            if svc.endpoints.iter().any(|ep| ep.workload.uid == source.uid) {
-                return Ok(None);
-            }
-            let ep = pick_endpoint(svc, source, port, port, rand).ok_or_else(unresolved)?;
-            let sans = svc.service.subject_alt_names.iter().filter_map(|s| s.parse().ok()).collect();
-            (ep.workload.clone(), sans)
-        }
+        let ep = pick_endpoint(svc, source, port, port, rand).ok_or_else(unresolved)?;
+        let sans = svc.service.subject_alt_names.iter().filter_map(|s| s.parse().ok()).collect();
+        Ok(Some((ep.workload.clone(), sans)))
     };
+    let found = match &gateway.destination {
+        // An address is a service's VIP first (as Istio looks it up), then a workload's.
+        GatewayDestination::Address(addr) => match snap.service_by_vip(&addr.network, addr.address) {
+            Some(svc) => via_service(svc)?,
+            None => {
+                let wl = snap.workload_by_ip(&addr.network, addr.address).ok_or_else(unresolved)?;
+                (wl.uid != source.uid).then(|| (wl.clone(), Vec::new()))
+            }
+        },
+        GatewayDestination::Hostname(name) => via_service(snap.service(name).ok_or_else(unresolved)?)?,
+    };
+    let Some((workload, mut identities)) = found else { return Ok(None) };
     let ip = pick_ip(&workload, route.upstream.ip()).ok_or_else(unresolved)?;
     identities.insert(0, workload.identity());
     Ok(Some(WaypointRoute { workload, hbone_addr: SocketAddr::new(ip, port), identities }))
@@ -108,7 +114,7 @@ pub fn outbound(
     rand: &mut dyn FnMut(u64) -> u64,
 ) -> Result<Route, RouteError> {
     let network = source.network.as_str();
-    if let Some(svc) = snap.service_by_vip(network, dst.ip()) {
+    if let Some(svc) = snap.service_by_vip_for(network, dst.ip(), &source.namespace) {
         return via_service(svc, source, dst, rand);
     }
     if let Some(wl) = snap.workload_by_ip(network, dst.ip()) {

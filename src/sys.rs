@@ -476,3 +476,25 @@ pub fn udp_send_to(sock: &impl AsRawFd, buf: &[u8], to: SocketAddr) -> io::Resul
     let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(sock.as_raw_fd()) };
     socket2::SockRef::from(&fd).send_to(buf, &to.into())
 }
+
+/// CPU time (user + system) the calling thread has used, in seconds.
+pub fn thread_cpu_seconds() -> f64 {
+    let mut ru = MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: getrusage fills the zeroed buffer for the calling thread.
+    if unsafe { libc::getrusage(libc::RUSAGE_THREAD, ru.as_mut_ptr()) } != 0 {
+        return 0.0;
+    }
+    // SAFETY: zero-initialised and filled by the kernel: valid either way.
+    let ru = unsafe { ru.assume_init() };
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    secs(ru.ru_utime) + secs(ru.ru_stime)
+}
+
+/// Open descriptors of this process, and its limit (`process_open_fds`, `process_max_fds`).
+pub fn fd_usage() -> (u64, u64) {
+    let open = std::fs::read_dir("/proc/self/fd").map(|d| d.count() as u64).unwrap_or(0);
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit fills a valid rlimit.
+    let max = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0 { lim.rlim_cur } else { 0 };
+    (open, max)
+}

@@ -61,6 +61,7 @@ workloads:
   workloadName: httpbin
   canonicalName: httpbin
   canonicalRevision: v2
+  locality: {{region: eu-west1, zone: eu-west1-b, subzone: ""}}
   services: {{"demo/httpbin.demo.svc.cluster.local": {{8000: {pod_port}}}}}
 services:
 - {{name: httpbin, namespace: demo, hostname: httpbin.demo.svc.cluster.local, vips: ["/127.10.0.9"], ports: {{8000: {pod_port}}}}}
@@ -138,6 +139,8 @@ fn bytes_and_labels_for_both_reporters_live_and_at_close() {
         assert_eq!(l["response_flags"], "-");
         assert_eq!(l["connection_security_policy"], "mutual_tls");
         assert_eq!(l["source_cluster"], "Kubernetes");
+        assert_eq!((l["destination_region"].as_str(), l["destination_zone"].as_str()), ("eu-west1", "eu-west1-b"));
+        assert_eq!((l["source_region"].as_str(), l["source_zone"].as_str()), ("unknown", "unknown"));
     }
     let s = scrape(&proxy);
     let src = [("reporter", "source")];
@@ -158,6 +161,13 @@ fn bytes_and_labels_for_both_reporters_live_and_at_close() {
         Some(1.0)
     );
     assert!(s.iter().any(|x| x.name == "istio_build" && x.labels["component"] == "ztunnel"));
+    // The process, socket and per-worker families Istio's dashboards and ours read.
+    let value = |name: &str| s.iter().filter(|x| x.name == name).map(|x| x.value).sum::<f64>();
+    assert!(value("process_open_fds") > 0.0 && value("process_max_fds") >= value("process_open_fds"));
+    assert!(s.iter().any(|x| x.name == "istio_tcp_sockets_open" && x.labels["reporter"] == "destination"));
+    let workers: Vec<_> = s.iter().filter(|x| x.name == "ztunnel_worker_cpu_seconds_total").collect();
+    assert_eq!(workers.len(), 2, "one series per worker");
+    assert!(value("ztunnel_worker_connections_accepted_total") >= 2.0, "the HBONE and the client connections");
     // Setup latency: the HBONE path saw one connection, served as JSON and as a histogram.
     let (status, body) = http(proxy.addrs.admin, "GET", "/stats/latency").unwrap();
     assert_eq!(status, 200);

@@ -597,10 +597,13 @@ async fn metrics_handler(state: Rc<ControlState>, req: Request) -> Response {
         x.render_metrics(&mut extra, openmetrics);
     }
     render_panics(&mut extra, openmetrics);
+    render_process(&mut extra);
     if let Some(p) = &state.pods {
         p.render_metrics(&mut extra, openmetrics);
     }
-    let body: bytes::Bytes = state.scrape().await.render(env!("CARGO_PKG_VERSION"), openmetrics, &extra).into();
+    // Istio's dashboards read the Istio version from `istio_build{tag}`.
+    let tag = std::env::var("ISTIO_META_ISTIO_VERSION").unwrap_or_else(|_| env!("CARGO_PKG_VERSION").to_string());
+    let body: bytes::Bytes = state.scrape().await.render(&tag, openmetrics, &extra).into();
     for waiter in state.scrapes_in_flight.borrow_mut()[format].take().unwrap_or_default() {
         let _ = waiter.send(body.clone());
     }
@@ -617,6 +620,17 @@ impl Drop for ScrapeLeader<'_> {
     fn drop(&mut self) {
         self.state.scrapes_in_flight.borrow_mut()[self.format] = None;
     }
+}
+
+/// `process_open_fds` and `process_max_fds`, as Istio's ztunnel exports them.
+fn render_process(out: &mut String) {
+    use std::fmt::Write;
+    let (open, max) = crate::sys::fd_usage();
+    let _ = writeln!(out, "# HELP process_open_fds Number of open file descriptors.\n# TYPE process_open_fds gauge");
+    let _ = writeln!(out, "process_open_fds {open}");
+    let _ =
+        writeln!(out, "# HELP process_max_fds Maximum number of open file descriptors.\n# TYPE process_max_fds gauge");
+    let _ = writeln!(out, "process_max_fds {max}");
 }
 
 /// `ztunnel_task_panics_total`: connection tasks a panic ended (the worker went on).

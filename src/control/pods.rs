@@ -407,11 +407,13 @@ async fn serve(state: &ControlState, mgr: &PodManager, conn: &ZdsConn) -> Option
             Err(e @ (ZdsError::Closed | ZdsError::Io(_))) => return Some(e),
             Err(e) => Outcome::protocol_error(format!("failure to process message: {e}")),
         };
-        state.track_identities();
         if let Some(err) = &outcome.error {
             tracing::warn!("node agent request failed: {err}");
         }
-        if let Err(e) = conn.ack(outcome.error.as_deref()).await {
+        let acked = conn.ack(outcome.error.as_deref()).await;
+        // After the ack: the agent waits for nothing the certificate manager does.
+        state.track_identities();
+        if let Err(e) = acked {
             return Some(ZdsError::Io(e));
         }
         if outcome.fatal {

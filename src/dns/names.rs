@@ -149,6 +149,16 @@ fn addresses(entry: &ServiceEntry, family: Family, asker: &Asker) -> Vec<IpAddr>
 
 /// What `name` (lowercase, without the trailing dot) is, for a query of `family`.
 pub fn lookup(index: &ConfigIndex, name: &str, family: Family, asker: &Asker) -> Lookup {
+    // The common case first, without building the candidates: a resolver that appended the
+    // search domain asks for the service's full hostname.
+    let exact: Vec<&Arc<ServiceEntry>> = index
+        .services_by_hostname(name)
+        .iter()
+        .filter(|s| s.service.visible_to(asker.namespace) && qualifies(&s.service, asker.cluster_domain))
+        .collect();
+    if let Some(entry) = best(&exact, asker) {
+        return Lookup::Mesh { owner: name.to_string(), cname: None, addrs: addresses(entry, family, asker) };
+    }
     let candidates = aliases(name, asker);
     for (alias, stripped) in &candidates {
         for (host, wildcard) in std::iter::once((alias.clone(), false)).chain(wildcards(alias).map(|w| (w, true))) {

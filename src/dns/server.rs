@@ -22,7 +22,7 @@ use monoio::net::{TcpListener, TcpStream};
 use super::message::{self, Outcome, Transport};
 use super::names::{self, Asker};
 use crate::net::{InNetns, ListenOpts, bind_std, bind_udp};
-use crate::telemetry::metrics::DnsKey;
+use crate::telemetry::metrics::DnsQueryKey;
 use crate::worker::pods::{self, PodNet};
 use crate::worker::{WorkerCtx, contained};
 
@@ -215,29 +215,48 @@ enum Local {
     /// Answered here (or nothing to answer).
     Done(Option<Vec<u8>>),
     /// For the upstream resolvers.
-    Forward(Box<Message>, DnsKey),
+    Forward(Box<Message>, ForwardKey),
 }
 
-/// Answers what the mesh config answers; counts it.
+/// What a forwarded query is counted by (owned: it travels to the forwarding task).
+pub struct ForwardKey {
+    query_type: u16,
+    protocol: &'static str,
+    service: String,
+    revision: String,
+}
+
+impl ForwardKey {
+    fn borrow(&self) -> DnsQueryKey<'_> {
+        DnsQueryKey {
+            query_type: self.query_type,
+            protocol: self.protocol,
+            service: &self.service,
+            revision: &self.revision,
+        }
+    }
+}
+
+fn type_number(t: Option<hickory_proto::rr::RecordType>) -> u16 {
+    t.map_or(0, u16::from)
+}
+
+/// Answers what the mesh config answers; counts it. Nothing here clones a shared `Arc`: the
+/// snapshot is the worker's `Rc`, the client workload is borrowed from it.
 async fn local(ctx: &WorkerCtx, pod: Option<&PodNet>, query: &[u8], transport: Transport) -> Local {
     let snap = match pod {
         Some(p) => ctx.pod_snapshot(p).await.ok(),
         None => Some(ctx.snapshot()),
     };
-    let client = snap.as_ref().and_then(|s| match pod {
-        Some(p) => p.workload(s).cloned(),
-        None => s.dedicated_workload().cloned(),
+    let client: Option<&crate::model::Workload> = snap.as_deref().and_then(|s| match pod {
+        Some(p) => p.workload(s).map(|w| &**w),
+        None => s.dedicated_workload().map(|w| &**w),
     });
-    let index = snap.as_deref().map(|s| &***s);
-    let search_for_pod;
-    let search: &[String] = match (pod, &client) {
-        (Some(_), Some(c)) => {
-            search_for_pod = names::pod_search(&c.namespace, &ctx.cfg.cluster_domain);
-            &search_for_pod
-        }
-        _ => &ctx.dns.search,
+    let search: &[String] = match pod {
+        Some(p) => p.dns_search(&ctx.cfg.cluster_domain),
+        None => &ctx.dns.search,
     };
-    let asker = client.as_ref().map(|c| Asker {
+    let asker = client.map(|c| Asker {
         namespace: &c.namespace,
         network: &c.network,
         cluster_domain: &ctx.cfg.cluster_domain,
@@ -246,8 +265,8 @@ async fn local(ctx: &WorkerCtx, pod: Option<&PodNet>, query: &[u8], transport: T
         ipv6_enabled: ctx.cfg.ipv6_enabled,
     });
     let empty;
-    let index = match index {
-        Some(i) => i,
+    let index: &crate::snapshot::ConfigIndex = match snap.as_deref() {
+        Some(s) => s,
         None => {
             empty = crate::snapshot::ConfigIndex::build(
                 0,
@@ -258,18 +277,14 @@ async fn local(ctx: &WorkerCtx, pod: Option<&PodNet>, query: &[u8], transport: T
             &empty
         }
     };
-    let outcome = message::handle(index, asker.as_ref(), query, transport);
-    let key = |t| DnsKey {
-        query_type: message::type_label(t),
-        protocol: transport.label(),
-        source_canonical_service: client.as_ref().map(|c| c.canonical_name.clone()).unwrap_or_default(),
-        source_canonical_revision: client.as_ref().map(|c| c.canonical_revision.clone()).unwrap_or_default(),
-    };
-    match outcome {
+    let (service, revision) = client.map_or(("", ""), |c| (c.canonical_name.as_str(), c.canonical_revision.as_str()));
+    match message::handle(index, asker.as_ref(), query, transport) {
         Outcome::Drop => Local::Done(None),
         Outcome::Reply { bytes, query_type, result } => {
-            ctx.metrics.dns(key(query_type), None);
-            let src = client.as_ref().map(|c| c.name.as_str()).unwrap_or("unknown");
+            let key =
+                DnsQueryKey { query_type: type_number(query_type), protocol: transport.label(), service, revision };
+            ctx.metrics.dns(&key, None);
+            let src = client.map(|c| c.name.as_str()).unwrap_or("unknown");
             tracing::event!(
                 target: "dns",
                 tracing::Level::DEBUG,
@@ -281,8 +296,13 @@ async fn local(ctx: &WorkerCtx, pod: Option<&PodNet>, query: &[u8], transport: T
             Local::Done(Some(bytes))
         }
         Outcome::Forward(request) => {
-            let t = request.queries.first().map(|q| q.query_type());
-            Local::Forward(request, key(t))
+            let key = ForwardKey {
+                query_type: type_number(request.queries.first().map(|q| q.query_type())),
+                protocol: transport.label(),
+                service: service.to_string(),
+                revision: revision.to_string(),
+            };
+            Local::Forward(request, key)
         }
     }
 }
@@ -292,11 +312,12 @@ async fn forward(
     ctx: &WorkerCtx,
     pod: Option<&PodNet>,
     request: &Message,
-    key: DnsKey,
+    key: ForwardKey,
     transport: Transport,
 ) -> Vec<u8> {
+    let key = key.borrow();
     if ctx.dns_in_flight.get() >= MAX_IN_FLIGHT {
-        ctx.metrics.dns(key, Some((Duration::ZERO, true)));
+        ctx.metrics.dns(&key, Some((Duration::ZERO, true)));
         return message::servfail(request, transport);
     }
     ctx.dns_in_flight.set(ctx.dns_in_flight.get() + 1);
@@ -305,7 +326,7 @@ async fn forward(
     let question =
         request.queries.first().map(|q| (q.name().to_ascii().to_ascii_lowercase(), u16::from(q.query_type())));
     if let Some(cached) = question.as_ref().and_then(|q| cache_get(ctx, q)) {
-        ctx.metrics.dns(key, Some((started.elapsed(), false)));
+        ctx.metrics.dns(&key, Some((started.elapsed(), false)));
         return message::from_upstream_message(request, cached, transport);
     }
     let netns = ctx.netns_of(pod);
@@ -320,7 +341,7 @@ async fn forward(
         cache_put(ctx, q, m);
     }
     let reply = parsed.map(|m| message::from_upstream_message(request, m, transport));
-    ctx.metrics.dns(key, Some((started.elapsed(), failed)));
+    ctx.metrics.dns(&key, Some((started.elapsed(), failed)));
     let name = request.queries.first().map(|q| q.name().to_ascii()).unwrap_or_default();
     let result = if reply.is_some() { "forwarded" } else { "forwarding failed" };
     tracing::event!(target: "dns", tracing::Level::DEBUG, domain = %name, result, "dns request");

@@ -196,10 +196,10 @@ async fn dial_connection(
         .map_err(|e| hbone_err("TLS client setup", e))?;
     let tls = monoio::time::timeout(ctx.cfg.connect_timeout, TlsStream::handshake(tcp, conn))
         .await
-        .map_err(|_| hbone_err("TLS handshake", format!("timed out with {hbone_addr}")))?
-        .map_err(|e| hbone_err(&format!("TLS handshake with {hbone_addr}"), e))?;
+        .map_err(|_| ProxyError::HboneTls(format!("TLS handshake: timed out with {hbone_addr}")))?
+        .map_err(|e| ProxyError::HboneTls(format!("TLS handshake with {hbone_addr}: {e}")))?;
     crate::tls::check_server_identity(tls.conn().peer_certificates(), expected)
-        .map_err(|e| hbone_err(&format!("server {hbone_addr}"), e))?;
+        .map_err(|e| ProxyError::HboneIdentity(format!("server {hbone_addr}: {e}")))?;
     let (send_request, connection) = h2::client::Builder::new()
         .initial_window_size(4 * 1024 * 1024)
         .initial_connection_window_size(16 * 1024 * 1024)
@@ -208,7 +208,7 @@ async fn dial_connection(
         .enable_push(false)
         .handshake::<_, Bytes>(tls)
         .await
-        .map_err(|e| hbone_err("HTTP/2 handshake", e))?;
+        .map_err(|e| ProxyError::HboneH2(format!("HTTP/2 handshake: {e}")))?;
     let mut connection = connection;
     let pings = connection.ping_pong();
     let dead = Rc::new(Cell::new(false));

@@ -115,7 +115,13 @@ pub async fn dial(dst: SocketAddr, opts: DialOpts<'_>) -> Result<TcpStream, Dial
     let prep = || -> io::Result<()> {
         socket.set_nonblocking(true)?;
         socket.set_tcp_nodelay(true)?;
-        socket.set_keepalive(true)?;
+        // Istio's keepalive: first probe after 180 s idle, then every 180 s, 9 probes.
+        socket.set_tcp_keepalive(
+            &socket2::TcpKeepalive::new()
+                .with_time(Duration::from_secs(180))
+                .with_interval(Duration::from_secs(180))
+                .with_retries(9),
+        )?;
         if let Some(mark) = opts.mark {
             socket.set_mark(mark)?;
         }
@@ -151,7 +157,8 @@ pub async fn dial(dst: SocketAddr, opts: DialOpts<'_>) -> Result<TcpStream, Dial
 pub fn prepare_accepted(stream: &TcpStream) {
     // Failures here only cost latency or dead-peer detection; the connection still works.
     let _ = stream.set_nodelay(true);
-    let _ = stream.set_tcp_keepalive(None, None, None);
+    // Istio's keepalive on accepted sockets too: 180 s idle, 180 s interval, 9 probes.
+    let _ = stream.set_tcp_keepalive(Some(Duration::from_secs(180)), Some(Duration::from_secs(180)), Some(9));
 }
 
 /// Turns an IPv4-mapped IPv6 address (from a dual-stack listener) into plain IPv4, so lookups by

@@ -127,6 +127,8 @@ pub struct ConfigIndex {
     workload_by_addr: ByAddr<Workload>,
     services: BTreeMap<NamespacedHostname, Arc<ServiceEntry>>,
     service_by_vip: ByAddr<ServiceEntry>,
+    /// VIPs that several services claim, with all of them (chosen per client).
+    shared_vips: HashMap<NetworkAddress, Vec<Arc<ServiceEntry>>>,
     service_by_host: HashMap<String, Vec<Arc<ServiceEntry>>>,
     policies: BTreeMap<String, Arc<Authorization>>,
     /// `Global` policies, and `Namespace` policies by namespace: a connection's policies are
@@ -144,7 +146,7 @@ impl ConfigIndex {
         let mut warnings = Vec::new();
         let (workloads, workload_by_addr) = index_workloads(state.workloads, &mut warnings);
         let endpoints = endpoints_named_by_workloads(&workloads);
-        let (services, service_by_vip, service_by_host) =
+        let (services, service_by_vip, service_by_host, shared_vips) =
             index_services(state.services, &workloads, endpoints, &mut warnings);
         let policies: BTreeMap<String, Arc<Authorization>> =
             state.policies.into_iter().map(|p| (p.key(), Arc::new(p))).collect();
@@ -158,6 +160,7 @@ impl ConfigIndex {
             workload_by_addr,
             services,
             service_by_vip,
+            shared_vips,
             service_by_host,
             policies,
             global_policies,
@@ -176,6 +179,21 @@ impl ConfigIndex {
 
     pub fn service_by_vip(&self, network: &str, ip: IpAddr) -> Option<&Arc<ServiceEntry>> {
         get_by_addr(&self.service_by_vip, network, ip)
+    }
+
+    /// The service behind a VIP for a client in `namespace`: where several services share the
+    /// VIP, the one in the client's namespace, then a canonical one, then the first configured.
+    pub fn service_by_vip_for(&self, network: &str, ip: IpAddr, namespace: &str) -> Option<&Arc<ServiceEntry>> {
+        let found = self.service_by_vip(network, ip)?;
+        if self.shared_vips.is_empty() {
+            return Some(found);
+        }
+        let key = NetworkAddress { network: network.to_string(), address: ip.to_canonical() };
+        let Some(all) = self.shared_vips.get(&key) else { return Some(found) };
+        all.iter()
+            .find(|s| s.service.namespace == namespace)
+            .or_else(|| all.iter().find(|s| s.service.canonical))
+            .or_else(|| all.first())
     }
 
     /// A service by hostname; with several namespaces using the name, the caller's namespace wins.
@@ -272,7 +290,9 @@ fn index_workloads(
     let mut by_addr = HashMap::new();
     for wl in list {
         let wl = Arc::new(wl);
-        for ip in &wl.workload_ips {
+        // A host-network pod has the node's address: that address is not the pod's.
+        let addressed = wl.network_mode != crate::model::NetworkMode::HostNetwork;
+        for ip in wl.workload_ips.iter().filter(|_| addressed) {
             if let Some(prev) = insert_by_addr(&mut by_addr, &wl.network, *ip, wl.clone()) {
                 let key = NetworkAddress { network: wl.network.clone(), address: ip.to_canonical() };
                 warnings.push(format!("workloads {} and {} share address {key}; using {}", prev.uid, wl.uid, wl.uid));
@@ -299,8 +319,12 @@ fn endpoints_named_by_workloads(
     endpoints
 }
 
-type ServiceIndexes =
-    (BTreeMap<NamespacedHostname, Arc<ServiceEntry>>, ByAddr<ServiceEntry>, HashMap<String, Vec<Arc<ServiceEntry>>>);
+type ServiceIndexes = (
+    BTreeMap<NamespacedHostname, Arc<ServiceEntry>>,
+    ByAddr<ServiceEntry>,
+    HashMap<String, Vec<Arc<ServiceEntry>>>,
+    HashMap<NetworkAddress, Vec<Arc<ServiceEntry>>>,
+);
 
 /// Services with their endpoints resolved (named by workloads, or listed by the service), by
 /// key, by VIP and by hostname. Endpoints of services nobody configured are warnings.
@@ -313,6 +337,7 @@ fn index_services(
     let mut services = BTreeMap::new();
     let mut by_vip = HashMap::new();
     let mut by_host: HashMap<String, Vec<Arc<ServiceEntry>>> = HashMap::new();
+    let mut shared: HashMap<NetworkAddress, Vec<Arc<ServiceEntry>>> = HashMap::new();
     for mut svc in list {
         let key = svc.namespaced_hostname();
         let mut eps = endpoints.remove(&key).unwrap_or_default();
@@ -341,7 +366,14 @@ fn index_services(
         let entry = Arc::new(ServiceEntry { service: svc, endpoints: eps.into_values().collect() });
         for vip in &entry.service.vips {
             if let Some(prev) = insert_by_addr(&mut by_vip, &vip.network, vip.address, entry.clone()) {
-                warnings.push(format!("services {} and {key} share VIP {vip}", prev.service.namespaced_hostname()));
+                // Several services on one VIP (Istio allows it): each client gets the one Istio
+                // would choose for it.
+                let key = NetworkAddress { network: vip.network.clone(), address: vip.address.to_canonical() };
+                let list = shared.entry(key).or_default();
+                if list.is_empty() {
+                    list.push(prev);
+                }
+                list.push(entry.clone());
             }
         }
         by_host.entry(entry.service.hostname.clone()).or_default().push(entry.clone());
@@ -352,7 +384,7 @@ fn index_services(
             warnings.push(format!("workload {uid} names service {svc}, which is not configured"));
         }
     }
-    (services, by_vip, by_host)
+    (services, by_vip, by_host, shared)
 }
 
 type PolicyLists = (Vec<Arc<Authorization>>, HashMap<String, Vec<Arc<Authorization>>>);
@@ -447,6 +479,29 @@ mod tests {
         assert!(s.warnings.iter().any(|w| w.contains("ns/missing")), "{:?}", s.warnings);
         let a = s.workload_by_uid("a").unwrap().clone();
         assert_eq!(s.policies_for(&a).len(), 1);
+    }
+
+    #[test]
+    fn shared_vips_are_chosen_per_client_and_host_network_pods_have_no_address() {
+        let yaml = r#"
+workloads:
+- {uid: hn, name: hn, namespace: ns, workloadIps: [10.0.0.9], networkMode: HostNetwork}
+- {uid: pod, name: pod, namespace: ns, workloadIps: [10.0.0.8]}
+services:
+- {name: s, namespace: a, hostname: s.a.svc.cluster.local, vips: ["/10.96.0.1"], ports: {80: 80}}
+- {name: s, namespace: b, hostname: s.b.svc.cluster.local, vips: ["/10.96.0.1"], ports: {80: 80}, canonical: true}
+- {name: s, namespace: c, hostname: s.c.svc.cluster.local, vips: ["/10.96.0.1"], ports: {80: 80}}
+"#;
+        let state = crate::control::local::parse(yaml).unwrap();
+        let s = Snapshot::build(1, SourceInfo { kind: "t", location: String::new() }, LocalScope::Node(None), state);
+        let vip: IpAddr = "10.96.0.1".parse().unwrap();
+        let pick = |ns: &str| s.service_by_vip_for("", vip, ns).unwrap().service.namespace.clone();
+        assert_eq!(pick("a"), "a", "the client's namespace first");
+        assert_eq!(pick("c"), "c");
+        assert_eq!(pick("elsewhere"), "b", "then the canonical one, not the last configured");
+        assert!(s.workload_by_ip("", "10.0.0.9".parse().unwrap()).is_none(), "host network: the node's address");
+        assert!(s.workload_by_uid("hn").is_some());
+        assert!(s.workload_by_ip("", "10.0.0.8".parse().unwrap()).is_some());
     }
 
     #[test]

@@ -344,7 +344,9 @@ pub struct Shard {
     /// Labels of recent connections by what they were made of (see [`Shard::labels`]).
     recent: RefCell<HashMap<LabelKey, Rc<Series>>>,
     setup: RefCell<Vec<Histogram<u64>>>,
-    dns: RefCell<HashMap<DnsKey, DnsCounts>>,
+    /// DNS counts by (record type, protocol), then by source canonical service and revision:
+    /// found by comparing strings, so counting a query allocates nothing.
+    dns: RefCell<HashMap<(u16, &'static str), Vec<DnsSourceCounts>>>,
 }
 
 /// The labels of Istio's `istio_dns_*` series.
@@ -357,6 +359,31 @@ pub struct DnsKey {
     pub source_canonical_service: String,
     pub source_canonical_revision: String,
 }
+
+/// DNS counts of one source (canonical service, revision).
+type DnsSourceCounts = (Box<str>, Box<str>, DnsCounts);
+
+/// What a DNS request is counted by, borrowed from the request and its client.
+pub struct DnsQueryKey<'a> {
+    /// The record type's number (0: unknown, the request did not parse).
+    pub query_type: u16,
+    /// `udp` or `tcp`.
+    pub protocol: &'static str,
+    pub service: &'a str,
+    pub revision: &'a str,
+}
+
+/// Istio's label for a record type: its name in lowercase (`a`, `aaaa`, `srv`), `unknown` when
+/// the request did not say.
+pub fn dns_type_label(t: u16) -> String {
+    if t == 0 {
+        return "unknown".into();
+    }
+    hickory_proto::rr::RecordType::from(t).to_string().to_ascii_lowercase()
+}
+
+/// A family of worker figures: name, type, help, and the value of one worker.
+type WorkerFamily = (&'static str, &'static str, &'static str, fn(&WorkerFigures) -> String);
 
 /// A counter family of DNS: name, help, and which count it shows.
 type DnsFamily = (&'static str, &'static str, fn(&DnsCounts) -> u64);
@@ -479,9 +506,17 @@ impl Shard {
 
     /// One DNS request answered (mesh or forwarded), and for a forwarded one how the upstream
     /// exchange went (`Some((took, failed))`).
-    pub fn dns(&self, key: DnsKey, upstream: Option<(Duration, bool)>) {
+    pub fn dns(&self, key: &DnsQueryKey<'_>, upstream: Option<(Duration, bool)>) {
         let mut map = self.dns.borrow_mut();
-        let c = map.entry(key).or_default();
+        let list = map.entry((key.query_type, key.protocol)).or_default();
+        let i = match list.iter().position(|(s, r, _)| &**s == key.service && &**r == key.revision) {
+            Some(i) => i,
+            None => {
+                list.push((key.service.into(), key.revision.into(), DnsCounts::default()));
+                list.len() - 1
+            }
+        };
+        let c = &mut list[i].2;
         c.requests += 1;
         if let Some((took, failed)) = upstream {
             c.upstream_requests += 1;
@@ -502,7 +537,23 @@ impl Shard {
             t.sent += stats.sent.get();
             t.received += stats.received.get();
         }
-        Dump { series, setup: self.setup.borrow().clone(), dns: self.dns.borrow().clone() }
+        let mut dns = HashMap::new();
+        for ((t, protocol), list) in self.dns.borrow().iter() {
+            for (service, revision, counts) in list {
+                let key = DnsKey {
+                    query_type: dns_type_label(*t),
+                    protocol,
+                    source_canonical_service: service.to_string(),
+                    source_canonical_revision: revision.to_string(),
+                };
+                dns.entry(key).or_insert_with(DnsCounts::default).add(counts);
+            }
+        }
+        let mut sockets_open: HashMap<Box<str>, u64> = HashMap::new();
+        for (open, _) in self.open.borrow().values() {
+            *sockets_open.entry(open.labels.0[0].clone()).or_default() += 1;
+        }
+        Dump { series, setup: self.setup.borrow().clone(), dns, sockets_open, workers: Vec::new() }
     }
 }
 
@@ -513,6 +564,22 @@ pub struct Dump {
     /// Setup-time histograms in [`SETUP_PATHS`] order.
     pub setup: Vec<Histogram<u64>>,
     pub dns: HashMap<DnsKey, DnsCounts>,
+    /// Open proxied connections by reporter (`istio_tcp_sockets_open`).
+    pub sockets_open: HashMap<Box<str>, u64>,
+    /// Each worker's own figures (filled in by the worker answering the scrape).
+    pub workers: Vec<WorkerFigures>,
+}
+
+/// What one worker reports of itself (`ztunnel_worker_*`).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct WorkerFigures {
+    pub id: usize,
+    /// CPU time the worker thread used (user + system).
+    pub cpu_seconds: f64,
+    pub open_connections: u64,
+    pub accepted_total: u64,
+    /// Pods whose listeners it serves (in-pod mode).
+    pub pods: u64,
 }
 
 impl Dump {
@@ -521,6 +588,8 @@ impl Dump {
             series: HashMap::new(),
             setup: SETUP_PATHS.iter().map(|_| new_histogram()).collect(),
             dns: HashMap::new(),
+            sockets_open: HashMap::new(),
+            workers: Vec::new(),
         }
     }
 
@@ -534,6 +603,10 @@ impl Dump {
         for (k, v) in other.dns {
             self.dns.entry(k).or_default().add(&v);
         }
+        for (k, v) in other.sockets_open {
+            *self.sockets_open.entry(k).or_default() += v;
+        }
+        self.workers.extend(other.workers);
     }
 
     /// The Prometheus text format, or OpenMetrics when `openmetrics`.
@@ -559,6 +632,13 @@ impl Dump {
                 let _ = writeln!(out, "}} {}", get(&self.series[*k]));
             }
         }
+        let _ = writeln!(out, "# HELP istio_tcp_sockets_open Open proxied connections, by reporter.");
+        let _ = writeln!(out, "# TYPE istio_tcp_sockets_open gauge");
+        for reporter in ["source", "destination"] {
+            let n = self.sockets_open.get(reporter).copied().unwrap_or(0);
+            let _ = writeln!(out, "istio_tcp_sockets_open{{reporter=\"{reporter}\"}} {n}");
+        }
+        self.render_workers(&mut out, openmetrics);
         let _ = writeln!(out, "# HELP istio_build Istio component build info.");
         let _ = writeln!(out, "# TYPE istio_build gauge");
         let _ = writeln!(out, "istio_build{{component=\"ztunnel\",tag=\"{}\"}} 1", escape(build_tag));
@@ -569,6 +649,34 @@ impl Dump {
             out.push_str("# EOF\n");
         }
         out
+    }
+
+    /// Each worker's own figures, the thread-per-core counterpart of a runtime's metrics.
+    fn render_workers(&self, out: &mut String, openmetrics: bool) {
+        let mut workers = self.workers.clone();
+        workers.sort_by_key(|w| w.id);
+        let families: [WorkerFamily; 4] = [
+            ("ztunnel_worker_cpu_seconds", "counter", "CPU time each worker thread used.", |w| {
+                w.cpu_seconds.to_string()
+            }),
+            ("ztunnel_worker_connections_open", "gauge", "Connections each worker holds open.", |w| {
+                w.open_connections.to_string()
+            }),
+            ("ztunnel_worker_connections_accepted", "counter", "Connections each worker accepted.", |w| {
+                w.accepted_total.to_string()
+            }),
+            ("ztunnel_worker_pods", "gauge", "Pods each worker serves listeners for (in-pod mode).", |w| {
+                w.pods.to_string()
+            }),
+        ];
+        for (name, kind, help, get) in families {
+            let sample = if kind == "counter" { format!("{name}_total") } else { name.to_string() };
+            let family = if kind == "counter" && !openmetrics { sample.clone() } else { name.to_string() };
+            let _ = writeln!(out, "# HELP {family} {help}\n# TYPE {family} {kind}");
+            for w in &workers {
+                let _ = writeln!(out, "{sample}{{worker=\"{}\"}} {}", w.id, get(w));
+            }
+        }
     }
 
     /// Istio's `istio_dns_*` families (only once a DNS request was seen).

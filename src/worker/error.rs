@@ -38,6 +38,15 @@ pub enum ProxyError {
     NoCertificate(String),
     #[error("HBONE: {0}")]
     Hbone(String),
+    /// The HBONE peer's TLS handshake failed (or timed out).
+    #[error("HBONE: {0}")]
+    HboneTls(String),
+    /// The HTTP/2 handshake over HBONE's TLS failed.
+    #[error("HBONE: {0}")]
+    HboneH2(String),
+    /// The HBONE peer is not an identity the destination may have.
+    #[error("HBONE: {0}")]
+    HboneIdentity(String),
     #[error("HBONE: {peer} answered CONNECT {target} with {status}")]
     HboneRefused { peer: SocketAddr, target: SocketAddr, status: u16 },
     #[error("SOCKS5: {0}")]
@@ -57,6 +66,12 @@ impl ProxyError {
     pub fn response_flags(&self) -> &'static str {
         match self {
             ProxyError::Refused(Refusal::Denied(_)) | ProxyError::HboneRefused { status: 401 | 403, .. } => "DENY",
+            ProxyError::HboneTls(_) => "TLS_FAILURE",
+            ProxyError::HboneH2(_) => "H2_HANDSHAKE_FAILURE",
+            ProxyError::HboneIdentity(_) => "IDENTITY_ERROR",
+            // A connect that times out is, as Istio reads it, a network policy dropping packets.
+            ProxyError::Dial(DialError::Timeout(..))
+            | ProxyError::Refused(Refusal::Upstream(DialError::Timeout(..))) => "NETWORK_POLICY",
             ProxyError::Refused(Refusal::Upstream(_)) => "CONNECT",
             ProxyError::Dial(_)
             | ProxyError::Hbone(_)
@@ -65,5 +80,27 @@ impl ProxyError {
             | ProxyError::Route(_) => "CONNECT",
             _ => "-",
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn response_flags_as_istio_names_them() {
+        let addr: SocketAddr = "10.0.0.1:80".parse().unwrap();
+        let flags = |e: ProxyError| e.response_flags();
+        assert_eq!(flags(ProxyError::Refused(Refusal::Denied(crate::rbac::Denied::NotAllowed))), "DENY");
+        assert_eq!(flags(ProxyError::HboneRefused { peer: addr, target: addr, status: 401 }), "DENY");
+        assert_eq!(flags(ProxyError::HboneTls("x".into())), "TLS_FAILURE");
+        assert_eq!(flags(ProxyError::HboneH2("x".into())), "H2_HANDSHAKE_FAILURE");
+        assert_eq!(flags(ProxyError::HboneIdentity("x".into())), "IDENTITY_ERROR");
+        let timeout = || DialError::Timeout(addr, std::time::Duration::from_secs(1));
+        assert_eq!(flags(ProxyError::Dial(timeout())), "NETWORK_POLICY");
+        assert_eq!(flags(ProxyError::Refused(Refusal::Upstream(timeout()))), "NETWORK_POLICY");
+        let refused = DialError::Connect(addr, std::io::Error::from_raw_os_error(libc::ECONNREFUSED));
+        assert_eq!(flags(ProxyError::Dial(refused)), "CONNECT");
+        assert_eq!(flags(ProxyError::NotRedirected(addr)), "-");
     }
 }

@@ -78,6 +78,8 @@ pub struct WorkerCtx {
     cert_requests: tokio::sync::mpsc::UnboundedSender<Identity>,
     /// This worker's metrics shard.
     pub metrics: Rc<Shard>,
+    /// Connections this worker accepted (`ztunnel_worker_connections_accepted_total`).
+    pub accepted: Cell<u64>,
     /// Inbound HBONE TLS handshakes in progress (bounded by `hbone::server::MAX_HANDSHAKES`).
     pub handshakes: Cell<usize>,
     /// Fires when the next snapshot is applied (an on-demand certificate arriving); replaced by

@@ -46,11 +46,18 @@ pub struct PodNet {
     listener_fds: RefCell<Vec<RawFd>>,
     /// The uid of the config's workload this pod turned out to be, once found.
     matched: RefCell<Option<String>>,
+    /// The search domains whose stripping the DNS proxy tries for this pod (its namespace's).
+    dns_search: std::cell::OnceCell<Vec<String>>,
 }
 
 impl PodNet {
     pub fn id(&self) -> u64 {
         self.spec.id
+    }
+
+    /// `<ns>.svc.<domain>`, `svc.<domain>`, `<domain>` for the pod's namespace, made once.
+    pub fn dns_search(&self, cluster_domain: &str) -> &[String] {
+        self.dns_search.get_or_init(|| crate::dns::names::pod_search(&self.spec.info.namespace, cluster_domain))
     }
 
     /// The config's workload for this pod: the workload with the pod's uid, else the one on
@@ -148,6 +155,7 @@ pub fn add_pod(ctx: &Rc<WorkerCtx>, spec: Arc<PodSpec>) -> Result<(), String> {
         spec,
         draining: Signal::default(),
         matched: RefCell::new(None),
+        dns_search: std::cell::OnceCell::new(),
     });
     for (kind, listener) in listeners {
         ctx.accepting.set(ctx.accepting.get() + 1);

@@ -229,6 +229,7 @@ async fn run(spec: WorkerSpec, driver: &'static str, ready: std::sync::mpsc::Sen
         pool: HbonePool::new(spec.cfg.pool_max_streams, spec.cfg.pool_idle_timeout),
         cert_requests: spec.cert_requests,
         metrics: Rc::new(Shard::default()),
+        accepted: Cell::new(0),
         handshakes: Cell::new(0),
         snapshot_waiters: RefCell::new(Signal::default()),
         pods: RefCell::default(),
@@ -269,7 +270,15 @@ async fn control_messages(
     loop {
         match rx.recv().await {
             Some(WorkerMsg::Scrape(reply)) => {
-                let _ = reply.send(ctx.metrics.dump());
+                let mut dump = ctx.metrics.dump();
+                dump.workers.push(crate::telemetry::metrics::WorkerFigures {
+                    id: ctx.id,
+                    cpu_seconds: crate::sys::thread_cpu_seconds(),
+                    open_connections: ctx.conns.len() as u64,
+                    accepted_total: ctx.accepted.get(),
+                    pods: ctx.pods.borrow().len() as u64,
+                });
+                let _ = reply.send(dump);
             }
             Some(WorkerMsg::Snapshot(s)) => {
                 tracing::debug!(worker = ctx.id, generation = s.generation, "applied new config snapshot");

@@ -183,6 +183,11 @@ impl TryFrom<pwl::Service> for Service {
         if s.hostname.is_empty() {
             return Err(err("hostname", "empty"));
         }
+        // Traffic split over several waypoints is not implemented: refused by name (the
+        // resource is NACKed) rather than sent past the waypoints.
+        if !s.weighted_waypoints.is_empty() {
+            return Err(err("weighted_waypoints", "not supported by this proxy"));
+        }
         let vips = s
             .addresses
             .into_iter()
@@ -542,6 +547,19 @@ mod tests {
         let mut plain = rich_workload();
         plain.capacity = None;
         assert_eq!(Workload::try_from(plain).unwrap().capacity, 1);
+    }
+
+    #[test]
+    fn weighted_waypoints_are_refused_by_name() {
+        let s = pwl::Service {
+            name: "s".into(),
+            namespace: "ns".into(),
+            hostname: "s.ns.svc.cluster.local".into(),
+            weighted_waypoints: vec![Default::default()],
+            ..Default::default()
+        };
+        let e = Service::try_from(s).unwrap_err().to_string();
+        assert!(e.contains("weighted_waypoints"), "{e}");
     }
 
     #[test]

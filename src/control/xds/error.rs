@@ -38,14 +38,20 @@ pub enum XdsError {
 impl XdsError {
     /// The `reason` label of `istio_xds_connection_terminations_total`: `connect` when the
     /// session never got its stream open, `stream` when an open stream ended.
+    /// The `reason` label of `istio_xds_connection_terminations_total`, with Istio's values:
+    /// the connection could not be made (`ConnectionError`), the stream failed (`Error`), istiod
+    /// ended it (`Reconnect`: it asks clients to come back, as on its connection age limit), or
+    /// our side ended it (`Complete`).
     pub fn kind(&self) -> &'static str {
         match self {
             XdsError::Endpoint { .. }
             | XdsError::Connect { .. }
             | XdsError::Token { .. }
             | XdsError::Header { .. }
-            | XdsError::Open(_) => "connect",
-            XdsError::Stream(_) | XdsError::RequestClosed | XdsError::ClosedByServer => "stream",
+            | XdsError::Open(_) => "ConnectionError",
+            XdsError::Stream(_) => "Error",
+            XdsError::ClosedByServer => "Reconnect",
+            XdsError::RequestClosed => "Complete",
         }
     }
 
@@ -70,12 +76,13 @@ mod tests {
 
     #[test]
     fn kinds_split_connect_from_stream() {
-        assert_eq!(XdsError::Header { what: "CLUSTER_ID" }.kind(), "connect");
-        assert_eq!(XdsError::Open(tonic::Status::unavailable("down")).kind(), "connect");
-        assert_eq!(XdsError::Stream(tonic::Status::internal("reset")).kind(), "stream");
-        assert_eq!(XdsError::ClosedByServer.kind(), "stream");
+        assert_eq!(XdsError::Header { what: "CLUSTER_ID" }.kind(), "ConnectionError");
+        assert_eq!(XdsError::Open(tonic::Status::unavailable("down")).kind(), "ConnectionError");
+        assert_eq!(XdsError::Stream(tonic::Status::internal("reset")).kind(), "Error");
+        assert_eq!(XdsError::ClosedByServer.kind(), "Reconnect");
+        assert_eq!(XdsError::RequestClosed.kind(), "Complete");
         let token = XdsError::Token { path: "/t".into(), source: std::io::Error::other("gone") };
-        assert_eq!(token.kind(), "connect");
+        assert_eq!(token.kind(), "ConnectionError");
         assert_eq!(token.describe(), "reading the token /t: gone");
     }
 }
