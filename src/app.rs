@@ -98,6 +98,14 @@ pub fn start(cfg: Config, opts: RunOptions) -> anyhow::Result<Proxy> {
 /// naming the field), or an empty config that istiod fills in (readiness waits for it).
 fn first_config(cfg: &Config) -> anyhow::Result<(Option<LocalFileWatch>, Arc<Snapshot>)> {
     let scope = LocalScope::from_config(cfg);
+    if let Some(text) = &cfg.local_xds_inline {
+        let state = control::local::parse(text).context("invalid LOCAL_XDS (inline config)")?;
+        let source = SourceInfo { kind: "inline", location: "LOCAL_XDS".into() };
+        let initial = Arc::new(Snapshot::build(1, source, scope, state.clone()));
+        let watch =
+            LocalFileWatch { path: std::path::PathBuf::new(), stamp: None, text: text.clone(), state, inline: true };
+        return Ok((Some(watch), initial));
+    }
     let Some(path) = cfg.local_xds_path.clone() else {
         let source = SourceInfo { kind: "xds", location: cfg.xds_address.clone().unwrap_or_default() };
         return Ok((None, Arc::new(Snapshot::build(1, source, scope, ConfigState::default()))));
@@ -119,7 +127,7 @@ fn first_config(cfg: &Config) -> anyhow::Result<(Option<LocalFileWatch>, Arc<Sna
     for w in &initial.warnings {
         tracing::warn!(generation = 1, "config: {w}");
     }
-    Ok((Some(LocalFileWatch { path, stamp, text, state }), initial))
+    Ok((Some(LocalFileWatch { path, stamp, text, state, inline: false }), initial))
 }
 
 /// The local CA (created or loaded now), or the Istio CA's settings (its root read now).
@@ -137,6 +145,7 @@ fn certificate_source(cfg: &Config) -> anyhow::Result<CaChoice> {
         alt_hostname: cfg.alt_ca_hostname.clone().or_else(|| cfg.alt_xds_hostname.clone()),
         token_path: cfg.auth_token.clone(),
         cluster_id: cfg.cluster_id.clone(),
+        headers: cfg.ca_headers.clone(),
         ttl: cfg.secret_ttl,
     }))
 }
@@ -277,11 +286,23 @@ fn xds_options(cfg: &Config, address: &str) -> anyhow::Result<crate::control::xd
         cluster_id: cfg.cluster_id.clone(),
         node_id,
         node_metadata,
+        headers: cfg.xds_headers.clone(),
     })
 }
 
-/// PEM text given inline, or the file holding it; errors name the variable.
+/// The system's trust roots, for `XDS_ROOT_CA=SYSTEM` / `CA_ROOT_CA=SYSTEM`.
+const SYSTEM_ROOTS: [&str; 3] =
+    ["/etc/ssl/certs/ca-certificates.crt", "/etc/pki/tls/certs/ca-bundle.crt", "/etc/ssl/cert.pem"];
+
+/// PEM text given inline, or the file holding it, or `SYSTEM` for the system's roots; errors
+/// name the variable.
 fn read_pem(value: &str, var: &str) -> anyhow::Result<Vec<u8>> {
+    if value == "SYSTEM" {
+        return SYSTEM_ROOTS
+            .iter()
+            .find_map(|p| std::fs::read(p).ok())
+            .with_context(|| format!("{var}=SYSTEM: no system trust roots at {}", SYSTEM_ROOTS.join(", ")));
+    }
     if value.contains("-----BEGIN") {
         Ok(value.as_bytes().to_vec())
     } else {

@@ -131,6 +131,13 @@ pub struct Config {
     /// `ENABLE_NODE_LOCAL_FAST_PATH`: a destination served by this proxy skips TLS and HTTP/2;
     /// the inbound checks run in-process and the pod is dialed directly.
     pub node_local_fast_path: bool,
+    /// HBONE's HTTP/2 windows and frame size (`HTTP2_*`).
+    pub http2: Http2Settings,
+    /// `LOCAL_XDS`: the local config given inline (instead of `LOCAL_XDS_PATH`).
+    pub local_xds_inline: Option<String>,
+    /// `XDS_HEADER_<NAME>` and `CA_HEADER_<NAME>`: extra request metadata for istiod and the CA.
+    pub xds_headers: Vec<(String, String)>,
+    pub ca_headers: Vec<(String, String)>,
     /// The DNS proxy (`ISTIO_META_DNS_CAPTURE`: on unless set to something other than `true`).
     pub dns_capture: bool,
     /// `ISTIO_META_DNS_PROXY_ADDR` in dedicated mode (`localhost:PORT` is both loopbacks).
@@ -289,11 +296,23 @@ pub fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Cli, ConfigE
 /// Reads variables through `get`, so tests need not touch the process environment.
 pub struct Source<'a> {
     get: &'a dyn Fn(&str) -> Option<String>,
+    /// Every variable, for the prefixed families (`XDS_HEADER_*`); empty in tests that only
+    /// answer by name.
+    all: Vec<(String, String)>,
 }
 
 impl<'a> Source<'a> {
     pub fn new(get: &'a dyn Fn(&str) -> Option<String>) -> Self {
-        Source { get }
+        Source { get, all: Vec::new() }
+    }
+
+    /// A source that also lists every variable (the process environment and the flags).
+    pub fn with_all(get: &'a dyn Fn(&str) -> Option<String>, all: Vec<(String, String)>) -> Self {
+        Source { get, all }
+    }
+
+    fn all(&self) -> Vec<(String, String)> {
+        self.all.clone()
     }
 
     fn raw(&self, var: &str) -> Option<String> {
@@ -443,6 +462,67 @@ fn termination_deadline(src: &Source) -> Result<Duration, ConfigError> {
     })
 }
 
+/// HBONE's HTTP/2 flow control, as Istio's ztunnel sets it by default.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Http2Settings {
+    pub stream_window: u32,
+    pub connection_window: u32,
+    pub frame_size: u32,
+}
+
+impl Default for Http2Settings {
+    fn default() -> Http2Settings {
+        Http2Settings { stream_window: 4 << 20, connection_window: 16 << 20, frame_size: 1 << 20 }
+    }
+}
+
+/// `HTTP2_STREAM_WINDOW_SIZE`, `HTTP2_CONNECTION_WINDOW_SIZE`, `HTTP2_FRAME_SIZE`, in bytes.
+fn http2(src: &Source) -> Result<Http2Settings, ConfigError> {
+    let d = Http2Settings::default();
+    let size = |var: &str, default: u32, range: std::ops::RangeInclusive<u32>| -> Result<u32, ConfigError> {
+        Ok(src
+            .parse(var, |v| {
+                v.parse::<u32>()
+                    .ok()
+                    .filter(|n| range.contains(n))
+                    .ok_or_else(|| format!("expected bytes in {}..={}", range.start(), range.end()))
+            })?
+            .unwrap_or(default))
+    };
+    let h = Http2Settings {
+        stream_window: size("HTTP2_STREAM_WINDOW_SIZE", d.stream_window, 65_535..=(1 << 31) - 1)?,
+        connection_window: size("HTTP2_CONNECTION_WINDOW_SIZE", d.connection_window, 65_535..=(1 << 31) - 1)?,
+        // HTTP/2's own bounds for SETTINGS_MAX_FRAME_SIZE.
+        frame_size: size("HTTP2_FRAME_SIZE", d.frame_size, 16_384..=(1 << 24) - 1)?,
+    };
+    if h.connection_window < h.stream_window {
+        // A connection window smaller than one stream's lets one stream starve the rest and
+        // deadlocks under load.
+        return Err(invalid(
+            "HTTP2_CONNECTION_WINDOW_SIZE",
+            &h.connection_window.to_string(),
+            "must be at least HTTP2_STREAM_WINDOW_SIZE (Istio keeps it 4x larger)",
+        ));
+    }
+    Ok(h)
+}
+
+/// Variables named `<prefix><NAME>`: request metadata `name` (lowercase, `_` as `-`) -> value.
+fn headers(all: &[(String, String)], prefix: &str) -> Result<Vec<(String, String)>, ConfigError> {
+    let mut out = Vec::new();
+    for (k, v) in all {
+        let Some(name) = k.strip_prefix(prefix) else { continue };
+        let name = name.to_ascii_lowercase().replace('_', "-");
+        let valid = !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
+        if !valid || !v.bytes().all(|b| (0x20..0x7f).contains(&b)) {
+            return Err(invalid(k, v, "expected a header name of letters, digits and _, and a printable value"));
+        }
+        out.push((name, v.clone()));
+    }
+    Ok(out)
+}
+
 /// `ISTIO_META_DNS_PROXY_ADDR`: `localhost:PORT` (both loopback addresses) or `IP:PORT`.
 fn parse_dns_addr(v: &str) -> Result<Vec<SocketAddr>, String> {
     if let Some(port) = v.strip_prefix("localhost:") {
@@ -515,12 +595,15 @@ fn proxy_mode(src: &Source) -> Result<(ProxyMode, Option<WorkloadInfo>), ConfigE
 /// unset means the in-cluster istiod, an empty value disables xDS). At least one is required.
 fn config_sources(src: &Source) -> Result<(Option<PathBuf>, Option<String>), ConfigError> {
     let local_xds_path = src.value("LOCAL_XDS_PATH").map(PathBuf::from);
+    if local_xds_path.is_some() && src.value("LOCAL_XDS").is_some() {
+        return Err(invalid("LOCAL_XDS", "(inline config)", "set LOCAL_XDS or LOCAL_XDS_PATH, not both"));
+    }
     let xds_address = match src.raw("XDS_ADDRESS") {
         None => Some("https://istiod.istio-system.svc:15012".to_string()),
         Some(v) if v.trim().is_empty() => None,
         Some(v) => Some(istiod_address("XDS_ADDRESS", v.trim())?),
     };
-    if local_xds_path.is_none() && xds_address.is_none() {
+    if local_xds_path.is_none() && src.value("LOCAL_XDS").is_none() && xds_address.is_none() {
         return Err(ConfigError::Missing {
             var: "LOCAL_XDS_PATH",
             why: "when xDS is disabled (XDS_ADDRESS=): the proxy needs a config source",
@@ -744,6 +827,10 @@ impl Config {
                 .value("ZTUNNEL_RESOLV_CONF")
                 .map(PathBuf::from)
                 .unwrap_or_else(|| "/etc/resolv.conf".into()),
+            http2: http2(src)?,
+            local_xds_inline: src.value("LOCAL_XDS"),
+            xds_headers: headers(&src.all(), "XDS_HEADER_")?,
+            ca_headers: headers(&src.all(), "CA_HEADER_")?,
             hbone_keepalive_interval: Duration::from_secs(10),
             hbone_keepalive_timeout: Duration::from_secs(20),
         })
@@ -752,7 +839,9 @@ impl Config {
     /// Reads the process environment with flag overrides on top.
     pub fn from_env_and_flags(overrides: &HashMap<String, String>) -> Result<Config, ConfigError> {
         let get = |k: &str| overrides.get(k).cloned().or_else(|| std::env::var(k).ok());
-        Config::from_source(&Source::new(&get))
+        let mut all: Vec<(String, String)> = std::env::vars().collect();
+        all.extend(overrides.iter().map(|(k, v)| (k.clone(), v.clone())));
+        Config::from_source(&Source::with_all(&get, all))
     }
 
     /// A configuration for in-process tests: every listener on 127.0.0.1 port 0.
@@ -955,6 +1044,48 @@ mod tests {
         assert_eq!(c.listeners.admin.port(), 15000);
         assert_eq!(c.listeners.metrics.port(), 15020);
         assert_eq!(c.listeners.readiness.port(), 15021);
+    }
+
+    #[test]
+    fn http2_headers_and_inline_config() {
+        let c = cfg(&with(&[("HTTP2_STREAM_WINDOW_SIZE", "1048576"), ("HTTP2_CONNECTION_WINDOW_SIZE", "4194304")]))
+            .unwrap();
+        assert_eq!((c.http2.stream_window, c.http2.connection_window, c.http2.frame_size), (1 << 20, 4 << 20, 1 << 20));
+        assert_eq!(cfg(BASE).unwrap().http2, Http2Settings::default());
+        for (var, value) in [
+            ("HTTP2_FRAME_SIZE", "100"),
+            ("HTTP2_STREAM_WINDOW_SIZE", "big"),
+            ("HTTP2_CONNECTION_WINDOW_SIZE", "70000"),
+        ] {
+            let err = cfg(&with(&[(var, value)])).unwrap_err().to_string();
+            assert!(err.contains(var), "{var}: {err}");
+        }
+        let all: Vec<(String, String)> = vec![
+            ("XDS_HEADER_X_TENANT".into(), "blue".into()),
+            ("CA_HEADER_AUTHORITY_HINT".into(), "ca".into()),
+            ("UNRELATED".into(), "x".into()),
+        ];
+        let map: HashMap<String, String> =
+            BASE.iter().map(|(k, v)| (k.to_string(), v.to_string())).chain(all.clone()).collect();
+        let get = |k: &str| map.get(k).cloned();
+        let c = Config::from_source(&Source::with_all(&get, all)).unwrap();
+        assert_eq!(c.xds_headers, vec![("x-tenant".to_string(), "blue".to_string())]);
+        assert_eq!(c.ca_headers, vec![("authority-hint".to_string(), "ca".to_string())]);
+        let bad = vec![("XDS_HEADER_X".to_string(), "line\nbreak".to_string())];
+        let get = |k: &str| {
+            bad.iter()
+                .find(|(n, _)| n == k)
+                .map(|(_, v)| v.clone())
+                .or_else(|| BASE.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string()))
+        };
+        assert!(
+            Config::from_source(&Source::with_all(&get, bad.clone())).unwrap_err().to_string().contains("XDS_HEADER_X")
+        );
+        // Inline config is a source of its own; not together with a file.
+        let c = cfg(&[("XDS_ADDRESS", ""), ("LOCAL_XDS", "workloads: []")]).unwrap();
+        assert_eq!(c.local_xds_inline.as_deref(), Some("workloads: []"));
+        let err = cfg(&with(&[("LOCAL_XDS", "workloads: []")])).unwrap_err().to_string();
+        assert!(err.contains("LOCAL_XDS"), "{err}");
     }
 
     #[test]

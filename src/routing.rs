@@ -9,7 +9,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use crate::model::{
-    GatewayDestination, HealthPolicy, HealthStatus, Identity, LoadBalancerMode, Protocol, RoutingPreference, Workload,
+    GatewayDestination, HealthPolicy, HealthStatus, Identity, IpFamilies, LoadBalancerMode, Protocol,
+    RoutingPreference, Workload,
 };
 use crate::snapshot::{ServiceEndpoint, ServiceEntry, Snapshot};
 
@@ -152,7 +153,8 @@ fn via_service(
     let ep = pick_endpoint(svc, source, dst.port(), svc_target, rand)
         .ok_or_else(|| RouteError::NoHealthyEndpoint(name()))?;
     let port = ep.ports.get(&dst.port()).copied().filter(|p| *p != 0).unwrap_or(svc_target);
-    let ip = pick_ip(&ep.workload, dst.ip()).ok_or_else(|| RouteError::NoWorkloadAddress(ep.workload.uid.clone()))?;
+    let ip = pick_ip_for(&ep.workload, dst.ip(), svc.service.ip_families)
+        .ok_or_else(|| RouteError::NoWorkloadAddress(ep.workload.uid.clone()))?;
     Ok(Route {
         upstream: SocketAddr::new(ip, port),
         transport: transport_of(&ep.workload),
@@ -250,6 +252,21 @@ fn pick_ip(wl: &Workload, like: IpAddr) -> Option<IpAddr> {
     wl.workload_ips.iter().find(|ip| ip.is_ipv4() == like.is_ipv4()).or(wl.workload_ips.first()).copied()
 }
 
+/// Whether a service's `ip_families` lets traffic reach `ip`.
+fn family_allowed(families: Option<IpFamilies>, ip: &IpAddr) -> bool {
+    match families {
+        Some(IpFamilies::IPv4) => ip.is_ipv4(),
+        Some(IpFamilies::IPv6) => ip.is_ipv6(),
+        _ => true,
+    }
+}
+
+/// [`pick_ip`] among the addresses the service's `ip_families` allows.
+fn pick_ip_for(wl: &Workload, like: IpAddr, families: Option<IpFamilies>) -> Option<IpAddr> {
+    let allowed = || wl.workload_ips.iter().filter(|ip| family_allowed(families, ip));
+    allowed().find(|ip| ip.is_ipv4() == like.is_ipv4()).or_else(|| allowed().next()).copied()
+}
+
 /// Picks an endpoint: healthy (unless the service allows all), with a usable port, in the
 /// best locality tier the service's routing preferences allow, weighted by capacity.
 pub fn pick_endpoint<'a>(
@@ -264,7 +281,7 @@ pub fn pick_endpoint<'a>(
     let usable = |ep: &&ServiceEndpoint| {
         (allow_unhealthy || (ep.status == HealthStatus::Healthy && ep.workload.status == HealthStatus::Healthy))
             && (svc_target != 0 || ep.ports.get(&svc_port).is_some_and(|p| *p != 0))
-            && !ep.workload.workload_ips.is_empty()
+            && ep.workload.workload_ips.iter().any(|ip| family_allowed(svc.service.ip_families, ip))
             && ep.workload.capacity > 0
     };
     let mut candidates: Vec<(&ServiceEndpoint, usize)> =
@@ -362,6 +379,24 @@ services:
             *counts.entry(route.workload.unwrap().uid.clone()).or_insert(0) += 1;
         }
         counts
+    }
+
+    #[test]
+    fn ip_families_filter_endpoints_and_their_addresses() {
+        let yaml = r#"
+workloads:
+- {uid: src, name: src, namespace: ns, workloadIps: [10.0.0.1]}
+- {uid: v4, name: v4, namespace: ns, workloadIps: [10.0.1.1], services: {"ns/six": {80: 80}}}
+- {uid: dual, name: dual, namespace: ns, workloadIps: [10.0.1.2, "fd00::2"], services: {"ns/six": {80: 80}}}
+services:
+- {name: six, namespace: ns, hostname: six, vips: ["/10.96.0.6"], ports: {80: 80}, ipFamilies: IPv6}
+"#;
+        let snap = snapshot(yaml);
+        let src = snap.workload_by_uid("src").unwrap().clone();
+        for i in 0..10 {
+            let r = outbound(&snap, &src, "10.96.0.6:80".parse().unwrap(), &mut |n| i % n).unwrap();
+            assert_eq!(r.upstream, "[fd00::2]:80".parse().unwrap(), "only IPv6 endpoints, by their IPv6 address");
+        }
     }
 
     #[test]

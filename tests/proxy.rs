@@ -512,3 +512,18 @@ fn config_dump_decodes_as_istioctl_and_kiali_read_it() {
     assert!(!dump.version.git_revision.is_empty() && !dump.version.rust_version.is_empty());
     stop(proxy);
 }
+
+/// `LOCAL_XDS`: the config given inline, as Istio's ztunnel accepts it.
+#[test]
+fn an_inline_config_is_served() {
+    let dir = TestDir::new("inline");
+    let mut cfg = ztunnel::config::Config::for_tests(dir.0.join("config.yaml"));
+    cfg.local_xds_path = None;
+    cfg.local_xds_inline =
+        Some("workloads:\n- {uid: w, name: inline-pod, namespace: ns, workloadIps: [127.0.0.2]}\n".to_string());
+    let proxy = ztunnel::app::start(cfg, ztunnel::app::RunOptions { handle_signals: false }).expect("starts");
+    let dump = config_dump(&proxy);
+    assert_eq!(dump["workloads"][0]["name"], "inline-pod");
+    assert_eq!(dump["source"]["kind"], "inline");
+    stop(proxy);
+}

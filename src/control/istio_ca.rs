@@ -29,6 +29,8 @@ pub struct CaOptions {
     pub alt_hostname: Option<String>,
     pub token_path: Option<PathBuf>,
     pub cluster_id: String,
+    /// `CA_HEADER_*`: extra request metadata.
+    pub headers: Vec<(String, String)>,
     /// Requested certificate lifetime (`SECRET_TTL`).
     pub ttl: Duration,
 }
@@ -82,7 +84,8 @@ impl IstioCa {
             metadata: Some(metadata),
         };
         let mut request = tonic::Request::new(body);
-        XdsClient::authorize(self.opts.token_path.as_ref(), &self.opts.cluster_id, &mut request).map_err(ca_err)?;
+        XdsClient::authorize(self.opts.token_path.as_ref(), &self.opts.cluster_id, &self.opts.headers, &mut request)
+            .map_err(ca_err)?;
         let channel = self.channel().await.map_err(|e| ca_err(e.describe()))?;
         let response = IstioCertificateServiceClient::new(channel).create_certificate(request).await.map_err(|s| {
             // A broken connection is redialed next time.

@@ -58,6 +58,8 @@ pub struct LocalFileWatch {
     pub text: String,
     /// What `text` parsed to.
     pub state: ConfigState,
+    /// Given inline (`LOCAL_XDS`): there is no file to watch.
+    pub inline: bool,
 }
 
 /// The certificate source, chosen at start (built on the control thread: the Istio CA client
@@ -321,7 +323,7 @@ async fn run(mut spec: ControlSpec, ca: CaChoice, ready: std::sync::mpsc::Sender
     state.track_identities();
     let s = state.clone();
     tokio::task::spawn_local(state.certs.clone().run(move |certs| s.publish_certs(certs)));
-    if let Some(watch) = spec.local_file.take() {
+    if let Some(watch) = spec.local_file.take().filter(|w| !w.inline) {
         tokio::task::spawn_local(watch_local_file(state.clone(), watch));
     }
     let requests = std::mem::replace(&mut spec.cert_requests, mpsc::unbounded_channel().1);

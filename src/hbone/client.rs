@@ -201,9 +201,9 @@ async fn dial_connection(
     crate::tls::check_server_identity(tls.conn().peer_certificates(), expected)
         .map_err(|e| ProxyError::HboneIdentity(format!("server {hbone_addr}: {e}")))?;
     let (send_request, connection) = h2::client::Builder::new()
-        .initial_window_size(4 * 1024 * 1024)
-        .initial_connection_window_size(16 * 1024 * 1024)
-        .max_frame_size(1024 * 1024)
+        .initial_window_size(ctx.cfg.http2.stream_window)
+        .initial_connection_window_size(ctx.cfg.http2.connection_window)
+        .max_frame_size(ctx.cfg.http2.frame_size)
         .max_header_list_size(16 * 1024)
         .enable_push(false)
         .handshake::<_, Bytes>(tls)

@@ -155,9 +155,9 @@ async fn accept(
     };
     let peer_id = crate::tls::peer_identity(tls.conn().peer_certificates());
     let handshake = h2::server::Builder::new()
-        .initial_window_size(4 * 1024 * 1024)
-        .initial_connection_window_size(16 * 1024 * 1024)
-        .max_frame_size(1024 * 1024)
+        .initial_window_size(ctx.cfg.http2.stream_window)
+        .initial_connection_window_size(ctx.cfg.http2.connection_window)
+        .max_frame_size(ctx.cfg.http2.frame_size)
         .max_header_list_size(64 * 1024)
         .max_concurrent_streams(200)
         .handshake::<_, Bytes>(tls);

@@ -42,6 +42,8 @@ pub struct XdsOptions {
     pub cluster_id: String,
     pub node_id: String,
     pub node_metadata: BTreeMap<String, String>,
+    /// `XDS_HEADER_*`: extra request metadata.
+    pub headers: Vec<(String, String)>,
 }
 
 /// Everything istiod has sent that is still current, by resource name, with its version.
@@ -150,12 +152,20 @@ impl XdsClient {
         endpoint.connect().await.map_err(|source| XdsError::Connect { address: self.opts.address.clone(), source })
     }
 
-    /// Adds the bearer token (read now) and the cluster id to a request.
+    /// Adds the bearer token (read now), the cluster id and the configured extra headers to a
+    /// request.
     pub fn authorize<T>(
         token_path: Option<&PathBuf>,
         cluster_id: &str,
+        headers: &[(String, String)],
         req: &mut tonic::Request<T>,
     ) -> Result<(), XdsError> {
+        for (name, value) in headers {
+            let key = tonic::metadata::MetadataKey::from_bytes(name.as_bytes())
+                .map_err(|_| XdsError::Header { what: "an XDS_HEADER_/CA_HEADER_ name" })?;
+            let value = value.parse().map_err(|_| XdsError::Header { what: "an XDS_HEADER_/CA_HEADER_ value" })?;
+            req.metadata_mut().insert(key, value);
+        }
         if let Some(path) = token_path {
             let token =
                 std::fs::read_to_string(path).map_err(|source| XdsError::Token { path: path.clone(), source })?;
@@ -199,7 +209,7 @@ impl XdsClient {
             tx.send(initial).await.map_err(|_| XdsError::RequestClosed)?;
         }
         let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
-        XdsClient::authorize(self.opts.token_path.as_ref(), &self.opts.cluster_id, &mut request)?;
+        XdsClient::authorize(self.opts.token_path.as_ref(), &self.opts.cluster_id, &self.opts.headers, &mut request)?;
         let mut client = AggregatedDiscoveryServiceClient::new(channel)
             .max_decoding_message_size(256 * 1024 * 1024)
             .max_encoding_message_size(16 * 1024 * 1024);
