@@ -95,6 +95,10 @@ pub struct Config {
     pub instance_ip: Option<IpAddr>,
     pub pod_name: Option<String>,
     pub pod_namespace: Option<String>,
+    /// `SERVICE_ACCOUNT`: the proxy's own service account. With `POD_NAME` and `POD_NAMESPACE`,
+    /// the proxy in shared mode also serves HBONE on 15008 in its own pod, as its own workload
+    /// (as Istio's ztunnel does, so its own endpoints can be reached over mTLS).
+    pub service_account: Option<String>,
     /// `SO_MARK` for upstream sockets; `None` when `PACKET_MARK=0`.
     pub packet_mark: Option<u32>,
     /// Bind the client's address for inbound upstream connections. `None`: decided at start
@@ -133,6 +137,10 @@ pub struct Config {
     pub node_local_fast_path: bool,
     /// HBONE's HTTP/2 windows and frame size (`HTTP2_*`).
     pub http2: Http2Settings,
+    /// `USER_TIMEOUT_ENABLED`: `TCP_USER_TIMEOUT` on every connection, as long as keepalive
+    /// takes to give up (180 s + 9 x 180 s), as in Istio.
+    #[serde(serialize_with = "ser_opt_duration")]
+    pub tcp_user_timeout: Option<Duration>,
     /// `LOCAL_XDS`: the local config given inline (instead of `LOCAL_XDS_PATH`).
     pub local_xds_inline: Option<String>,
     /// `XDS_HEADER_<NAME>` and `CA_HEADER_<NAME>`: extra request metadata for istiod and the CA.
@@ -173,6 +181,13 @@ fn ser_duration<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Er
     st.serialize_field("secs", &d.as_secs())?;
     st.serialize_field("nanos", &d.subsec_nanos())?;
     st.end()
+}
+
+fn ser_opt_duration<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+    match d {
+        Some(d) => ser_duration(d, s),
+        None => s.serialize_none(),
+    }
 }
 
 /// A start-up configuration error: which variable (or flag), which value, and why.
@@ -788,6 +803,7 @@ impl Config {
             instance_ip: src.parse("INSTANCE_IP", |v| v.parse::<IpAddr>().map_err(|e| e.to_string()))?,
             pod_name: src.value("POD_NAME"),
             pod_namespace: src.value("POD_NAMESPACE"),
+            service_account: src.value("SERVICE_ACCOUNT"),
             packet_mark: packet_mark(src, proxy_mode)?,
             enable_orig_src: src.bool("ENABLE_ORIG_SRC")?,
             socks5: src.bool("UNSTABLE_ENABLE_SOCKS5")?.unwrap_or(false),
@@ -828,6 +844,10 @@ impl Config {
                 .map(PathBuf::from)
                 .unwrap_or_else(|| "/etc/resolv.conf".into()),
             http2: http2(src)?,
+            tcp_user_timeout: src
+                .bool("USER_TIMEOUT_ENABLED")?
+                .unwrap_or(false)
+                .then(|| Duration::from_secs(180 + 9 * 180)),
             local_xds_inline: src.value("LOCAL_XDS"),
             xds_headers: headers(&src.all(), "XDS_HEADER_")?,
             ca_headers: headers(&src.all(), "CA_HEADER_")?,
@@ -1080,6 +1100,11 @@ mod tests {
         };
         assert!(
             Config::from_source(&Source::with_all(&get, bad.clone())).unwrap_err().to_string().contains("XDS_HEADER_X")
+        );
+        assert_eq!(cfg(BASE).unwrap().tcp_user_timeout, None);
+        assert_eq!(
+            cfg(&with(&[("USER_TIMEOUT_ENABLED", "true")])).unwrap().tcp_user_timeout,
+            Some(Duration::from_secs(1800))
         );
         // Inline config is a source of its own; not together with a file.
         let c = cfg(&[("XDS_ADDRESS", ""), ("LOCAL_XDS", "workloads: []")]).unwrap();

@@ -114,8 +114,19 @@ pub fn outbound(
     dst: SocketAddr,
     rand: &mut dyn FnMut(u64) -> u64,
 ) -> Result<Route, RouteError> {
+    outbound_preferring(snap, source, dst, None, rand)
+}
+
+/// [`outbound`] with `PREFERED_SERVICE_NAMESPACE` for services sharing a VIP.
+pub fn outbound_preferring(
+    snap: &Snapshot,
+    source: &Workload,
+    dst: SocketAddr,
+    preferred_namespace: Option<&str>,
+    rand: &mut dyn FnMut(u64) -> u64,
+) -> Result<Route, RouteError> {
     let network = source.network.as_str();
-    if let Some(svc) = snap.service_by_vip_for(network, dst.ip(), &source.namespace) {
+    if let Some(svc) = snap.service_by_vip_for(network, dst.ip(), &source.namespace, preferred_namespace) {
         return via_service(svc, source, dst, rand);
     }
     if let Some(wl) = snap.workload_by_ip(network, dst.ip()) {
@@ -174,6 +185,9 @@ pub struct PlanContext<'a> {
     pub fast_path: bool,
     /// The port peers accept HBONE on.
     pub hbone_port: u16,
+    /// `PREFERED_SERVICE_NAMESPACE`: among services sharing a VIP, after the client's namespace
+    /// and a canonical one.
+    pub preferred_namespace: Option<&'a str>,
 }
 
 /// How an outbound connection leaves the proxy.
@@ -217,7 +231,7 @@ pub fn plan(
     if is_loop(dst, at.own_ports) {
         return Err(RouteError::Loop(dst));
     }
-    let route = outbound(snap, source, dst, rand)?;
+    let route = outbound_preferring(snap, source, dst, at.preferred_namespace, rand)?;
     if is_loop(route.upstream, at.own_ports) {
         return Err(RouteError::Loop(route.upstream));
     }
@@ -429,7 +443,13 @@ services:
             outbound(&snap, &src, "10.96.0.1:81".parse().unwrap(), &mut r0),
             Err(RouteError::NoServicePort { port: 81, .. })
         ));
-        let at = PlanContext { network: "", own_ports: &[15001, 15006, 15008], fast_path: true, hbone_port: 15008 };
+        let at = PlanContext {
+            network: "",
+            own_ports: &[15001, 15006, 15008],
+            fast_path: true,
+            hbone_port: 15008,
+            preferred_namespace: None,
+        };
         assert!(matches!(
             plan(&snap, &at, &src, "127.0.0.1:15001".parse().unwrap(), &mut r0),
             Err(RouteError::Loop(_))
@@ -556,7 +576,8 @@ services:
         let snap = Snapshot::build(1, source, LocalScope::Node(Some("n1".into())), state);
         let src = snap.workload_by_uid("src").unwrap().clone();
         let own = [15001, 15006, 15008];
-        let at = PlanContext { network: "", own_ports: &own, fast_path: true, hbone_port: 15008 };
+        let at =
+            PlanContext { network: "", own_ports: &own, fast_path: true, hbone_port: 15008, preferred_namespace: None };
         let sa = |s: &str| s.parse::<SocketAddr>().unwrap();
         let plan_for = |at: &PlanContext<'_>, dst: &str| plan(&snap, at, &src, sa(dst), &mut |_| 0);
 

@@ -24,6 +24,10 @@ struct Node {
 
 impl Node {
     fn start(tag: &str, workloads: &str) -> Node {
+        Node::start_with(tag, workloads, &[])
+    }
+
+    fn start_with(tag: &str, workloads: &str, extra: &[(&str, &str)]) -> Node {
         let pid = std::process::id();
         let ns = Ns::new(format!("zi{pid}{tag}"));
         let dir = TestDir::new(&format!("inpod-{tag}"));
@@ -41,6 +45,7 @@ impl Node {
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
+        .chain(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())))
         .collect();
         let proxy = NodeProxy::spawn(&ns.0, &env, dir.0.join("proxy.log"));
         Node { proxy: Some(proxy), agent, ns, dir, tag: tag.into() }
@@ -379,4 +384,65 @@ fn pod_churn_100_pods_traffic_deletes_and_a_reconnect() {
     let (fds_after, rss_after) = usage(node.pid());
     println!("after churn: {fds_after} descriptors, RSS {rss_after} KiB");
     assert!(rss_after <= rss_full + 2048, "memory does not keep growing: {rss_after} vs {rss_full} KiB");
+}
+
+/// With `SERVICE_ACCOUNT`, `POD_NAME` and `POD_NAMESPACE` (what Istio's chart passes), the proxy
+/// also serves HBONE in its own pod as its own workload: its metrics over mutual TLS, and
+/// nothing else of its own.
+#[test]
+fn the_proxy_serves_its_own_metrics_over_hbone_as_itself() {
+    if skip_without_netns("the_proxy_serves_its_own_metrics_over_hbone_as_itself") {
+        return;
+    }
+    let me = "- {uid: cluster1//Pod/istio-system/ztunnel-abc, name: ztunnel-abc, namespace: istio-system, \
+              serviceAccount: ztunnel, workloadIps: [10.78.0.1], protocol: TCP, node: n1}\n";
+    let node = Node::start_with(
+        "s",
+        me,
+        &[("SERVICE_ACCOUNT", "ztunnel"), ("POD_NAME", "ztunnel-abc"), ("POD_NAMESPACE", "istio-system")],
+    );
+    node.ns.exec(&["ip", "addr", "add", "10.78.0.1/32", "dev", "lo"]);
+    let conn = node.accept();
+    assert_eq!(conn.snapshot_sent().unwrap(), Ok(()));
+    assert!(eventually(|| node.ready().0 == 200));
+    assert_eq!(listeners(&node.ns, 15008), 2, "the proxy's own HBONE listener, one per worker");
+    // A client of the mesh (any identity the mesh's root signed).
+    let ca = ztunnel::tls::ca::LocalCa::from_config(
+        &ztunnel::config::Config::for_tests(node.dir.0.join("config.yaml")).ca,
+        "cluster.local",
+        Duration::from_secs(3600),
+    )
+    .unwrap()
+    .0;
+    let client = ca
+        .issue(&"spiffe://cluster.local/ns/monitoring/sa/prometheus".parse().unwrap(), std::time::SystemTime::now())
+        .unwrap();
+    let server_id: ztunnel::model::Identity = "spiffe://cluster.local/ns/istio-system/sa/ztunnel".parse().unwrap();
+    let (metrics, admin) = run_in(node.ns.name(), || {
+        block_on(async move {
+            let hbone: SocketAddr = "10.78.0.1:15008".parse().unwrap();
+            let (mut send, _driver) = hbone_connect(hbone, &client, &server_id).await;
+            let (status, mut up, mut down) = request(&mut send, http::Method::CONNECT, "10.78.0.1:15020").await;
+            assert_eq!(status, http::StatusCode::OK);
+            up.send_data(
+                bytes::Bytes::from_static(b"GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"),
+                false,
+            )
+            .unwrap();
+            let mut got = Vec::new();
+            while let Some(Ok(chunk)) = down.data().await {
+                got.extend_from_slice(&chunk);
+                if got.windows(11).any(|w| w == b"istio_build") {
+                    break;
+                }
+            }
+            // Its admin port is not reachable that way.
+            let (admin, ..) = request(&mut send, http::Method::CONNECT, "10.78.0.1:15000").await;
+            (String::from_utf8_lossy(&got).into_owned(), admin)
+        })
+    })
+    .unwrap();
+    assert!(metrics.starts_with("HTTP/1.1 200") && metrics.contains("istio_build"), "{metrics}");
+    assert_eq!(admin, http::StatusCode::SERVICE_UNAVAILABLE, "only the metrics port");
+    drop(conn);
 }

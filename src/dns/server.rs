@@ -489,7 +489,8 @@ async fn tcp_exchange(
     server: SocketAddr,
     query: Vec<u8>,
 ) -> io::Result<Vec<u8>> {
-    let opts = crate::net::DialOpts { netns, mark, spoof_source: None, timeout: Duration::from_secs(5) };
+    let opts =
+        crate::net::DialOpts { netns, mark, spoof_source: None, timeout: Duration::from_secs(5), user_timeout: None };
     let mut stream = crate::net::dial(server, opts).await.map_err(io::Error::other)?;
     let mut framed = (query.len() as u16).to_be_bytes().to_vec();
     framed.extend_from_slice(&query);

@@ -190,6 +190,7 @@ async fn dial_connection(
         mark: ctx.cfg.packet_mark,
         spoof_source,
         timeout: ctx.cfg.connect_timeout,
+        user_timeout: ctx.cfg.tcp_user_timeout,
     };
     let tcp = dial(hbone_addr, opts).await?;
     let conn = ClientConnection::new(cert.client_config(), ServerName::IpAddress(hbone_addr.ip().into()))

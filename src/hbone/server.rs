@@ -262,6 +262,11 @@ async fn stream(
     conn.finish(&ctx, res);
 }
 
+/// A connection on the proxy's own HBONE listener (in-pod mode, no pod): for the proxy itself.
+fn serves_itself(ctx: &WorkerCtx, accepted: &Accepted) -> bool {
+    ctx.cfg.inpod && accepted.pod.is_none()
+}
+
 /// What is known of the source before any check: the peer's proven identity, and its workload
 /// (ours by address if it has that identity; else what the peer says of itself in `baggage`).
 fn describe_source(
@@ -297,7 +302,17 @@ fn admit(
     let authority = request.uri().authority().map(|a| a.as_str());
     let target = target::parse_request(request.method(), authority)?;
     let conn_workload = (accepted.dst.ip(), accepted.workload.uid.as_str());
-    if let Err(refusal) = target::check_target(snap, &ctx.cfg.network, &ctx.own_ports, conn_workload, target) {
+    // The proxy's own HBONE listener (in-pod mode) exists to reach its metrics port over mTLS:
+    // that one of its ports is a target there, and only there.
+    let self_ports: Vec<u16>;
+    let own_ports = if serves_itself(ctx, accepted) {
+        let metrics = ctx.cfg.listeners.metrics.port();
+        self_ports = ctx.own_ports.iter().copied().filter(|p| *p != metrics).collect();
+        &self_ports
+    } else {
+        &ctx.own_ports
+    };
+    if let Err(refusal) = target::check_target(snap, &ctx.cfg.network, own_ports, conn_workload, target) {
         if matches!(refusal, Refusal::WorkloadGone { .. }) {
             accepted.retire.fire();
         }
@@ -328,12 +343,14 @@ async fn connect(
     mut respond: h2::server::SendResponse<Bytes>,
 ) -> Result<(), ProxyError> {
     let peer_ip = accepted.peer.ip();
-    let spoof_source = (ctx.spoof_source && peer_ip != target.ip()).then_some(peer_ip);
+    // The proxy's own pod has no rules routing replies to a spoofed source back: not there.
+    let spoof_source = (ctx.spoof_source && peer_ip != target.ip() && !serves_itself(ctx, accepted)).then_some(peer_ip);
     let opts = DialOpts {
         netns: ctx.netns_of(accepted.pod.as_deref()),
         mark: ctx.cfg.packet_mark,
         spoof_source,
         timeout: ctx.cfg.connect_timeout,
+        user_timeout: ctx.cfg.tcp_user_timeout,
     };
     let upstream = match dial(target, opts).await {
         Ok(u) => u,

@@ -30,6 +30,31 @@ impl fmt::Display for NetworkAddress {
     }
 }
 
+/// A CIDR within a network (`"network/ip/length"`): a service address that covers a range (an
+/// xDS `NetworkAddress` with a `length` short of the whole address).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct NetworkCidr {
+    pub network: String,
+    pub net: IpNet,
+}
+
+impl FromStr for NetworkCidr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let mut parts = s.rsplitn(3, '/');
+        let (Some(len), Some(ip), Some(network)) = (parts.next(), parts.next(), parts.next()) else {
+            return Err(format!("{s:?} is not network/ip/length (use \"/10.0.0.0/24\" for the default network)"));
+        };
+        Ok(NetworkCidr { network: network.to_string(), net: format!("{ip}/{len}").parse()? })
+    }
+}
+
+impl fmt::Display for NetworkCidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.network, self.net)
+    }
+}
+
 /// `namespace/hostname`, how workloads name the services they back.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct NamespacedHostname {
@@ -121,7 +146,7 @@ macro_rules! string_serde {
         }
     )*};
 }
-string_serde!(NetworkAddress, NamespacedHostname, IpNet);
+string_serde!(NetworkAddress, NamespacedHostname, IpNet, NetworkCidr);
 
 #[cfg(test)]
 mod tests {

@@ -10,7 +10,7 @@ mod policy;
 mod service;
 mod workload;
 
-pub use addr::{IpNet, NamespacedHostname, NetworkAddress};
+pub use addr::{IpNet, NamespacedHostname, NetworkAddress, NetworkCidr};
 pub use policy::{Action, Authorization, PolicyScope, RbacMatch, ServiceAccountMatch, StringMatch};
 pub use service::{
     Endpoint, HealthPolicy, IpFamilies, LoadBalancer, LoadBalancerMode, RoutingPreference, Service, Visibility,

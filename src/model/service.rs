@@ -69,6 +69,10 @@ pub struct Service {
     pub namespace: String,
     pub hostname: String,
     pub vips: Vec<NetworkAddress>,
+    /// Addresses that are ranges (`network/ip/length`): a destination inside one is this
+    /// service's, the longest prefix winning.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cidr_vips: Vec<crate::model::NetworkCidr>,
     /// Service port -> target port (0: the endpoint's own mapping decides).
     pub ports: BTreeMap<u16, u16>,
     #[serde(default)]

@@ -86,6 +86,9 @@ pub struct DialOpts<'a> {
     /// Bind this source address first (original source preservation, needs `IP_TRANSPARENT`).
     pub spoof_source: Option<IpAddr>,
     pub timeout: Duration,
+    /// `TCP_USER_TIMEOUT` (`USER_TIMEOUT_ENABLED`): unacknowledged data fails the connection
+    /// after this long.
+    pub user_timeout: Option<Duration>,
 }
 
 /// Errors of [`dial`], kept apart so the caller can tell a refusal from a timeout.
@@ -125,6 +128,9 @@ pub async fn dial(dst: SocketAddr, opts: DialOpts<'_>) -> Result<TcpStream, Dial
         if let Some(mark) = opts.mark {
             socket.set_mark(mark)?;
         }
+        if let Some(t) = opts.user_timeout {
+            socket.set_tcp_user_timeout(Some(t))?;
+        }
         Ok(())
     };
     prep().map_err(|e| DialError::Socket(dst, e))?;
@@ -154,11 +160,14 @@ pub async fn dial(dst: SocketAddr, opts: DialOpts<'_>) -> Result<TcpStream, Dial
 }
 
 /// Sets the options every accepted (downstream) socket gets.
-pub fn prepare_accepted(stream: &TcpStream) {
+pub fn prepare_accepted(stream: &TcpStream, user_timeout: Option<Duration>) {
     // Failures here only cost latency or dead-peer detection; the connection still works.
     let _ = stream.set_nodelay(true);
     // Istio's keepalive on accepted sockets too: 180 s idle, 180 s interval, 9 probes.
     let _ = stream.set_tcp_keepalive(Some(Duration::from_secs(180)), Some(Duration::from_secs(180)), Some(9));
+    if let Some(t) = user_timeout {
+        let _ = sys::set_tcp_user_timeout(stream, t);
+    }
 }
 
 /// Turns an IPv4-mapped IPv6 address (from a dual-stack listener) into plain IPv4, so lookups by

@@ -129,6 +129,8 @@ pub struct ConfigIndex {
     service_by_vip: ByAddr<ServiceEntry>,
     /// VIPs that several services claim, with all of them (chosen per client).
     shared_vips: HashMap<NetworkAddress, Vec<Arc<ServiceEntry>>>,
+    /// Services' address ranges, longest prefix first.
+    service_cidrs: Vec<(crate::model::NetworkCidr, Arc<ServiceEntry>)>,
     service_by_host: HashMap<String, Vec<Arc<ServiceEntry>>>,
     policies: BTreeMap<String, Arc<Authorization>>,
     /// `Global` policies, and `Namespace` policies by namespace: a connection's policies are
@@ -148,6 +150,7 @@ impl ConfigIndex {
         let endpoints = endpoints_named_by_workloads(&workloads);
         let (services, service_by_vip, service_by_host, shared_vips) =
             index_services(state.services, &workloads, endpoints, &mut warnings);
+        let service_cidrs = service_cidrs(&services);
         let policies: BTreeMap<String, Arc<Authorization>> =
             state.policies.into_iter().map(|p| (p.key(), Arc::new(p))).collect();
         let (global_policies, namespace_policies) = policies_by_scope(&policies);
@@ -161,6 +164,7 @@ impl ConfigIndex {
             services,
             service_by_vip,
             shared_vips,
+            service_cidrs,
             service_by_host,
             policies,
             global_policies,
@@ -178,12 +182,22 @@ impl ConfigIndex {
     }
 
     pub fn service_by_vip(&self, network: &str, ip: IpAddr) -> Option<&Arc<ServiceEntry>> {
-        get_by_addr(&self.service_by_vip, network, ip)
+        get_by_addr(&self.service_by_vip, network, ip).or_else(|| {
+            // No exact VIP: the service whose range holds the address (longest prefix).
+            self.service_cidrs.iter().find(|(c, _)| c.network == network && c.net.contains(ip)).map(|(_, s)| s)
+        })
     }
 
     /// The service behind a VIP for a client in `namespace`: where several services share the
-    /// VIP, the one in the client's namespace, then a canonical one, then the first configured.
-    pub fn service_by_vip_for(&self, network: &str, ip: IpAddr, namespace: &str) -> Option<&Arc<ServiceEntry>> {
+    /// VIP, the one in the client's namespace, then a canonical one, then one in `preferred`
+    /// (`PREFERED_SERVICE_NAMESPACE`), then the first configured.
+    pub fn service_by_vip_for(
+        &self,
+        network: &str,
+        ip: IpAddr,
+        namespace: &str,
+        preferred: Option<&str>,
+    ) -> Option<&Arc<ServiceEntry>> {
         let found = self.service_by_vip(network, ip)?;
         if self.shared_vips.is_empty() {
             return Some(found);
@@ -193,6 +207,7 @@ impl ConfigIndex {
         all.iter()
             .find(|s| s.service.namespace == namespace)
             .or_else(|| all.iter().find(|s| s.service.canonical))
+            .or_else(|| preferred.and_then(|p| all.iter().find(|s| s.service.namespace == p)))
             .or_else(|| all.first())
     }
 
@@ -387,6 +402,16 @@ fn index_services(
     (services, by_vip, by_host, shared)
 }
 
+/// Every service's address ranges, longest prefix first (the first that holds an address wins).
+fn service_cidrs(
+    services: &BTreeMap<NamespacedHostname, Arc<ServiceEntry>>,
+) -> Vec<(crate::model::NetworkCidr, Arc<ServiceEntry>)> {
+    let mut out: Vec<_> =
+        services.values().flat_map(|s| s.service.cidr_vips.iter().map(move |c| (c.clone(), s.clone()))).collect();
+    out.sort_by_key(|c| std::cmp::Reverse(c.0.net.prefix));
+    out
+}
+
 type PolicyLists = (Vec<Arc<Authorization>>, HashMap<String, Vec<Arc<Authorization>>>);
 
 /// `Global` policies, and `Namespace` policies by namespace (selector policies are named by
@@ -495,13 +520,30 @@ services:
         let state = crate::control::local::parse(yaml).unwrap();
         let s = Snapshot::build(1, SourceInfo { kind: "t", location: String::new() }, LocalScope::Node(None), state);
         let vip: IpAddr = "10.96.0.1".parse().unwrap();
-        let pick = |ns: &str| s.service_by_vip_for("", vip, ns).unwrap().service.namespace.clone();
+        let pick = |ns: &str| s.service_by_vip_for("", vip, ns, Some("c")).unwrap().service.namespace.clone();
         assert_eq!(pick("a"), "a", "the client's namespace first");
         assert_eq!(pick("c"), "c");
         assert_eq!(pick("elsewhere"), "b", "then the canonical one, not the last configured");
         assert!(s.workload_by_ip("", "10.0.0.9".parse().unwrap()).is_none(), "host network: the node's address");
         assert!(s.workload_by_uid("hn").is_some());
         assert!(s.workload_by_ip("", "10.0.0.8".parse().unwrap()).is_some());
+    }
+
+    #[test]
+    fn cidr_vips_longest_prefix_wins() {
+        let yaml = r#"
+services:
+- {name: wide, namespace: ns, hostname: wide, vips: [], cidrVips: ["/10.200.0.0/16"], ports: {80: 80}}
+- {name: narrow, namespace: ns, hostname: narrow, vips: ["/10.96.0.9"], cidrVips: ["/10.200.1.0/24"], ports: {80: 80}}
+"#;
+        let state = crate::control::local::parse(yaml).unwrap();
+        let s = Snapshot::build(1, SourceInfo { kind: "t", location: String::new() }, LocalScope::Node(None), state);
+        let name = |ip: &str| s.service_by_vip("", ip.parse().unwrap()).map(|e| e.service.name.clone());
+        assert_eq!(name("10.200.1.5").as_deref(), Some("narrow"));
+        assert_eq!(name("10.200.2.5").as_deref(), Some("wide"));
+        assert_eq!(name("10.96.0.9").as_deref(), Some("narrow"), "exact VIPs first");
+        assert_eq!(name("10.201.0.1"), None);
+        assert_eq!(s.service_by_vip("other", "10.200.1.5".parse().unwrap()).map(|e| e.service.name.clone()), None);
     }
 
     #[test]

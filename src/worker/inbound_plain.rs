@@ -62,6 +62,7 @@ pub async fn handle(
         mark: ctx.cfg.packet_mark,
         spoof_source,
         timeout: ctx.cfg.connect_timeout,
+        user_timeout: ctx.cfg.tcp_user_timeout,
     };
     let upstream = dial(dst, opts).await?;
     conn.guard().set_destination(Some(dst), dst, "TCP");

@@ -66,6 +66,7 @@ pub async fn connect(
         // HBONE listener: the fast path's direct connect would leave from the wrong namespace.
         fast_path: ctx.cfg.node_local_fast_path && !ctx.cfg.inpod,
         hbone_port: ctx.hbone_port(),
+        preferred_namespace: ctx.cfg.preferred_service_namespace.as_deref(),
     };
     let plan = routing::plan(snap, &at, source, dst, &mut |n| fastrand::u64(..n))?;
     if pod.is_some() {
@@ -130,6 +131,7 @@ pub async fn connect(
                 mark: ctx.cfg.packet_mark,
                 spoof_source: None,
                 timeout: ctx.cfg.connect_timeout,
+                user_timeout: ctx.cfg.tcp_user_timeout,
             };
             Ok(Upstream::Tcp(dial(upstream, opts).await?))
         }
@@ -156,6 +158,12 @@ async fn fast_path(
     conn.guard().set_authz(AuthzInfo { conn: rbac_conn, workload_uid: workload.uid.clone() });
     tracing::info!(src = %peer, "proxy to {dst} using node local fast path");
     let spoof_source = (ctx.spoof_source && peer.ip() != dst.ip()).then_some(peer.ip());
-    let opts = DialOpts { netns: None, mark: ctx.cfg.packet_mark, spoof_source, timeout: ctx.cfg.connect_timeout };
+    let opts = DialOpts {
+        netns: None,
+        mark: ctx.cfg.packet_mark,
+        spoof_source,
+        timeout: ctx.cfg.connect_timeout,
+        user_timeout: ctx.cfg.tcp_user_timeout,
+    };
     Ok(Upstream::Tcp(dial(dst, opts).await?))
 }

@@ -127,10 +127,18 @@ fn uring_runtime() -> io::Result<monoio::Runtime<monoio::time::TimeDriver<monoio
 }
 
 /// Binds this worker's listeners: captured ones may be TPROXY targets; SOCKS5 only when on. In
-/// in-pod mode there are none here: every pod gets its own, inside its namespace.
-fn bind_all(addrs: &ListenAddrs, inpod: bool) -> io::Result<Vec<(Listener, TcpListener)>> {
+/// in-pod mode every pod gets its own, inside its namespace; here there is only the HBONE
+/// listener for the proxy's own workload, when it knows who it is (`SERVICE_ACCOUNT`,
+/// `POD_NAME`, `POD_NAMESPACE`).
+fn bind_all(addrs: &ListenAddrs, inpod: bool, serves_itself: bool) -> io::Result<Vec<(Listener, TcpListener)>> {
     if inpod {
-        return Ok(Vec::new());
+        if !serves_itself {
+            return Ok(Vec::new());
+        }
+        let addr = addrs.inbound;
+        let l = bind_listener(addr, ListenOpts { transparent: false, backlog: 1024 })
+            .map_err(|e| io::Error::new(e.kind(), format!("binding the proxy's own HBONE listener on {addr}: {e}")))?;
+        return Ok(vec![(Listener::InboundHbone, l)]);
     }
     let captured = ListenOpts { transparent: true, backlog: 1024 };
     let bind = |kind: Listener, addr: SocketAddr, opts: ListenOpts| {
@@ -174,7 +182,9 @@ async fn run(spec: WorkerSpec, driver: &'static str, ready: std::sync::mpsc::Sen
     } else {
         None
     };
-    let listeners = match bind_all(&spec.addrs, spec.cfg.inpod) {
+    let cfg = &spec.cfg;
+    let serves_itself = cfg.service_account.is_some() && cfg.pod_name.is_some() && cfg.pod_namespace.is_some();
+    let listeners = match bind_all(&spec.addrs, spec.cfg.inpod, serves_itself) {
         Ok(l) => l,
         Err(e) => {
             let _ = ready.send(Err(e));

@@ -188,12 +188,23 @@ impl TryFrom<pwl::Service> for Service {
         if !s.weighted_waypoints.is_empty() {
             return Err(err("weighted_waypoints", "not supported by this proxy"));
         }
-        let vips = s
-            .addresses
-            .into_iter()
-            .enumerate()
-            .map(|(i, a)| NetworkAddress::try_from(a).map_err(|e| within(&format!("addresses[{i}]"), e)))
-            .collect::<Result<_, _>>()?;
+        let (mut vips, mut cidr_vips) = (Vec::new(), Vec::new());
+        for (i, a) in s.addresses.into_iter().enumerate() {
+            let length = a.length;
+            let addr = NetworkAddress::try_from(a).map_err(|e| within(&format!("addresses[{i}]"), e))?;
+            let max = if addr.address.is_ipv4() { 32 } else { 128 };
+            match length {
+                // A length short of the whole address makes the address a range.
+                Some(len) if len < max => cidr_vips.push(crate::model::NetworkCidr {
+                    network: addr.network,
+                    net: crate::model::IpNet { addr: addr.address, prefix: len as u8 },
+                }),
+                Some(len) if len > max => {
+                    return Err(err(format!("addresses[{i}].length"), format!("{len} is longer than the address")));
+                }
+                _ => vips.push(addr),
+            }
+        }
         let mut ports = BTreeMap::new();
         for (i, p) in s.ports.iter().enumerate() {
             ports.insert(
@@ -246,6 +257,7 @@ impl TryFrom<pwl::Service> for Service {
             namespace: s.namespace,
             hostname: s.hostname,
             vips,
+            cidr_vips,
             ports,
             endpoints: BTreeMap::new(),
             subject_alt_names: s.subject_alt_names,
@@ -547,6 +559,32 @@ mod tests {
         let mut plain = rich_workload();
         plain.capacity = None;
         assert_eq!(Workload::try_from(plain).unwrap().capacity, 1);
+    }
+
+    #[test]
+    fn an_address_with_a_short_length_is_a_range() {
+        let addr = |ip: [u8; 4], length: Option<u32>| pwl::NetworkAddress {
+            network: String::new(),
+            address: ip.to_vec(),
+            length,
+        };
+        let s = pwl::Service {
+            name: "s".into(),
+            namespace: "ns".into(),
+            hostname: "s.ns.svc.cluster.local".into(),
+            addresses: vec![
+                addr([10, 96, 0, 1], None),
+                addr([10, 96, 0, 2], Some(32)),
+                addr([10, 200, 0, 0], Some(16)),
+            ],
+            ..Default::default()
+        };
+        let svc = Service::try_from(s.clone()).unwrap();
+        assert_eq!(svc.vips.len(), 2);
+        assert_eq!(svc.cidr_vips.iter().map(|c| c.to_string()).collect::<Vec<_>>(), ["/10.200.0.0/16"]);
+        let mut bad = s;
+        bad.addresses = vec![addr([10, 0, 0, 0], Some(33))];
+        assert!(Service::try_from(bad).unwrap_err().to_string().contains("addresses[0].length"));
     }
 
     #[test]
