@@ -189,16 +189,20 @@ fn base_env(config: &Path, dir: &Path) -> Vec<(String, String)> {
     .collect()
 }
 
-/// One proxy in in-pod mode: the Add measurements, then traffic from the client pod.
-fn run_inpod(
-    net: &Net,
-    r: &mut ProxyResult,
-    binary: &Path,
-    config: &Path,
-    out: &Path,
+/// What one proxy's runs share: the namespaces, the binary, the config, where to write, the
+/// server the pod talks to.
+struct Run<'a> {
+    net: &'a Net,
+    binary: &'a Path,
+    config: &'a Path,
+    out: &'a Path,
     server: SocketAddr,
     quick: bool,
-) -> anyhow::Result<()> {
+}
+
+/// One proxy in in-pod mode: the Add measurements, then traffic from the client pod.
+fn run_inpod(run: &Run, r: &mut ProxyResult) -> anyhow::Result<()> {
+    let Run { net, binary, config, out, server, quick } = *run;
     let sock = out.join(format!("zds-{}-{}.sock", r.label, r.rep));
     let agent = Agent::bind(&sock)?;
     let mut env = base_env(config, out);
@@ -252,15 +256,8 @@ fn run_inpod(
 }
 
 /// The same proxy in dedicated mode inside the client pod (a sidecar's place), same rules.
-fn run_dedicated(
-    net: &Net,
-    r: &mut ProxyResult,
-    binary: &Path,
-    config: &Path,
-    out: &Path,
-    server: SocketAddr,
-    quick: bool,
-) -> anyhow::Result<()> {
+fn run_dedicated(run: &Run, r: &mut ProxyResult) -> anyhow::Result<()> {
+    let Run { net, binary, config, out, server, quick } = *run;
     let mut env = base_env(config, out);
     env.push(("PROXY_MODE".into(), "dedicated".into()));
     env.push(("PROXY_WORKLOAD_INFO".into(), "perf/client/client".into()));
@@ -312,11 +309,12 @@ pub fn run(opts: &InpodOpts) -> anyhow::Result<Vec<ProxyResult>> {
                 errors: Vec::new(),
             };
             eprintln!("rep {} {}: in-pod", rep + 1, r.label);
-            if let Err(e) = run_inpod(&net, &mut r, binary, &config, &opts.out, server, opts.quick) {
+            let run = Run { net: &net, binary, config: &config, out: &opts.out, server, quick: opts.quick };
+            if let Err(e) = run_inpod(&run, &mut r) {
                 r.errors.push(format!("in-pod: {e:#}"));
             }
             eprintln!("rep {} {}: dedicated", rep + 1, r.label);
-            if let Err(e) = run_dedicated(&net, &mut r, binary, &config, &opts.out, server, opts.quick) {
+            if let Err(e) = run_dedicated(&run, &mut r) {
                 r.errors.push(format!("dedicated: {e:#}"));
             }
             results.push(r);

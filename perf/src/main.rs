@@ -128,14 +128,8 @@ fn cmd_run(mut args: Args) -> anyhow::Result<()> {
         other => bail!("unknown scenario {other:?}: use local or netns"),
     };
     args.done()?;
-    let proxy = match proxy {
-        Some(p) => p,
-        None => perf::proxy::default_binary()?,
-    };
-    let out = out.unwrap_or_else(|| {
-        let stamp = perf::scenario::now_rfc3339().replace(':', "-");
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("results").join(stamp)
-    });
+    let proxy = proxy_or_default(proxy)?;
+    let out = out.unwrap_or_else(|| results_dir(""));
     let opts = RunOpts { scenario, quick, proxy, compare, out: out.clone(), reps, progress: true, policies };
     let report = perf::run(&opts)?;
     println!("{}", std::fs::read_to_string(out.join("report.md"))?);
@@ -154,14 +148,8 @@ fn cmd_dns(
     let clients = args.parsed("--clients", 4usize)?;
     let secs = args.parsed("--secs", if quick { 1.0f64 } else { 5.0 })?;
     args.done()?;
-    let proxy = match proxy {
-        Some(p) => p,
-        None => perf::proxy::default_binary()?,
-    };
-    let out = out.unwrap_or_else(|| {
-        let stamp = perf::scenario::now_rfc3339().replace(':', "-");
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("results").join(format!("dns-{stamp}"))
-    });
+    let proxy = proxy_or_default(proxy)?;
+    let out = out.unwrap_or_else(|| results_dir("dns-"));
     let reps = reps.unwrap_or(if quick { 1 } else { 3 });
     let opts = perf::dns::DnsOpts { proxy, compare, out: out.clone(), secs, clients, reps };
     perf::dns::run(&opts)?;
@@ -184,19 +172,27 @@ fn cmd_inpod(mut args: Args) -> anyhow::Result<()> {
     let compare = args.value("--compare")?.map(PathBuf::from);
     let out = args.value("--out")?.map(PathBuf::from);
     args.done()?;
-    let proxy = match proxy {
-        Some(p) => p,
-        None => perf::proxy::default_binary()?,
-    };
-    let out = out.unwrap_or_else(|| {
-        let stamp = perf::scenario::now_rfc3339().replace(':', "-");
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("results").join(format!("inpod-{stamp}"))
-    });
+    let proxy = proxy_or_default(proxy)?;
+    let out = out.unwrap_or_else(|| results_dir("inpod-"));
     let opts = perf::inpod::InpodOpts { proxy, compare, out: out.clone(), pods, quick, reps };
     perf::inpod::run(&opts)?;
     println!("{}", std::fs::read_to_string(out.join("inpod.md"))?);
     println!("wrote {}", out.display());
     Ok(())
+}
+
+/// `--proxy`, or this repository's release build (built first).
+fn proxy_or_default(proxy: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    match proxy {
+        Some(p) => Ok(p),
+        None => perf::proxy::default_binary(),
+    }
+}
+
+/// `perf/results/<prefix><timestamp>/`, where a run writes unless told otherwise.
+fn results_dir(prefix: &str) -> PathBuf {
+    let stamp = perf::scenario::now_rfc3339().replace(':', "-");
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("results").join(format!("{prefix}{stamp}"))
 }
 
 fn cmd_server(mut args: Args) -> anyhow::Result<()> {

@@ -303,6 +303,7 @@ workloads:
   workloadIps: ["{client_ip}"]
   protocol: HBONE
   node: {client_node}
+  services: {{}}
 - uid: perf//server-tcp
   name: server-tcp
   namespace: perf
@@ -310,6 +311,7 @@ workloads:
   workloadIps: ["{tcp_ip}"]
   protocol: TCP
   node: {server_node}
+  services: {{}}
 "#
     );
     if let Some(hbone_ip) = hbone_ip {
@@ -321,6 +323,7 @@ workloads:
   workloadIps: ["{hbone_ip}"]
   protocol: HBONE
   node: {server_node}
+  services: {{}}
 "#
         ));
     }
