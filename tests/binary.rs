@@ -90,6 +90,15 @@ fn out_of_descriptors_the_proxy_waits_warns_little_and_recovers() {
             break l;
         }
     };
+    // Start-up done (the control thread opens descriptors of its own after the workers listen):
+    // only then are the descriptors used up.
+    loop {
+        let l = lines.recv_timeout(deadline.saturating_duration_since(Instant::now())).expect("control plane up");
+        seen.push(l.clone());
+        if l.contains("control plane listening") {
+            break;
+        }
+    }
     let socks: SocketAddr = {
         let at = workers.find("socks5=Some(").unwrap() + "socks5=Some(".len();
         workers[at..].split(')').next().unwrap().parse().unwrap()
@@ -119,10 +128,12 @@ fn out_of_descriptors_the_proxy_waits_warns_little_and_recovers() {
     assert!((1..=2).contains(&warnings), "a bounded number of warnings, got {warnings}:\n{}", seen.join("\n"));
     // Descriptors come back when the silent clients go: the proxy serves again.
     drop(silent);
-    assert!(
-        eventually(|| socks5(socks, Dest::Addr(server.addr)).is_ok_and(|mut c| read_greeting(&mut c) == "server")),
-        "the proxy recovered"
-    );
+    let recovered =
+        eventually(|| socks5(socks, Dest::Addr(server.addr)).is_ok_and(|mut c| read_greeting(&mut c) == "server"));
+    while let Ok(l) = lines.try_recv() {
+        seen.push(l);
+    }
+    assert!(recovered, "the proxy recovered:\n{}", seen.join("\n"));
     assert!(child.0.try_wait().unwrap().is_none(), "still running");
 }
 
