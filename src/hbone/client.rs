@@ -17,7 +17,7 @@ use rustls::pki_types::ServerName;
 use super::headers;
 use super::pool::{Checkout, HbonePool, PoolKey, StreamSlot};
 use crate::model::{Identity, Workload};
-use crate::net::{DialOpts, dial};
+use crate::net::dial;
 use crate::tls::stream::TlsStream;
 use crate::worker::WorkerCtx;
 use crate::worker::error::ProxyError;
@@ -185,13 +185,7 @@ async fn dial_connection(
     // then sees, and authorizes, the real source IP. That is why the pool key has the source IP.
     // A pod's connection leaves from inside the pod, from its own address already.
     let spoof_source = (pod.is_none() && ctx.spoof_source && client_ip != hbone_addr.ip()).then_some(client_ip);
-    let opts = DialOpts {
-        netns: ctx.netns_of(pod),
-        mark: ctx.cfg.packet_mark,
-        spoof_source,
-        timeout: ctx.cfg.connect_timeout,
-        user_timeout: ctx.cfg.tcp_user_timeout,
-    };
+    let opts = ctx.dial_opts(pod, spoof_source);
     let tcp = dial(hbone_addr, opts).await?;
     let conn = ClientConnection::new(cert.client_config(), ServerName::IpAddress(hbone_addr.ip().into()))
         .map_err(|e| hbone_err("TLS client setup", e))?;

@@ -16,7 +16,7 @@ use rustls::ServerConnection;
 
 use super::target::{self, Refusal};
 use crate::model::{Identity, Workload};
-use crate::net::{DialOpts, canonical, dial};
+use crate::net::{canonical, dial};
 use crate::rbac;
 use crate::telemetry::metrics::{Peer, SetupPath};
 use crate::tls::stream::TlsStream;
@@ -345,13 +345,7 @@ async fn connect(
     let peer_ip = accepted.peer.ip();
     // The proxy's own pod has no rules routing replies to a spoofed source back: not there.
     let spoof_source = (ctx.spoof_source && peer_ip != target.ip() && !serves_itself(ctx, accepted)).then_some(peer_ip);
-    let opts = DialOpts {
-        netns: ctx.netns_of(accepted.pod.as_deref()),
-        mark: ctx.cfg.packet_mark,
-        spoof_source,
-        timeout: ctx.cfg.connect_timeout,
-        user_timeout: ctx.cfg.tcp_user_timeout,
-    };
+    let opts = ctx.dial_opts(accepted.pod.as_deref(), spoof_source);
     let upstream = match dial(target, opts).await {
         Ok(u) => u,
         Err(e) => {

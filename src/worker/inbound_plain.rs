@@ -13,7 +13,7 @@ use super::lifecycle::{Connection, Established, Upstream};
 use super::pods::{self, PodNet};
 use super::{WorkerCtx, original_dst};
 use crate::hbone::target::Refusal;
-use crate::net::{DialOpts, dial};
+use crate::net::dial;
 use crate::rbac;
 use crate::routing::RouteError;
 use crate::telemetry::metrics::SetupPath;
@@ -57,13 +57,7 @@ pub async fn handle(
         .map_err(|d| ProxyError::Refused(Refusal::Denied(d)))?;
     conn.guard().set_authz(AuthzInfo { conn: rbac_conn, workload_uid: target.uid.clone() });
     let spoof_source = (ctx.spoof_source && peer.ip() != dst.ip()).then_some(peer.ip());
-    let opts = DialOpts {
-        netns: ctx.netns_of(pod),
-        mark: ctx.cfg.packet_mark,
-        spoof_source,
-        timeout: ctx.cfg.connect_timeout,
-        user_timeout: ctx.cfg.tcp_user_timeout,
-    };
+    let opts = ctx.dial_opts(pod, spoof_source);
     let upstream = dial(dst, opts).await?;
     conn.guard().set_destination(Some(dst), dst, "TCP");
     Ok(Established { downstream: stream, upstream: Upstream::Tcp(upstream), early_bytes: 0 })

@@ -14,7 +14,7 @@ use super::{WorkerCtx, original_dst};
 use crate::config::ProxyMode;
 use crate::hbone::client::Origin;
 use crate::hbone::{client as hbone_client, target};
-use crate::net::{DialOpts, dial};
+use crate::net::dial;
 use crate::rbac;
 use crate::routing::{self, Action, PlanContext};
 use crate::snapshot::Snapshot;
@@ -126,13 +126,7 @@ pub async fn connect(
         Action::Tcp { upstream } => {
             log.path = Some(SetupPath::Tcp);
             tracing::debug!(src = %peer, %dst, %upstream, transport = ?plan.route.transport, "proxying outbound");
-            let opts = DialOpts {
-                netns: ctx.netns_of(pod),
-                mark: ctx.cfg.packet_mark,
-                spoof_source: None,
-                timeout: ctx.cfg.connect_timeout,
-                user_timeout: ctx.cfg.tcp_user_timeout,
-            };
+            let opts = ctx.dial_opts(pod, None);
             Ok(Upstream::Tcp(dial(upstream, opts).await?))
         }
     }
@@ -158,12 +152,6 @@ async fn fast_path(
     conn.guard().set_authz(AuthzInfo { conn: rbac_conn, workload_uid: workload.uid.clone() });
     tracing::info!(src = %peer, "proxy to {dst} using node local fast path");
     let spoof_source = (ctx.spoof_source && peer.ip() != dst.ip()).then_some(peer.ip());
-    let opts = DialOpts {
-        netns: None,
-        mark: ctx.cfg.packet_mark,
-        spoof_source,
-        timeout: ctx.cfg.connect_timeout,
-        user_timeout: ctx.cfg.tcp_user_timeout,
-    };
+    let opts = ctx.dial_opts(None, spoof_source);
     Ok(Upstream::Tcp(dial(dst, opts).await?))
 }

@@ -24,7 +24,7 @@ use super::error::ProxyError;
 use super::{LocalSnapshot, WorkerCtx};
 use crate::inpod::{PodConnection, PodSpec};
 use crate::model::Workload;
-use crate::net::{InNetns, ListenOpts, bind_std};
+use crate::net::{DialOpts, InNetns, ListenOpts, bind_std};
 use crate::snapshot::Snapshot;
 use crate::sys;
 
@@ -97,6 +97,18 @@ impl WorkerCtx {
     pub fn netns_of<'a>(&'a self, pod: Option<&'a PodNet>) -> Option<InNetns<'a>> {
         let pod = pod?;
         Some(InNetns { pod: &pod.spec.netns, home: self.home_netns.as_ref()? })
+    }
+
+    /// The options of an upstream socket for `pod`'s traffic (or the node's, for `None`): made in
+    /// its namespace, with the packet mark, the connect timeout and `TCP_USER_TIMEOUT`.
+    pub fn dial_opts<'a>(&'a self, pod: Option<&'a PodNet>, spoof_source: Option<std::net::IpAddr>) -> DialOpts<'a> {
+        DialOpts {
+            netns: self.netns_of(pod),
+            mark: self.cfg.packet_mark,
+            spoof_source,
+            timeout: self.cfg.connect_timeout,
+            user_timeout: self.cfg.tcp_user_timeout,
+        }
     }
 
     /// The snapshot that knows `pod`'s workload: the current one, or the first within
