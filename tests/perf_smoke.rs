@@ -22,6 +22,9 @@ fn quick_local_run_produces_a_complete_report() {
         reps: Some(1),
         progress: false,
         policies: 5,
+        tests: Vec::new(),
+        paths: Vec::new(),
+        profile: false,
     };
     let report = perf::run(&opts).expect("the harness runs");
     assert!(report.failures.is_empty(), "no test failed: {:?}", report.failures);

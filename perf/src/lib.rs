@@ -8,6 +8,7 @@ pub mod inpod;
 pub mod load;
 pub mod netns;
 pub mod plot;
+pub mod profile;
 pub mod proxy;
 pub mod report;
 pub mod scenario;

@@ -12,11 +12,16 @@ const USAGE: &str = "\
 perf: throughput, latency and connection-rate benchmarks for ztunnel-compatible proxies
 
   perf run <local|netns> [--quick] [--reps N] [--policies N] [--proxy BINARY] [--compare OTHER_BINARY] [--out DIR]
+           [--tests T,T] [--paths P,P] [--profile]
       local: one proxy, clients enter by SOCKS5 (no root). netns: two namespaces, one proxy
       each, iptables REDIRECT capture (root). --proxy defaults to this repository's release
       build (built first). Writes report.json, report.md and latency.svg into DIR
       (default perf/results/<timestamp>/). --policies N puts N authorization policies (all
       passing the benchmark's traffic) in the config, to measure what authorization costs.
+      --tests and --paths pick a subset (tests: bulk_1 bulk_8 rr_1b rr_1k rr_open_1b
+      connrate idle; paths: direct tcp hbone). --profile attaches Linux perf to each proxy
+      during each test: CPU by category, hottest symbols, syscalls and context switches per
+      unit of work, in profile.md and profile/ (raw perf.data files).
 
   perf run dns [--quick] [--reps N] [--clients N] [--secs S] [--proxy BINARY] [--compare OTHER_BINARY] [--out DIR]
       the DNS proxy (root): queries/s, latency and queries per proxy CPU second for a mesh name
@@ -115,6 +120,12 @@ fn cmd_run(mut args: Args) -> anyhow::Result<()> {
     let proxy = args.value("--proxy")?.map(PathBuf::from);
     let compare = args.value("--compare")?.map(PathBuf::from);
     let out = args.value("--out")?.map(PathBuf::from);
+    let list = |v: Option<String>| -> Vec<String> {
+        v.map(|v| v.split(',').filter(|s| !s.is_empty()).map(str::to_string).collect()).unwrap_or_default()
+    };
+    let tests = list(args.value("--tests")?);
+    let paths = list(args.value("--paths")?);
+    let profile = args.flag("--profile");
     if args.0.first().is_some_and(|s| s == "dns") {
         args.0.remove(0);
         return cmd_dns(args, quick, reps, proxy, compare, out);
@@ -130,9 +141,24 @@ fn cmd_run(mut args: Args) -> anyhow::Result<()> {
     args.done()?;
     let proxy = proxy_or_default(proxy)?;
     let out = out.unwrap_or_else(|| results_dir(""));
-    let opts = RunOpts { scenario, quick, proxy, compare, out: out.clone(), reps, progress: true, policies };
+    let opts = RunOpts {
+        scenario,
+        quick,
+        proxy,
+        compare,
+        out: out.clone(),
+        reps,
+        progress: true,
+        policies,
+        tests,
+        paths,
+        profile,
+    };
     let report = perf::run(&opts)?;
     println!("{}", std::fs::read_to_string(out.join("report.md"))?);
+    if profile {
+        println!("{}", std::fs::read_to_string(out.join("profile.md"))?);
+    }
     println!("wrote {} records to {}", report.records.len(), out.display());
     Ok(())
 }

@@ -108,6 +108,9 @@ pub fn finish(report: &mut Report, out: &Path) -> anyhow::Result<()> {
     }
     std::fs::write(out.join("report.json"), serde_json::to_string_pretty(&report)?)?;
     std::fs::write(out.join("report.md"), markdown(report, &groups))?;
+    if report.records.iter().any(|r| r.profile.is_some()) {
+        std::fs::write(out.join("profile.md"), profile_markdown(&groups))?;
+    }
     std::fs::write(out.join("latency.svg"), crate::plot::svg(&report.merged))?;
     Ok(())
 }
@@ -160,21 +163,23 @@ fn markdown(report: &Report, groups: &BTreeMap<Key, Vec<&Record>>) -> String {
         let _ = writeln!(md, "## {title} (`{test}`)\n");
         let (head, cols): (&str, Vec<Column>) = match test {
             "bulk_1" | "bulk_8" => (
-                "| path | proxy | Gbit/s | proxy CPU s per GB | peak RSS MiB |\n|---|---|---|---|---|",
+                "| path | proxy | Gbit/s | proxy CPU s per GB | peak RSS MiB | context switches per MB |\n|---|---|---|---|---|---|",
                 vec![
                     Box::new(|rs| cell(values(rs, metric("gbit_per_s")))),
                     Box::new(|rs| cell(values(rs, eff("cpu_s_per_gb")))),
                     Box::new(|rs| cell(values(rs, mib))),
+                    Box::new(|rs| cell(values(rs, eff("context_switches_per_mb")))),
                 ],
             ),
             "connrate" => (
-                "| path | proxy | connections/s | p50 us | p99 us | p99.9 us | proxy CPU us per connection | errors |\n|---|---|---|---|---|---|---|---|",
+                "| path | proxy | connections/s | p50 us | p99 us | p99.9 us | proxy CPU us per connection | context switches per connection | errors |\n|---|---|---|---|---|---|---|---|---|",
                 vec![
                     Box::new(|rs| cell(values(rs, metric("per_second")))),
                     Box::new(|rs| cell(values(rs, lat(|p| p.p50_us)))),
                     Box::new(|rs| cell(values(rs, lat(|p| p.p99_us)))),
                     Box::new(|rs| cell(values(rs, lat(|p| p.p999_us)))),
                     Box::new(|rs| cell(values(rs, eff("cpu_us_per_connection")))),
+                    Box::new(|rs| cell(values(rs, eff("context_switches_per_connection")))),
                     Box::new(|rs| cell(values(rs, metric("errors")))),
                 ],
             ),
@@ -188,7 +193,7 @@ fn markdown(report: &Report, groups: &BTreeMap<Key, Vec<&Record>>) -> String {
                 ],
             ),
             _ => (
-                "| path | proxy | p50 us | p90 us | p99 us | p99.9 us | max us | proxy CPU us per round trip |\n|---|---|---|---|---|---|---|---|",
+                "| path | proxy | p50 us | p90 us | p99 us | p99.9 us | max us | proxy CPU us per round trip | context switches per round trip |\n|---|---|---|---|---|---|---|---|---|",
                 vec![
                     Box::new(|rs| cell(values(rs, lat(|p| p.p50_us)))),
                     Box::new(|rs| cell(values(rs, lat(|p| p.p90_us)))),
@@ -196,6 +201,7 @@ fn markdown(report: &Report, groups: &BTreeMap<Key, Vec<&Record>>) -> String {
                     Box::new(|rs| cell(values(rs, lat(|p| p.p999_us)))),
                     Box::new(|rs| cell(values(rs, lat(|p| p.max_us)))),
                     Box::new(|rs| cell(values(rs, eff("cpu_us_per_round_trip")))),
+                    Box::new(|rs| cell(values(rs, eff("context_switches_per_round_trip")))),
                 ],
             ),
         };
@@ -207,6 +213,92 @@ fn markdown(report: &Report, groups: &BTreeMap<Key, Vec<&Record>>) -> String {
         let _ = writeln!(md);
     }
     ratios(&mut md, report, groups);
+    md
+}
+
+/// `profile.md`: per test, path, proxy and proxy instance, CPU samples by category (summed
+/// over repetitions), syscalls and context switches per unit of work, and the hottest symbols.
+fn profile_markdown(groups: &BTreeMap<Key, Vec<&Record>>) -> String {
+    use crate::profile::CATEGORIES;
+    let mut md = String::from(
+        "# Profiles\n\nSelf time sampled with `perf record -e cpu-clock` while each test ran, summed over \
+         repetitions, in percent of the instance's samples. `proxy` is the proxy's own code (and \
+         whatever LTO inlined into it); `other` is mostly libc. Syscalls and context switches are \
+         counted by `perf stat` per unit of work (MB, round trip or connection). Raw files: `profile/`.\n\n",
+    );
+    let _ = writeln!(
+        md,
+        "| test | path | proxy | instance | samples | {} | syscalls/unit | ctx switches/unit |",
+        CATEGORIES.join(" % | ") + " %"
+    );
+    let _ = writeln!(md, "|{}", "---|".repeat(CATEGORIES.len() + 7));
+    let mut tops = String::new();
+    for ((test, path, proxy), rs) in groups {
+        let mut tags: Vec<&String> = rs.iter().filter_map(|r| r.profile.as_ref()).flat_map(|p| p.keys()).collect();
+        tags.sort();
+        tags.dedup();
+        for tag in tags {
+            let profs: Vec<(&Record, &crate::profile::Profile)> =
+                rs.iter().filter_map(|r| Some((*r, r.profile.as_ref()?.get(tag)?))).collect();
+            let samples: u64 = profs.iter().map(|(_, p)| p.samples).sum();
+            if samples == 0 {
+                continue;
+            }
+            let weighted = |f: &dyn Fn(&crate::profile::Profile) -> f64| {
+                profs.iter().map(|(_, p)| f(p) * p.samples as f64).sum::<f64>() / samples as f64
+            };
+            let cats: Vec<String> = CATEGORIES
+                .iter()
+                .map(|c| format!("{:.1}", weighted(&|p| p.categories.get(*c).copied().unwrap_or(0.0))))
+                .collect();
+            let unit = match test.as_str() {
+                t if t.starts_with("bulk") => "mb",
+                "connrate" => "connection",
+                _ => "round_trip",
+            };
+            // Counts per unit, from this instance alone.
+            let per_unit = |count: fn(&crate::profile::Profile) -> Option<u64>| {
+                let v: Vec<f64> = profs
+                    .iter()
+                    .filter_map(|(r, p)| {
+                        let units = match unit {
+                            "mb" => r.metrics.get("bytes")?.as_f64()? / 1e6,
+                            "connection" => r.metrics.get("connections")?.as_f64()?,
+                            _ => {
+                                let cpu = r.cpu_seconds?;
+                                cpu * 1e6 / r.efficiency.get("cpu_us_per_round_trip")?.as_f64()?
+                            }
+                        };
+                        Some(count(p)? as f64 / units)
+                    })
+                    .collect();
+                stat(&v).map(|s| fmt_num(s.median)).unwrap_or_else(|| "-".into())
+            };
+            let _ = writeln!(
+                md,
+                "| {test} | {path} | {proxy} | {tag} | {samples} | {} | {} | {} |",
+                cats.join(" | "),
+                per_unit(|p| p.syscalls),
+                per_unit(|p| p.context_switches)
+            );
+            // Hottest symbols, merged over repetitions.
+            let mut syms: BTreeMap<(String, String), f64> = BTreeMap::new();
+            for (_, p) in &profs {
+                for (pct, cat, sym) in &p.top {
+                    *syms.entry((cat.clone(), sym.clone())).or_default() += pct * p.samples as f64 / samples as f64;
+                }
+            }
+            let mut syms: Vec<_> = syms.into_iter().collect();
+            syms.sort_by(|a, b| b.1.total_cmp(&a.1));
+            let _ = writeln!(tops, "\n### {test}, {path}, {proxy}, {tag}\n");
+            for ((cat, sym), pct) in syms.iter().take(12) {
+                let short: String = sym.chars().take(110).collect();
+                let _ = writeln!(tops, "- {pct:.1}% {cat}: `{short}`");
+            }
+        }
+    }
+    md.push_str("\n## Hottest symbols\n");
+    md.push_str(&tops);
     md
 }
 

@@ -1,6 +1,7 @@
 //! Scenarios (`local`, `netns`): set up servers, proxies and paths, run the test matrix with
 //! repetitions (interleaving proxies when comparing), and collect raw records.
 
+use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -13,6 +14,7 @@ use serde_json::json;
 
 use crate::load::{self, Percentiles, Via};
 use crate::netns::{self, Topology};
+use crate::profile::Profile;
 use crate::proxy::{self, ProxyProc};
 use crate::server;
 
@@ -37,6 +39,12 @@ pub struct RunOpts {
     pub progress: bool,
     /// Authorization policies put in the config (0: none), to measure their cost.
     pub policies: usize,
+    /// Only these tests (empty: all).
+    pub tests: Vec<String>,
+    /// Only these paths (empty: all), e.g. `hbone`, `tcp`, `direct`.
+    pub paths: Vec<String>,
+    /// Attach Linux `perf` to each proxy during each test (see `profile`).
+    pub profile: bool,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -109,6 +117,9 @@ pub struct Record {
     pub efficiency: serde_json::Value,
     /// The full latency histogram: (nanoseconds, count).
     pub histogram: Option<Vec<(u64, u64)>>,
+    /// With `--profile`: what each proxy instance (by tag) spent its CPU on.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub profile: Option<std::collections::BTreeMap<String, crate::profile::Profile>>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -161,7 +172,20 @@ pub fn run(opts: &RunOpts) -> anyhow::Result<Report> {
     let nofile = proxy::raise_nofile(1 << 20);
     // The harness holds both the client and the server end of every idle connection.
     let idle_conns = if opts.quick { 100 } else { 10_000.min((nofile as usize).saturating_sub(2_000) / 2) };
-    let tests = tests(opts.quick, idle_conns);
+    let mut tests = tests(opts.quick, idle_conns);
+    for name in &opts.tests {
+        if !tests.iter().any(|t| t.name == name) {
+            bail!("unknown test {name:?}: use {}", tests.iter().map(|t| t.name).collect::<Vec<_>>().join(", "));
+        }
+    }
+    if !opts.tests.is_empty() {
+        tests.retain(|t| opts.tests.iter().any(|n| n == t.name));
+    }
+    if opts.profile {
+        if let Some(why) = crate::profile::unavailable() {
+            bail!("{why}");
+        }
+    }
 
     let mut proxies =
         vec![ProxyInfo { label: label_of(&opts.proxy, "proxy"), binary: opts.proxy.display().to_string() }];
@@ -187,7 +211,16 @@ pub fn run(opts: &RunOpts) -> anyhow::Result<Report> {
             Some(Topology::create()?)
         }
     };
-    let setup = Setup::new(opts, topology.as_ref())?;
+    let mut setup = Setup::new(opts, topology.as_ref())?;
+    for name in &opts.paths {
+        if !setup.paths.iter().any(|p| p.name == name) {
+            bail!("unknown path {name:?}: use direct, tcp or hbone");
+        }
+    }
+    if !opts.paths.is_empty() {
+        setup.paths.retain(|p| opts.paths.iter().any(|n| n == p.name));
+    }
+    let profile_dir = opts.profile.then(|| opts.out.join("profile"));
 
     let mut report = Report {
         scenario: opts.scenario,
@@ -219,7 +252,7 @@ pub fn run(opts: &RunOpts) -> anyhow::Result<Report> {
         for path in setup.paths.iter().filter(|p| !p.proxied) {
             for t in tests.iter().filter(|t| !matches!(t.kind, Kind::Idle { .. })) {
                 progress(&format!("rep {} direct {}", rep + 1, t.name));
-                record(&mut report, run_test(&setup, path, t, &[], "none", rep), t, path, "none", rep);
+                record(&mut report, run_test(&setup, path, t, &[], "none", rep, None), t, path, "none", rep);
             }
         }
         for p in &proxies {
@@ -248,7 +281,9 @@ pub fn run(opts: &RunOpts) -> anyhow::Result<Report> {
                 }
                 for t in &tests {
                     progress(&format!("rep {} {} {} {}", rep + 1, p.label, path.name, t.name));
-                    record(&mut report, run_test(&setup, path, t, &refs, &p.label, rep), t, path, &p.label, rep);
+                    let prof = profile_dir.as_deref();
+                    let res = run_test(&setup, path, t, &refs, &p.label, rep, prof);
+                    record(&mut report, res, t, path, &p.label, rep);
                 }
             }
             setup.save_telemetry(&p.label, &opts.out, rep);
@@ -522,14 +557,37 @@ fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
     head.starts_with("HTTP/1.1 200").then(|| body.to_string())
 }
 
-/// Samples the proxies' RSS while `f` runs; returns CPU seconds used and the peak RSS.
-fn measure<T>(procs: &[&ProxyProc], f: impl FnOnce() -> T) -> anyhow::Result<(T, Option<f64>, Option<u64>)> {
+/// What the proxies did while a test ran.
+struct Measured {
+    cpu: Option<f64>,
+    peak: Option<u64>,
+    context_switches: Option<u64>,
+    profile: Option<BTreeMap<String, Profile>>,
+}
+
+/// Samples the proxies' RSS while `f` runs and counts their CPU time and context switches;
+/// with `profile` (a directory and a file-name stem), records a `perf` profile of each.
+fn measure<T>(
+    procs: &[(&ProxyProc, &str)],
+    profile: Option<(&Path, &str)>,
+    f: impl FnOnce() -> T,
+) -> anyhow::Result<(T, Measured)> {
     if procs.is_empty() {
-        return Ok((f(), None, None));
+        return Ok((f(), Measured { cpu: None, peak: None, context_switches: None, profile: None }));
     }
-    let pids: Vec<u32> = procs.iter().map(|p| p.pid()).collect();
+    let pids: Vec<u32> = procs.iter().map(|(p, _)| p.pid()).collect();
     let cpu = |pids: &[u32]| -> anyhow::Result<f64> { pids.iter().map(|p| proxy::cpu_seconds(*p)).sum() };
-    let cpu0 = cpu(&pids)?;
+    let switches = |pids: &[u32]| -> anyhow::Result<u64> { pids.iter().map(|p| proxy::context_switches(*p)).sum() };
+    let sessions = match profile {
+        Some((dir, stem)) => Some(
+            procs
+                .iter()
+                .map(|(p, tag)| Ok((tag.to_string(), crate::profile::start(p.pid(), dir, &format!("{stem}-{tag}"))?)))
+                .collect::<anyhow::Result<Vec<_>>>()?,
+        ),
+        None => None,
+    };
+    let (cpu0, cs0) = (cpu(&pids)?, switches(&pids)?);
     let stop = Arc::new(AtomicBool::new(false));
     let peak = Arc::new(AtomicU64::new(0));
     let sampler = {
@@ -545,8 +603,22 @@ fn measure<T>(procs: &[&ProxyProc], f: impl FnOnce() -> T) -> anyhow::Result<(T,
     let out = f();
     stop.store(true, Ordering::Relaxed);
     let _ = sampler.join();
-    let cpu1 = cpu(&pids)?;
-    Ok((out, Some(cpu1 - cpu0), Some(peak.load(Ordering::Relaxed))))
+    let (cpu1, cs1) = (cpu(&pids)?, switches(&pids)?);
+    let profile = match sessions {
+        Some(sessions) => {
+            Some(sessions.into_iter().map(|(tag, s)| Ok((tag, s.finish()?))).collect::<anyhow::Result<_>>()?)
+        }
+        None => None,
+    };
+    Ok((
+        out,
+        Measured {
+            cpu: Some(cpu1 - cpu0),
+            peak: Some(peak.load(Ordering::Relaxed)),
+            context_switches: Some(cs1.saturating_sub(cs0)),
+            profile,
+        },
+    ))
 }
 
 fn run_test(
@@ -556,6 +628,7 @@ fn run_test(
     procs: &[&ProxyProc],
     proxy: &str,
     rep: usize,
+    profile_dir: Option<&Path>,
 ) -> anyhow::Result<Record> {
     let ns = setup.client_ns.as_deref();
     let (via, echo, sink) = (path.via, path.echo, path.sink);
@@ -570,46 +643,52 @@ fn run_test(
         peak_rss_bytes: None,
         efficiency: json!({}),
         histogram: None,
+        profile: None,
     };
+    let tagged: Vec<(&ProxyProc, &str)> = procs.iter().zip(&setup.instances).map(|(p, i)| (*p, i.tag)).collect();
+    let stem = format!("{}-{}-{}-rep{}", t.name, path.name, proxy, rep + 1);
+    let prof = profile_dir.map(|d| (d, stem.as_str()));
     let ctx = |e: std::io::Error| anyhow::anyhow!("{} on {} via {proxy}: {e}", t.name, path.name);
-    match t.kind {
+    // Per-unit figures: the unit's name and how many units the test did.
+    let (unit, units, m) = match t.kind {
         Kind::Bulk { streams, secs } => {
-            let (res, cpu, peak) =
-                measure(procs, || netns::run_in(ns, || load::bulk(sink, via, streams, Duration::from_secs_f64(secs))))?;
+            let (res, m) = measure(&tagged, prof, || {
+                netns::run_in(ns, || load::bulk(sink, via, streams, Duration::from_secs_f64(secs)))
+            })?;
             let r = res?.map_err(ctx)?;
-            rec.efficiency = json!({ "cpu_s_per_gb": cpu.map(|c| c / (r.bytes as f64 / 1e9)) });
+            rec.efficiency = json!({ "cpu_s_per_gb": m.cpu.map(|c| c / (r.bytes as f64 / 1e9)) });
             rec.metrics = serde_json::to_value(&r)?;
-            (rec.cpu_seconds, rec.peak_rss_bytes) = (cpu, peak);
+            ("mb", r.bytes as f64 / 1e6, m)
         }
         Kind::RrClosed { size, warmup, count } => {
-            let (res, cpu, peak) =
-                measure(procs, || netns::run_in(ns, || load::rr_closed(echo, via, size, warmup, count)))?;
+            let (res, m) =
+                measure(&tagged, prof, || netns::run_in(ns, || load::rr_closed(echo, via, size, warmup, count)))?;
             let h = res?.map_err(ctx)?;
             let trips = warmup + count;
-            rec.efficiency = json!({ "cpu_us_per_round_trip": cpu.map(|c| c * 1e6 / trips as f64) });
+            rec.efficiency = json!({ "cpu_us_per_round_trip": m.cpu.map(|c| c * 1e6 / trips as f64) });
             rec.metrics = json!({ "size": size, "round_trips": count });
             fill_latency(&mut rec, &h);
-            (rec.cpu_seconds, rec.peak_rss_bytes) = (cpu, peak);
+            ("round_trip", trips as f64, m)
         }
         Kind::RrOpen { size, rate, secs } => {
-            let (res, cpu, peak) = measure(procs, || {
+            let (res, m) = measure(&tagged, prof, || {
                 netns::run_in(ns, || load::rr_open(echo, via, size, rate, Duration::from_secs_f64(secs)))
             })?;
             let h = res?.map_err(ctx)?;
-            rec.efficiency = json!({ "cpu_us_per_round_trip": cpu.map(|c| c * 1e6 / h.len().max(1) as f64) });
+            rec.efficiency = json!({ "cpu_us_per_round_trip": m.cpu.map(|c| c * 1e6 / h.len().max(1) as f64) });
             rec.metrics = json!({ "size": size, "rate_per_s": rate, "round_trips": h.len() });
             fill_latency(&mut rec, &h);
-            (rec.cpu_seconds, rec.peak_rss_bytes) = (cpu, peak);
+            ("round_trip", h.len().max(1) as f64, m)
         }
         Kind::ConnRate { clients, secs } => {
-            let (res, cpu, peak) = measure(procs, || {
+            let (res, m) = measure(&tagged, prof, || {
                 netns::run_in(ns, || load::connrate(echo, via, clients, Duration::from_secs_f64(secs)))
             })?;
             let (r, h) = res?.map_err(ctx)?;
-            rec.efficiency = json!({ "cpu_us_per_connection": cpu.map(|c| c * 1e6 / r.connections.max(1) as f64) });
+            rec.efficiency = json!({ "cpu_us_per_connection": m.cpu.map(|c| c * 1e6 / r.connections.max(1) as f64) });
             rec.metrics = serde_json::to_value(&r)?;
             fill_latency(&mut rec, &h);
-            (rec.cpu_seconds, rec.peak_rss_bytes) = (cpu, peak);
+            ("connection", r.connections.max(1) as f64, m)
         }
         Kind::Idle { conns } => {
             let pids: Vec<u32> = procs.iter().map(|p| p.pid()).collect();
@@ -627,8 +706,24 @@ fn run_test(
             rec.metrics = json!({ "connections": conns, "rss_before_bytes": before, "rss_with_bytes": with, "open_seconds": open_secs });
             rec.efficiency = json!({ "bytes_per_idle_connection": per_conn });
             rec.peak_rss_bytes = Some(with);
+            return Ok(rec);
+        }
+    };
+    (rec.cpu_seconds, rec.peak_rss_bytes) = (m.cpu, m.peak);
+    let eff = rec.efficiency.as_object_mut().expect("efficiency is an object");
+    if let Some(cs) = m.context_switches {
+        eff.insert(format!("context_switches_per_{unit}"), json!(cs as f64 / units));
+    }
+    if let Some(profile) = &m.profile {
+        let total = |f: fn(&Profile) -> Option<u64>| profile.values().map(f).sum::<Option<u64>>();
+        if let Some(n) = total(|p| p.syscalls) {
+            eff.insert(format!("syscalls_per_{unit}"), json!(n as f64 / units));
+        }
+        if let Some(n) = total(|p| p.context_switches) {
+            eff.insert(format!("perf_context_switches_per_{unit}"), json!(n as f64 / units));
         }
     }
+    rec.profile = m.profile;
     Ok(rec)
 }
 
