@@ -235,7 +235,7 @@ fn start_workers(
             addrs: started.addrs,
             initial: initial.clone(),
             rx,
-            core: (!cores.is_empty()).then(|| cores[id % cores.len()]),
+            core: (cfg.pin_workers && !cores.is_empty()).then(|| cores[id % cores.len()]),
             spoof_source,
             control_ports: control_ports.clone(),
             generation: generation.clone(),

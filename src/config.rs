@@ -108,6 +108,11 @@ pub struct Config {
     /// Bulk connections move data with splice(2) (io_uring workers only).
     pub splice: bool,
     pub worker_threads: usize,
+    /// `ZTUNNEL_PIN_WORKERS`: each worker thread is pinned to one CPU (default). `false` lets
+    /// the scheduler place them: on a node whose CPUs the proxy shares with busy pods, or in a
+    /// benchmark where two proxies share a small machine, wake-ups on the waker's CPU can be
+    /// cheaper than a fixed home.
+    pub pin_workers: bool,
     pub io_driver: IoDriver,
     #[serde(serialize_with = "ser_duration")]
     pub termination_deadline: Duration,
@@ -219,6 +224,7 @@ const FLAGS: &[(&str, &str, &str)] = &[
     ("--workload", "PROXY_WORKLOAD_INFO", "NS/NAME/SA  the workload a dedicated proxy serves"),
     ("--node", "NODE_NAME", "NAME  the node whose workloads a shared proxy serves"),
     ("--workers", "ZTUNNEL_WORKER_THREADS", "N|P%  worker threads (default: every core)"),
+    ("--pin-workers", "ZTUNNEL_PIN_WORKERS", "true|false  pin each worker thread to one CPU (default true)"),
     ("--io-driver", "ZTUNNEL_IO_DRIVER", "auto|uring|epoll"),
     ("--log-format", "LOG_FORMAT", "plain|json"),
     ("--packet-mark", "PACKET_MARK", "MARK  SO_MARK of upstream sockets, 0 disables (default 1337)"),
@@ -809,6 +815,7 @@ impl Config {
             socks5: src.bool("UNSTABLE_ENABLE_SOCKS5")?.unwrap_or(false),
             splice: src.bool("ZTUNNEL_SPLICE")?.unwrap_or(true),
             worker_threads: src.parse("ZTUNNEL_WORKER_THREADS", |v| parse_workers(v, cores))?.unwrap_or(cores),
+            pin_workers: src.bool("ZTUNNEL_PIN_WORKERS")?.unwrap_or(true),
             io_driver: io_driver(src)?,
             termination_deadline,
             connect_timeout,
@@ -1118,6 +1125,10 @@ mod tests {
         let workers = |extra: &[(&'static str, &'static str)]| cfg(&with(extra)).unwrap().worker_threads;
         let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
         assert_eq!(workers(&[("ZTUNNEL_WORKER_THREADS", "0")]), cores, "0: one per CPU");
+        assert!(cfg(BASE).unwrap().pin_workers, "workers are pinned unless told otherwise");
+        assert!(!cfg(&with(&[("ZTUNNEL_PIN_WORKERS", "false")])).unwrap().pin_workers);
+        let err = cfg(&with(&[("ZTUNNEL_PIN_WORKERS", "no")])).unwrap_err().to_string();
+        assert!(err.contains("ZTUNNEL_PIN_WORKERS"), "{err}");
         assert_eq!(workers(&[("ZTUNNEL_WORKER_THREADS", "0"), ("ZTUNNEL_CPU_LIMIT", "4")]), 4);
         assert_eq!(workers(&[("ZTUNNEL_RESOURCE_CPU_LIMIT", "1500m"), ("ZTUNNEL_CPU_LIMIT", "8")]), 2);
         assert_eq!(workers(&[("ZTUNNEL_WORKER_THREADS", "50%"), ("ZTUNNEL_CPU_LIMIT", "3")]), 2);
