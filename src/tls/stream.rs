@@ -12,7 +12,7 @@
 //!   queues for it is sent on a best-effort basis before the error is returned.
 
 use std::future::{Future, poll_fn};
-use std::io::{self, Read, Write};
+use std::io::{self, BufRead, Write};
 use std::ops::{Deref, DerefMut};
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
@@ -56,9 +56,6 @@ pub struct TlsStream<C> {
     conn: C,
     reader: Reader,
     writer: Writer,
-    /// Decrypted bytes rustls holds for the application (from the last `process_new_packets`,
-    /// less what was read since): `poll_read` initializes only that much of the caller's buffer.
-    plaintext: usize,
     /// Plaintext accepted since the last write was started: writes start early only once this
     /// is large, so h2's frames coalesce into few records and few socket writes.
     unsent: usize,
@@ -92,7 +89,6 @@ where
             conn,
             reader: Reader::Idle { half: r, buf: Vec::with_capacity(READ_BUF), start: 0, end: 0 },
             writer: Writer::Idle { half: w, buf: Vec::new() },
-            plaintext: 0,
             unsent: 0,
         };
         poll_fn(|cx| tls.poll_handshake(cx)).await?;
@@ -186,7 +182,7 @@ where
                 }
             };
             match self.conn.process_new_packets() {
-                Ok(state) => self.plaintext = state.plaintext_bytes_to_read(),
+                Ok(_) => {}
                 Err(e) => {
                     self.send_alert_best_effort(cx);
                     self.reader = Reader::Failed;
@@ -245,10 +241,29 @@ where
         }
     }
 
-    /// How much of a caller's buffer with `room` bytes to hand to rustls: what it holds, or one
-    /// byte when it should hold nothing (enough to tell "no data yet" from close_notify).
-    fn read_size(&self, room: usize) -> usize {
-        self.plaintext.max(1).min(room)
+    /// Copies as much decrypted plaintext as fits into `out`, straight into its unfilled part
+    /// (h2 hands in uninitialized spare capacity: zeroing it first showed in profiles). `Ok` with
+    /// nothing copied: clean end of stream (close_notify) or no room; `WouldBlock`: nothing yet;
+    /// `UnexpectedEof`: the peer closed without close_notify.
+    fn take_plaintext(&mut self, out: &mut tokio::io::ReadBuf<'_>) -> io::Result<()> {
+        let mut reader = self.conn.reader();
+        let mut copied = false;
+        while out.remaining() > 0 {
+            let chunk = match reader.fill_buf() {
+                Ok(chunk) => chunk,
+                // Data first; the end (or the wait for more) is reported by the next call.
+                Err(_) if copied => break,
+                Err(e) => return Err(e),
+            };
+            if chunk.is_empty() {
+                break;
+            }
+            let n = chunk.len().min(out.remaining());
+            out.put_slice(&chunk[..n]);
+            reader.consume(n);
+            copied = true;
+        }
+        Ok(())
     }
 
     /// After a protocol error rustls queues an alert; start sending it without waiting.
@@ -271,18 +286,9 @@ where
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
         loop {
-            // Zeroing the caller's whole buffer on every read (h2 hands in its spare capacity)
-            // showed up in profiles; only what rustls can hand over needs initializing.
-            let room = this.read_size(out.remaining());
-            match this.conn.reader().read(out.initialize_unfilled_to(room)) {
-                Ok(n) => {
-                    // n == 0: the peer sent close_notify (a clean end of stream), or the
-                    // caller's buffer is full.
-                    this.plaintext = this.plaintext.saturating_sub(n);
-                    out.advance(n);
-                    return Poll::Ready(Ok(()));
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => this.plaintext = 0,
+            match this.take_plaintext(out) {
+                Ok(()) => return Poll::Ready(Ok(())),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) => return Poll::Ready(Err(e)),
             }
             // Keep queued output (key updates, alerts) moving while we wait for input.
@@ -292,16 +298,11 @@ where
                 }
             }
             if ready!(this.poll_fill(cx))? == 0 {
-                // End of stream: rustls reports whether it was clean on the next read.
-                let room = this.read_size(out.remaining());
-                match this.conn.reader().read(out.initialize_unfilled_to(room)) {
-                    Ok(n) => {
-                        out.advance(n);
-                        return Poll::Ready(Ok(()));
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Poll::Ready(Ok(())),
-                    Err(e) => return Poll::Ready(Err(e)),
-                }
+                // End of stream: rustls reports whether it was clean on the next take.
+                return match this.take_plaintext(out) {
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => Poll::Ready(Ok(())),
+                    res => Poll::Ready(res),
+                };
             }
         }
     }
