@@ -60,6 +60,13 @@ fn quick_local_run_produces_a_complete_report() {
             }
             if proxy != "none" {
                 assert!(r.cpu_seconds.is_some() && r.peak_rss_bytes.unwrap() > 0, "proxy measured from /proc");
+                let unit = match test {
+                    "bulk_1" | "bulk_8" => "mb",
+                    "connrate" => "connection",
+                    _ => "round_trip",
+                };
+                let key = format!("context_switches_per_{unit}");
+                assert!(r.efficiency[&key].as_f64().is_some_and(|v| v >= 0.0), "{key} on {test}: {:?}", r.efficiency);
             }
         }
     }
@@ -73,4 +80,32 @@ fn quick_local_run_produces_a_complete_report() {
     assert!(md.contains("## Ratios of medians") && md.contains("relative to the direct path"));
     assert!(std::fs::read_to_string(dir.0.join("latency.svg")).unwrap().contains("<polyline"));
     assert!(std::fs::read_dir(dir.0.join("hist")).unwrap().count() >= 4, "hgrm files written");
+    subsets_run_only_what_was_asked_and_unknown_names_are_refused();
+}
+
+/// Part of the test above (both bind the proxy's default ports, so they cannot run at once).
+fn subsets_run_only_what_was_asked_and_unknown_names_are_refused() {
+    let dir = common::TestDir::new("perf-subset");
+    let proxy = std::path::PathBuf::from(env!("CARGO_BIN_EXE_ztunnel"));
+    let opts = |tests: &[&str], paths: &[&str]| RunOpts {
+        scenario: Scenario::Local,
+        quick: true,
+        proxy: proxy.clone(),
+        compare: None,
+        out: dir.0.clone(),
+        reps: Some(1),
+        progress: false,
+        policies: 0,
+        tests: tests.iter().map(|s| s.to_string()).collect(),
+        paths: paths.iter().map(|s| s.to_string()).collect(),
+        profile: false,
+    };
+    let err = perf::run(&opts(&["rr_2b"], &[])).expect_err("an unknown test is refused").to_string();
+    assert!(err.contains("rr_2b") && err.contains("rr_1b"), "{err}");
+    let err = perf::run(&opts(&[], &["udp"])).expect_err("an unknown path is refused").to_string();
+    assert!(err.contains("udp"), "{err}");
+    let report = perf::run(&opts(&["rr_1b"], &["tcp"])).expect("the harness runs");
+    assert!(report.failures.is_empty(), "{:?}", report.failures);
+    let seen: Vec<(String, String)> = report.records.iter().map(|r| (r.test.clone(), r.path.clone())).collect();
+    assert_eq!(seen, vec![("rr_1b".to_string(), "tcp".to_string())], "one test on one path");
 }

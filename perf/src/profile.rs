@@ -128,6 +128,18 @@ impl Session {
     }
 }
 
+impl Drop for Session {
+    /// A session dropped without `finish` (a failed test) leaves no profiler running.
+    fn drop(&mut self) {
+        for child in [&mut self.record, &mut self.stat] {
+            if let Ok(None) = child.try_wait() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+}
+
 /// `perf stat -x,` lines: `value,unit,event,...`.
 fn parse_stat(text: &str) -> BTreeMap<String, u64> {
     let mut m = BTreeMap::new();
