@@ -281,6 +281,9 @@ impl Istiod {
         let (cert, key) = self.identity.clone();
         self.thread = Some(std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+            // rustls is built with two crypto providers here (ring, aws-lc): tonic's server needs
+            // a process default. Err: one is installed already, which serves as well.
+            let _ = rustls::crypto::ring::default_provider().install_default();
             rt.block_on(async move {
                 let listener = tokio::net::TcpListener::from_std(listener).unwrap();
                 let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
