@@ -54,25 +54,35 @@ pub fn start(pid: u32, dir: &Path, name: &str) -> anyhow::Result<Session> {
     std::fs::create_dir_all(dir)?;
     let data = dir.join(format!("{name}.data"));
     let stat_out = dir.join(format!("{name}.stat"));
-    let record = Command::new("perf")
-        .args(["record", "-q", "-e", "cpu-clock", "-F", "1999", "-p", &pid.to_string(), "-o"])
-        .arg(&data)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("starting perf record")?;
-    let stat = Command::new("perf")
-        .args(["stat", "-x", ",", "-e", "raw_syscalls:sys_enter,context-switches", "-p", &pid.to_string(), "-o"])
-        .arg(&stat_out)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("starting perf stat")?;
+    let pid = pid.to_string();
+    let mut record = spawn_perf(&["record", "-q", "-e", "cpu-clock", "-F", "1999", "-p", &pid], &data)?;
+    let stat = match spawn_perf(
+        &["stat", "-x", ",", "-e", "raw_syscalls:sys_enter,context-switches", "-p", &pid],
+        &stat_out,
+    ) {
+        Ok(stat) => stat,
+        Err(e) => {
+            let _ = record.kill();
+            let _ = record.wait();
+            return Err(e);
+        }
+    };
     // Both attach within milliseconds; the test must not start before they count.
     std::thread::sleep(Duration::from_millis(200));
     Ok(Session { record, stat, data, stat_out })
+}
+
+/// `perf <args> -o <out>`, quiet, in the background.
+fn spawn_perf(args: &[&str], out: &Path) -> anyhow::Result<Child> {
+    Command::new("perf")
+        .args(args)
+        .arg("-o")
+        .arg(out)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .with_context(|| format!("starting perf {}", args[0]))
 }
 
 /// Stops a child with SIGINT (perf writes its output on it), killing it after `grace`.
