@@ -175,15 +175,12 @@ pub fn run(opts: &DnsOpts) -> anyhow::Result<Vec<DnsResult>> {
     let stop = Arc::new(AtomicBool::new(false));
     let up = netns::run_in(Some(&ns), || upstream("127.0.0.53:53".parse().unwrap(), stop.clone()))??;
 
-    let mut binaries = vec![("proxy".to_string(), opts.proxy.clone())];
-    if let Some(c) = &opts.compare {
-        binaries.push(("compare".to_string(), c.clone()));
-    }
+    let binaries = crate::scenario::labels(&opts.proxy, opts.compare.as_deref());
     let target: SocketAddr = "127.0.0.1:15053".parse()?;
     let mut results = Vec::new();
     for rep in 0..opts.reps {
-        for (fallback, binary) in &binaries {
-            let label = crate::scenario::label_of(binary, fallback);
+        for (label, binary) in &binaries {
+            let label = label.clone();
             let env: Vec<(String, String)> = [
                 ("FAKE_CA", "true".to_string()),
                 ("XDS_ADDRESS", String::new()),

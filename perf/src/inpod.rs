@@ -278,10 +278,7 @@ pub fn run(opts: &InpodOpts) -> anyhow::Result<Vec<ProxyResult>> {
         bail!("{why}");
     }
     std::fs::create_dir_all(&opts.out)?;
-    let mut binaries = vec![("proxy".to_string(), opts.proxy.clone())];
-    if let Some(c) = &opts.compare {
-        binaries.push(("compare".to_string(), c.clone()));
-    }
+    let binaries = crate::scenario::labels(&opts.proxy, opts.compare.as_deref());
     for (_, b) in &binaries {
         if !b.is_file() {
             bail!("proxy binary {} does not exist", b.display());
@@ -297,7 +294,7 @@ pub fn run(opts: &InpodOpts) -> anyhow::Result<Vec<ProxyResult>> {
     for rep in 0..opts.reps {
         for (label, binary) in &binaries {
             let mut r = ProxyResult {
-                label: crate::scenario::label_of(binary, label),
+                label: label.clone(),
                 binary: binary.display().to_string(),
                 rep,
                 add_ack_one: None,

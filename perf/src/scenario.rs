@@ -187,15 +187,10 @@ pub fn run(opts: &RunOpts) -> anyhow::Result<Report> {
         }
     }
 
-    let mut proxies =
-        vec![ProxyInfo { label: label_of(&opts.proxy, "proxy"), binary: opts.proxy.display().to_string() }];
-    if let Some(other) = &opts.compare {
-        let mut label = label_of(other, "compare");
-        if label == proxies[0].label {
-            label = format!("{label}-compare");
-        }
-        proxies.push(ProxyInfo { label, binary: other.display().to_string() });
-    }
+    let proxies: Vec<ProxyInfo> = labels(&opts.proxy, opts.compare.as_deref())
+        .into_iter()
+        .map(|(label, binary)| ProxyInfo { label, binary: binary.display().to_string() })
+        .collect();
     for p in &proxies {
         if !Path::new(&p.binary).is_file() {
             bail!("proxy binary {} does not exist", p.binary);
@@ -732,6 +727,22 @@ fn fill_latency(rec: &mut Record, h: &hdrhistogram::Histogram<u64>) {
     rec.histogram = Some(load::histogram_counts(h));
 }
 
+/// The proxy under test and the one compared with it, each with its label: the binary's file
+/// name, made distinct (`<name>-compare`) when both have the same name (ours and Istio's are
+/// both `ztunnel`).
+pub fn labels(proxy: &Path, compare: Option<&Path>) -> Vec<(String, PathBuf)> {
+    let first = label_of(proxy, "proxy");
+    let mut out = vec![(first.clone(), proxy.to_path_buf())];
+    if let Some(other) = compare {
+        let mut label = label_of(other, "compare");
+        if label == first {
+            label = format!("{label}-compare");
+        }
+        out.push((label, other.to_path_buf()));
+    }
+    out
+}
+
 pub fn label_of(binary: &Path, fallback: &str) -> String {
     binary.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| fallback.to_string())
 }
@@ -777,6 +788,16 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn same_named_binaries_get_distinct_labels() {
+        let l = labels(Path::new("/a/ztunnel"), Some(Path::new("/b/ztunnel")));
+        assert_eq!(l[0].0, "ztunnel");
+        assert_eq!(l[1].0, "ztunnel-compare");
+        let l = labels(Path::new("/a/ours"), Some(Path::new("/b/ztunnel")));
+        assert_eq!((l[0].0.as_str(), l[1].0.as_str()), ("ours", "ztunnel"));
+        assert_eq!(labels(Path::new("/a/ours"), None).len(), 1);
+    }
 
     #[test]
     fn dates() {
