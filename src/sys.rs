@@ -498,9 +498,3 @@ pub fn fd_usage() -> (u64, u64) {
     let max = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0 { lim.rlim_cur } else { 0 };
     (open, max)
 }
-
-/// `TCP_USER_TIMEOUT`: how long sent data may stay unacknowledged before the connection fails.
-pub fn set_tcp_user_timeout(sock: &impl AsRawFd, timeout: std::time::Duration) -> io::Result<()> {
-    let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
-    setsockopt_int(sock.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT, ms)
-}

@@ -67,7 +67,7 @@ pub fn bind(addrs: &[SocketAddr]) -> io::Result<Vec<DnsSockets>> {
             };
             port = udp.local_addr()?.port();
             let tcp_addr = SocketAddr::new(addr.ip(), port);
-            let tcp = match bind_std(tcp_addr, ListenOpts { transparent: false, backlog: 128 }) {
+            let tcp = match bind_std(tcp_addr, ListenOpts { transparent: false, backlog: 128, accepted: None }) {
                 Ok(t) => t,
                 Err(e) if pick && tries < 16 && e.kind() == io::ErrorKind::AddrInUse => {
                     tries += 1;

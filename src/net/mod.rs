@@ -39,6 +39,25 @@ pub struct ListenOpts {
     /// Try `IP_TRANSPARENT` (TPROXY capture); without `CAP_NET_ADMIN` this is skipped quietly.
     pub transparent: bool,
     pub backlog: i32,
+    /// A proxy listener: its accepted (downstream) sockets get `TCP_NODELAY`, Istio's keepalive
+    /// and this `TCP_USER_TIMEOUT` (when `Some`). Set on the listener once: Linux copies them to
+    /// every socket it accepts, so a connection costs no setsockopt for them.
+    pub accepted: Option<AcceptedOpts>,
+}
+
+/// Options of the sockets a proxy listener accepts; see [`ListenOpts::accepted`].
+#[derive(Debug, Clone, Copy)]
+pub struct AcceptedOpts {
+    pub user_timeout: Option<Duration>,
+}
+
+/// Istio's keepalive, on both sides of a proxied connection: first probe after 180 s idle, then
+/// every 180 s, 9 probes.
+fn keepalive() -> socket2::TcpKeepalive {
+    socket2::TcpKeepalive::new()
+        .with_time(Duration::from_secs(180))
+        .with_interval(Duration::from_secs(180))
+        .with_retries(9)
 }
 
 /// Binds one `SO_REUSEPORT` listener. Every worker binds its own socket on the same address, so
@@ -60,6 +79,17 @@ pub fn bind_std(addr: SocketAddr, opts: ListenOpts) -> io::Result<std::net::TcpL
     if opts.transparent {
         if let Err(e) = sys::set_ip_transparent(&socket, addr.is_ipv6()) {
             tracing::debug!(%addr, error = %e, "IP_TRANSPARENT not permitted; TPROXY capture unavailable");
+        }
+    }
+    if let Some(accepted) = opts.accepted {
+        // Failures here only cost latency or dead-peer detection; connections still work.
+        let set = || -> io::Result<()> {
+            socket.set_tcp_nodelay(true)?;
+            socket.set_tcp_keepalive(&keepalive())?;
+            socket.set_tcp_user_timeout(accepted.user_timeout)
+        };
+        if let Err(e) = set() {
+            tracing::debug!(%addr, error = %e, "could not set the accepted sockets' options on the listener");
         }
     }
     socket.set_nonblocking(true)?;
@@ -118,13 +148,7 @@ pub async fn dial(dst: SocketAddr, opts: DialOpts<'_>) -> Result<TcpStream, Dial
     let prep = || -> io::Result<()> {
         socket.set_nonblocking(true)?;
         socket.set_tcp_nodelay(true)?;
-        // Istio's keepalive: first probe after 180 s idle, then every 180 s, 9 probes.
-        socket.set_tcp_keepalive(
-            &socket2::TcpKeepalive::new()
-                .with_time(Duration::from_secs(180))
-                .with_interval(Duration::from_secs(180))
-                .with_retries(9),
-        )?;
+        socket.set_tcp_keepalive(&keepalive())?;
         if let Some(mark) = opts.mark {
             socket.set_mark(mark)?;
         }
@@ -159,17 +183,6 @@ pub async fn dial(dst: SocketAddr, opts: DialOpts<'_>) -> Result<TcpStream, Dial
     }
 }
 
-/// Sets the options every accepted (downstream) socket gets.
-pub fn prepare_accepted(stream: &TcpStream, user_timeout: Option<Duration>) {
-    // Failures here only cost latency or dead-peer detection; the connection still works.
-    let _ = stream.set_nodelay(true);
-    // Istio's keepalive on accepted sockets too: 180 s idle, 180 s interval, 9 probes.
-    let _ = stream.set_tcp_keepalive(Some(Duration::from_secs(180)), Some(Duration::from_secs(180)), Some(9));
-    if let Some(t) = user_timeout {
-        let _ = sys::set_tcp_user_timeout(stream, t);
-    }
-}
-
 /// Turns an IPv4-mapped IPv6 address (from a dual-stack listener) into plain IPv4, so lookups by
 /// address see one form only.
 pub fn canonical(addr: SocketAddr) -> SocketAddr {
@@ -188,4 +201,38 @@ pub fn bind_udp(addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     Ok(socket.into())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn accepted_sockets_get_the_listener_options() {
+        let opts = ListenOpts {
+            transparent: false,
+            backlog: 16,
+            accepted: Some(AcceptedOpts { user_timeout: Some(Duration::from_secs(1800)) }),
+        };
+        let listener = bind_std("127.0.0.1:0".parse().unwrap(), opts).unwrap();
+        let _client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        listener.set_nonblocking(false).unwrap();
+        let (accepted, _) = listener.accept().unwrap();
+        let s = socket2::SockRef::from(&accepted);
+        assert!(s.tcp_nodelay().unwrap());
+        assert!(s.keepalive().unwrap());
+        assert_eq!(s.tcp_keepalive_time().unwrap(), Duration::from_secs(180));
+        assert_eq!(s.tcp_keepalive_interval().unwrap(), Duration::from_secs(180));
+        assert_eq!(s.tcp_keepalive_retries().unwrap(), 9);
+        assert_eq!(s.tcp_user_timeout().unwrap(), Some(Duration::from_secs(1800)));
+        // Not a proxy listener: the kernel's defaults.
+        let plain = ListenOpts { accepted: None, ..opts };
+        let listener = bind_std("127.0.0.1:0".parse().unwrap(), plain).unwrap();
+        let _client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        listener.set_nonblocking(false).unwrap();
+        let (accepted, _) = listener.accept().unwrap();
+        assert!(!socket2::SockRef::from(&accepted).keepalive().unwrap());
+    }
 }

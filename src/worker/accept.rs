@@ -76,7 +76,6 @@ pub async fn accept_loop(ctx: Rc<WorkerCtx>, kind: Listener, listener: TcpListen
 }
 
 fn dispatch(ctx: &Rc<WorkerCtx>, kind: Listener, stream: TcpStream, peer: SocketAddr, pod: &Option<Rc<PodNet>>) {
-    crate::net::prepare_accepted(&stream, ctx.cfg.tcp_user_timeout);
     ctx.accepted.set(ctx.accepted.get() + 1);
     let id = ctx.id;
     let pod = pod.clone();

@@ -24,7 +24,7 @@ use super::error::ProxyError;
 use super::{LocalSnapshot, WorkerCtx};
 use crate::inpod::{PodConnection, PodSpec};
 use crate::model::Workload;
-use crate::net::{DialOpts, InNetns, ListenOpts, bind_std};
+use crate::net::{AcceptedOpts, DialOpts, InNetns, ListenOpts, bind_std};
 use crate::snapshot::Snapshot;
 use crate::sys;
 
@@ -150,8 +150,9 @@ pub fn add_pod(ctx: &Rc<WorkerCtx>, spec: Arc<PodSpec>) -> Result<(), String> {
     }
     let home = ctx.home_netns.as_ref().ok_or("in-pod mode is off on this worker")?;
     let (socks5, dns) = (ctx.cfg.socks5, ctx.cfg.dns_capture);
+    let accepted = AcceptedOpts { user_timeout: ctx.cfg.tcp_user_timeout };
     let (listeners, dns_sockets) = sys::in_netns(&spec.netns, home, || -> io::Result<_> {
-        let listeners = bind_pod_listeners(socks5)?;
+        let listeners = bind_pod_listeners(socks5, accepted)?;
         let dns_sockets = if dns { crate::dns::server::bind(&crate::dns::server::pod_addrs())? } else { Vec::new() };
         Ok((listeners, dns_sockets))
     })
@@ -185,13 +186,13 @@ pub fn add_pod(ctx: &Rc<WorkerCtx>, spec: Arc<PodSpec>) -> Result<(), String> {
 }
 
 /// The pod's listeners, made in the pod's namespace (the calling thread is in it).
-fn bind_pod_listeners(socks5: bool) -> io::Result<Vec<(Listener, std::net::TcpListener)>> {
+fn bind_pod_listeners(socks5: bool, accepted: AcceptedOpts) -> io::Result<Vec<(Listener, std::net::TcpListener)>> {
     // Queued connections move to a replacement proxy's listener when this one stops, instead
     // of being reset (per namespace; best effort: a read-only /proc/sys just loses that).
     if let Err(e) = sys::enable_migrate_req() {
         tracing::debug!(error = %e, "could not set net.ipv4.tcp_migrate_req in the pod");
     }
-    let opts = ListenOpts { transparent: false, backlog: 1024 };
+    let opts = ListenOpts { transparent: false, backlog: 1024, accepted: Some(accepted) };
     let any = |port| -> io::Result<std::net::TcpListener> {
         // Dual-stack where the pod has IPv6, IPv4 only where it has not.
         bind_std(SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), port), opts)

@@ -18,7 +18,7 @@ use super::{WorkerCtx, own_ports, pods};
 use crate::config::{Config, IoDriver};
 use crate::hbone::pool::HbonePool;
 use crate::model::Identity;
-use crate::net::{ListenAddrs, ListenOpts, bind_listener};
+use crate::net::{AcceptedOpts, ListenAddrs, ListenOpts, bind_listener};
 use crate::snapshot::Snapshot;
 use crate::snapshot::publish::{WorkerMsg, WorkerRx};
 use crate::telemetry::metrics::Shard;
@@ -130,17 +130,23 @@ fn uring_runtime() -> io::Result<monoio::Runtime<monoio::time::TimeDriver<monoio
 /// in-pod mode every pod gets its own, inside its namespace; here there is only the HBONE
 /// listener for the proxy's own workload, when it knows who it is (`SERVICE_ACCOUNT`,
 /// `POD_NAME`, `POD_NAMESPACE`).
-fn bind_all(addrs: &ListenAddrs, inpod: bool, serves_itself: bool) -> io::Result<Vec<(Listener, TcpListener)>> {
+fn bind_all(
+    addrs: &ListenAddrs,
+    inpod: bool,
+    serves_itself: bool,
+    accepted: AcceptedOpts,
+) -> io::Result<Vec<(Listener, TcpListener)>> {
+    let plain = ListenOpts { transparent: false, backlog: 1024, accepted: Some(accepted) };
     if inpod {
         if !serves_itself {
             return Ok(Vec::new());
         }
         let addr = addrs.inbound;
-        let l = bind_listener(addr, ListenOpts { transparent: false, backlog: 1024 })
+        let l = bind_listener(addr, plain)
             .map_err(|e| io::Error::new(e.kind(), format!("binding the proxy's own HBONE listener on {addr}: {e}")))?;
         return Ok(vec![(Listener::InboundHbone, l)]);
     }
-    let captured = ListenOpts { transparent: true, backlog: 1024 };
+    let captured = ListenOpts { transparent: true, ..plain };
     let bind = |kind: Listener, addr: SocketAddr, opts: ListenOpts| {
         bind_listener(addr, opts)
             .map(|l| (kind, l))
@@ -152,7 +158,7 @@ fn bind_all(addrs: &ListenAddrs, inpod: bool, serves_itself: bool) -> io::Result
         bind(Listener::InboundHbone, addrs.inbound, captured)?,
     ];
     if let Some(socks) = addrs.socks5 {
-        out.push(bind(Listener::Socks5, socks, ListenOpts { transparent: false, backlog: 1024 })?);
+        out.push(bind(Listener::Socks5, socks, plain)?);
     }
     Ok(out)
 }
@@ -184,7 +190,12 @@ async fn run(spec: WorkerSpec, driver: &'static str, ready: std::sync::mpsc::Sen
     };
     let cfg = &spec.cfg;
     let serves_itself = cfg.service_account.is_some() && cfg.pod_name.is_some() && cfg.pod_namespace.is_some();
-    let listeners = match bind_all(&spec.addrs, spec.cfg.inpod, serves_itself) {
+    let listeners = match bind_all(
+        &spec.addrs,
+        spec.cfg.inpod,
+        serves_itself,
+        AcceptedOpts { user_timeout: spec.cfg.tcp_user_timeout },
+    ) {
         Ok(l) => l,
         Err(e) => {
             let _ = ready.send(Err(e));
