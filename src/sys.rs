@@ -37,6 +37,13 @@ pub fn set_ip_transparent(sock: &impl AsRawFd, ipv6: bool) -> io::Result<()> {
     }
 }
 
+/// `SO_INCOMING_CPU` on a listener: in a `SO_REUSEPORT` group the kernel (6.1 and later)
+/// prefers the listener marked with the CPU a new connection's packets are processed on.
+pub fn set_incoming_cpu(sock: &impl AsRawFd, cpu: usize) -> io::Result<()> {
+    let cpu = libc::c_int::try_from(cpu).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    setsockopt_int(sock.as_raw_fd(), libc::SOL_SOCKET, libc::SO_INCOMING_CPU, cpu)
+}
+
 /// `IP_FREEBIND` / `IPV6_FREEBIND`: bind an address that is not (yet) local.
 pub fn set_freebind(sock: &impl AsRawFd, ipv6: bool) -> io::Result<()> {
     if ipv6 {

@@ -49,6 +49,12 @@ pub struct ListenOpts {
 #[derive(Debug, Clone, Copy)]
 pub struct AcceptedOpts {
     pub user_timeout: Option<Duration>,
+    /// The CPU the accepting worker is pinned to. The listener is marked with it
+    /// (`SO_INCOMING_CPU`), so the kernel hands it the connections whose packets it processes on
+    /// that CPU: for a local pod's connection, the CPU its application runs on. The worker then
+    /// runs where the connection's network work already runs, with no cross-CPU wake-up per
+    /// message. Connections processed on a CPU without such a listener are spread by hash.
+    pub incoming_cpu: Option<usize>,
 }
 
 /// Istio's keepalive, on both sides of a proxied connection: first probe after 180 s idle, then
@@ -86,7 +92,11 @@ pub fn bind_std(addr: SocketAddr, opts: ListenOpts) -> io::Result<std::net::TcpL
         let set = || -> io::Result<()> {
             socket.set_tcp_nodelay(true)?;
             socket.set_tcp_keepalive(&keepalive())?;
-            socket.set_tcp_user_timeout(accepted.user_timeout)
+            socket.set_tcp_user_timeout(accepted.user_timeout)?;
+            if let Some(cpu) = accepted.incoming_cpu {
+                sys::set_incoming_cpu(&socket, cpu)?;
+            }
+            Ok(())
         };
         if let Err(e) = set() {
             tracing::debug!(%addr, error = %e, "could not set the accepted sockets' options on the listener");
@@ -214,7 +224,7 @@ mod tests {
         let opts = ListenOpts {
             transparent: false,
             backlog: 16,
-            accepted: Some(AcceptedOpts { user_timeout: Some(Duration::from_secs(1800)) }),
+            accepted: Some(AcceptedOpts { user_timeout: Some(Duration::from_secs(1800)), incoming_cpu: Some(0) }),
         };
         let listener = bind_std("127.0.0.1:0".parse().unwrap(), opts).unwrap();
         let _client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
@@ -234,5 +244,47 @@ mod tests {
         listener.set_nonblocking(false).unwrap();
         let (accepted, _) = listener.accept().unwrap();
         assert!(!socket2::SockRef::from(&accepted).keepalive().unwrap());
+    }
+
+    /// Two listeners on one port, each marked with a CPU: a connection made from a thread on a
+    /// CPU is accepted by that CPU's listener (loopback processes a packet on the sending CPU).
+    #[test]
+    fn connections_go_to_the_listener_of_their_cpu() {
+        let cores = core_affinity::get_core_ids().unwrap_or_default();
+        if cores.len() < 2 {
+            eprintln!("skipped: needs two CPUs");
+            return;
+        }
+        let opts = |cpu| ListenOpts {
+            transparent: false,
+            backlog: 64,
+            accepted: Some(AcceptedOpts { user_timeout: None, incoming_cpu: Some(cpu) }),
+        };
+        let first = bind_std("127.0.0.1:0".parse().unwrap(), opts(cores[0].id)).unwrap();
+        let addr = first.local_addr().unwrap();
+        let second = bind_std(addr, opts(cores[1].id)).unwrap();
+        for (core, listener) in [(cores[0], &first), (cores[1], &second)] {
+            let clients = std::thread::spawn(move || {
+                assert!(core_affinity::set_for_current(core));
+                (0..8).map(|_| std::net::TcpStream::connect(addr).unwrap()).collect::<Vec<_>>()
+            })
+            .join()
+            .unwrap();
+            for _ in &clients {
+                // Non-blocking: a connection that went to the other listener is not waited for.
+                let mut got = None;
+                for _ in 0..500 {
+                    match listener.accept() {
+                        Ok(c) => {
+                            got = Some(c);
+                            break;
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(2)),
+                        Err(e) => panic!("accept: {e}"),
+                    }
+                }
+                assert!(got.is_some(), "a connection from CPU {} did not reach its listener", core.id);
+            }
+        }
     }
 }

@@ -58,6 +58,8 @@ pub type LocalSnapshot = Rc<Arc<Snapshot>>;
 /// State shared by the tasks of one worker.
 pub struct WorkerCtx {
     pub id: usize,
+    /// The CPU this worker is pinned to, if it is.
+    pub core: Option<usize>,
     pub cfg: Arc<Config>,
     snapshot: RefCell<LocalSnapshot>,
     pub conns: Rc<ConnTable>,

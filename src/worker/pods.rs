@@ -150,7 +150,7 @@ pub fn add_pod(ctx: &Rc<WorkerCtx>, spec: Arc<PodSpec>) -> Result<(), String> {
     }
     let home = ctx.home_netns.as_ref().ok_or("in-pod mode is off on this worker")?;
     let (socks5, dns) = (ctx.cfg.socks5, ctx.cfg.dns_capture);
-    let accepted = AcceptedOpts { user_timeout: ctx.cfg.tcp_user_timeout };
+    let accepted = AcceptedOpts { user_timeout: ctx.cfg.tcp_user_timeout, incoming_cpu: ctx.core };
     let (listeners, dns_sockets) = sys::in_netns(&spec.netns, home, || -> io::Result<_> {
         let listeners = bind_pod_listeners(socks5, accepted)?;
         let dns_sockets = if dns { crate::dns::server::bind(&crate::dns::server::pod_addrs())? } else { Vec::new() };
@@ -193,19 +193,20 @@ fn bind_pod_listeners(socks5: bool, accepted: AcceptedOpts) -> io::Result<Vec<(L
         tracing::debug!(error = %e, "could not set net.ipv4.tcp_migrate_req in the pod");
     }
     let opts = ListenOpts { transparent: false, backlog: 1024, accepted: Some(accepted) };
-    let any = |port| -> io::Result<std::net::TcpListener> {
+    let (local, from_network) = super::spawn::steered(opts);
+    let any = |port, opts| -> io::Result<std::net::TcpListener> {
         // Dual-stack where the pod has IPv6, IPv4 only where it has not.
         bind_std(SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), port), opts)
             .or_else(|_| bind_std(SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), port), opts))
     };
     let mut out = vec![
-        (Listener::Outbound, any(OUTBOUND_PORT)?),
-        (Listener::InboundPlain, any(INBOUND_PLAIN_PORT)?),
-        (Listener::InboundHbone, any(INBOUND_PORT)?),
+        (Listener::Outbound, any(OUTBOUND_PORT, local)?),
+        (Listener::InboundPlain, any(INBOUND_PLAIN_PORT, from_network)?),
+        (Listener::InboundHbone, any(INBOUND_PORT, from_network)?),
     ];
     if socks5 {
-        let local = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), SOCKS5_PORT);
-        out.push((Listener::Socks5, bind_std(local, opts)?));
+        let addr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), SOCKS5_PORT);
+        out.push((Listener::Socks5, bind_std(addr, local)?));
     }
     Ok(out)
 }

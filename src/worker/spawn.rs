@@ -84,6 +84,8 @@ pub fn spawn(
         if let Some(core) = spec.core {
             if !core_affinity::set_for_current(core) {
                 tracing::warn!(worker = spec.id, core = core.id, "could not pin worker to its core");
+                // Not pinned: its listeners must not claim the core's connections either.
+                spec.core = None;
             }
         }
         let driver = match spec.cfg.io_driver {
@@ -142,25 +144,36 @@ fn bind_all(
             return Ok(Vec::new());
         }
         let addr = addrs.inbound;
-        let l = bind_listener(addr, plain)
+        let l = bind_listener(addr, steered(plain).1)
             .map_err(|e| io::Error::new(e.kind(), format!("binding the proxy's own HBONE listener on {addr}: {e}")))?;
         return Ok(vec![(Listener::InboundHbone, l)]);
     }
     let captured = ListenOpts { transparent: true, ..plain };
+    // Only the listeners local pods connect to are steered by CPU (see `AcceptedOpts`).
+    let (local, from_network) = steered(captured);
     let bind = |kind: Listener, addr: SocketAddr, opts: ListenOpts| {
         bind_listener(addr, opts)
             .map(|l| (kind, l))
             .map_err(|e| io::Error::new(e.kind(), format!("binding {kind:?} listener on {addr}: {e}")))
     };
     let mut out = vec![
-        bind(Listener::Outbound, addrs.outbound, captured)?,
-        bind(Listener::InboundPlain, addrs.inbound_plain, captured)?,
-        bind(Listener::InboundHbone, addrs.inbound, captured)?,
+        bind(Listener::Outbound, addrs.outbound, local)?,
+        bind(Listener::InboundPlain, addrs.inbound_plain, from_network)?,
+        bind(Listener::InboundHbone, addrs.inbound, from_network)?,
     ];
     if let Some(socks) = addrs.socks5 {
-        out.push(bind(Listener::Socks5, socks, plain)?);
+        out.push(bind(Listener::Socks5, socks, steered(plain).0)?);
     }
     Ok(out)
+}
+
+/// `opts` for listeners local pods connect to (steered to the worker on the CPU that processes
+/// the pod's packets), and for listeners peers reach over the network (spread by hash: a NIC
+/// with fewer receive queues than CPUs would otherwise crowd every connection onto the workers
+/// of the few CPUs that take its interrupts).
+pub(crate) fn steered(opts: ListenOpts) -> (ListenOpts, ListenOpts) {
+    let from_network = opts.accepted.map(|a| AcceptedOpts { incoming_cpu: None, ..a });
+    (opts, ListenOpts { accepted: from_network, ..opts })
 }
 
 /// The addresses the listeners got (port 0 resolved), falling back to what was asked.
@@ -194,7 +207,7 @@ async fn run(spec: WorkerSpec, driver: &'static str, ready: std::sync::mpsc::Sen
         &spec.addrs,
         spec.cfg.inpod,
         serves_itself,
-        AcceptedOpts { user_timeout: spec.cfg.tcp_user_timeout },
+        AcceptedOpts { user_timeout: spec.cfg.tcp_user_timeout, incoming_cpu: spec.core.map(|c| c.id) },
     ) {
         Ok(l) => l,
         Err(e) => {
@@ -236,6 +249,7 @@ async fn run(spec: WorkerSpec, driver: &'static str, ready: std::sync::mpsc::Sen
 
     let ctx = Rc::new(WorkerCtx {
         id: spec.id,
+        core: spec.core.map(|c| c.id),
         cfg: spec.cfg.clone(),
         snapshot: RefCell::new(Rc::new(spec.initial)),
         conns: Rc::new(ConnTable::default()),
