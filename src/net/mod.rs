@@ -200,13 +200,19 @@ pub fn canonical(addr: SocketAddr) -> SocketAddr {
 }
 
 /// A `SO_REUSEPORT` UDP socket bound to `addr` (each worker binds its own: the kernel spreads
-/// datagrams over them by source).
-pub fn bind_udp(addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
+/// datagrams over them by source, or with `incoming_cpu` gives this one those processed on that
+/// CPU; see [`AcceptedOpts::incoming_cpu`]).
+pub fn bind_udp(addr: SocketAddr, incoming_cpu: Option<usize>) -> io::Result<std::net::UdpSocket> {
     let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
     socket.set_reuse_address(true)?;
     socket.set_reuse_port(true)?;
     if addr.is_ipv6() {
         socket.set_only_v6(true)?;
+    }
+    if let Some(cpu) = incoming_cpu {
+        if let Err(e) = sys::set_incoming_cpu(&socket, cpu) {
+            tracing::debug!(%addr, error = %e, "could not mark the UDP socket with its worker's CPU");
+        }
     }
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
@@ -284,6 +290,28 @@ mod tests {
                     }
                 }
                 assert!(got.is_some(), "a connection from CPU {} did not reach its listener", core.id);
+            }
+        }
+        // The same for datagrams (the DNS proxy's UDP sockets).
+        let first = bind_udp("127.0.0.1:0".parse().unwrap(), Some(cores[0].id)).unwrap();
+        let addr = first.local_addr().unwrap();
+        let second = bind_udp(addr, Some(cores[1].id)).unwrap();
+        for (core, socket) in [(cores[0], &first), (cores[1], &second)] {
+            std::thread::spawn(move || {
+                assert!(core_affinity::set_for_current(core));
+                // Eight sources: the hash alone would send about half of them elsewhere.
+                for _ in 0..8 {
+                    let client = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+                    client.send_to(b"q", addr).unwrap();
+                }
+            })
+            .join()
+            .unwrap();
+            socket.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+            socket.set_nonblocking(false).unwrap();
+            for _ in 0..8 {
+                let mut buf = [0u8; 4];
+                assert!(socket.recv_from(&mut buf).is_ok(), "a datagram from CPU {} did not reach its socket", core.id);
             }
         }
     }

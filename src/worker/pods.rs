@@ -153,7 +153,8 @@ pub fn add_pod(ctx: &Rc<WorkerCtx>, spec: Arc<PodSpec>) -> Result<(), String> {
     let accepted = AcceptedOpts { user_timeout: ctx.cfg.tcp_user_timeout, incoming_cpu: ctx.core };
     let (listeners, dns_sockets) = sys::in_netns(&spec.netns, home, || -> io::Result<_> {
         let listeners = bind_pod_listeners(socks5, accepted)?;
-        let dns_sockets = if dns { crate::dns::server::bind(&crate::dns::server::pod_addrs())? } else { Vec::new() };
+        let dns_sockets =
+            if dns { crate::dns::server::bind(&crate::dns::server::pod_addrs(), ctx.core)? } else { Vec::new() };
         Ok((listeners, dns_sockets))
     })
     .and_then(|r| r)
