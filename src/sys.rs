@@ -217,6 +217,31 @@ pub fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
     if n < 0 { Err(io::Error::last_os_error()) } else { Ok(n as usize) }
 }
 
+/// One non-blocking `recv(2)` into `buf`'s spare capacity (`MSG_DONTWAIT`: the descriptor's own
+/// mode is left alone, so io_uring operations on it are unaffected); the bytes received are
+/// appended to `buf`. `WouldBlock` when nothing is queued.
+pub fn recv_now(fd: RawFd, buf: &mut Vec<u8>) -> io::Result<usize> {
+    let spare = buf.spare_capacity_mut();
+    // SAFETY: the kernel writes at most `spare.len()` bytes into `spare`, which is writable
+    // memory owned by `buf` for the duration of the call.
+    let n = unsafe { libc::recv(fd, spare.as_mut_ptr().cast(), spare.len(), libc::MSG_DONTWAIT) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let n = n as usize;
+    // SAFETY: the kernel initialized the first `n` bytes of the spare capacity.
+    unsafe { buf.set_len(buf.len() + n) };
+    Ok(n)
+}
+
+/// One non-blocking `send(2)` of `data` (`MSG_DONTWAIT`, and `MSG_NOSIGNAL`: a closed peer is an
+/// error, not a signal). Returns how much the socket took; `WouldBlock` when it took nothing.
+pub fn send_now(fd: RawFd, data: &[u8]) -> io::Result<usize> {
+    // SAFETY: the kernel only reads `data.len()` bytes from `data`.
+    let n = unsafe { libc::send(fd, data.as_ptr().cast(), data.len(), libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
+    if n < 0 { Err(io::Error::last_os_error()) } else { Ok(n as usize) }
+}
+
 /// Returns freed heap memory to the system (glibc keeps it otherwise). Cheap enough after a
 /// config build, which is when a lot of memory is freed at once.
 pub fn release_free_memory() {

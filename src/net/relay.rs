@@ -106,7 +106,7 @@ async fn copy_one_way(
                 bufpool::take()
             }
         };
-        let (res, mut buf) = src.read(buf).await;
+        let (res, mut buf) = read_now_or_wait(&mut src, buf).await;
         let n = match res {
             Ok(n) => n,
             Err(e) => {
@@ -122,7 +122,14 @@ async fn copy_one_way(
         counter.set(counter.get() + n as u64);
         // A plain write loop: monoio's write_all future is twice the size of a write, and this
         // state is part of every connection's footprint.
-        let mut written = 0;
+        let mut written = match sys::send_now(sys::half_fd(&dst.0), &buf[..n]) {
+            Ok(w) => w,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+            Err(e) => {
+                bufpool::give(buf);
+                return Err(e);
+            }
+        };
         while written < n {
             let (res, slice) = dst.write(buf.slice(written..n)).await;
             buf = slice.into_inner();
@@ -151,6 +158,23 @@ async fn copy_one_way(
         } else {
             bufpool::give(buf);
         }
+    }
+}
+
+/// Reads into `buf` (empty), with a plain non-blocking `recv(2)` when bytes are already queued
+/// (after a readiness wake-up, or mid-bulk), else with an io_uring read that waits. The direct
+/// call saves an io_uring submission and completion round (and a task wake-up) per message,
+/// which is most of what a small message costs in user space.
+pub(crate) async fn read_now_or_wait(
+    src: &mut OwnedReadHalf<TcpStream>,
+    mut buf: Vec<u8>,
+) -> (io::Result<usize>, Vec<u8>) {
+    match sys::recv_now(sys::half_fd(&src.0), &mut buf) {
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+            let (res, buf) = src.read(buf).await;
+            (res, buf)
+        }
+        res => (res, buf),
     }
 }
 
