@@ -242,6 +242,14 @@ pub fn send_now(fd: RawFd, data: &[u8]) -> io::Result<usize> {
     if n < 0 { Err(io::Error::last_os_error()) } else { Ok(n as usize) }
 }
 
+/// [`send_now`] of the bytes of an io_uring buffer (a `Vec`, a slice of one, `Bytes`).
+pub fn send_now_buf<B: monoio::buf::IoBuf>(fd: RawFd, data: &B) -> io::Result<usize> {
+    // SAFETY: `IoBuf` (an unsafe trait) guarantees `read_ptr` is valid for `bytes_init` bytes
+    // for as long as the buffer is borrowed, which covers this call.
+    let bytes = unsafe { std::slice::from_raw_parts(data.read_ptr(), data.bytes_init()) };
+    send_now(fd, bytes)
+}
+
 /// Returns freed heap memory to the system (glibc keeps it otherwise). Cheap enough after a
 /// config build, which is when a lot of memory is freed at once.
 pub fn release_free_memory() {

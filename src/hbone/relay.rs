@@ -10,10 +10,10 @@ use std::pin::pin;
 use std::task::Poll;
 
 use bytes::Bytes;
-use monoio::io::{AsyncWriteRent, AsyncWriteRentExt, OwnedReadHalf, OwnedWriteHalf, Splitable};
+use monoio::io::{AsyncWriteRent, OwnedReadHalf, OwnedWriteHalf, Splitable};
 use monoio::net::TcpStream;
 
-use crate::net::relay::RelayEnd;
+use crate::net::relay::{RelayEnd, read_queued_or_wait, write_now_or_wait};
 use crate::sys;
 
 /// Read size on the TCP side: a whole HTTP/2 frame's worth at Istio's 1 MiB frames would pin
@@ -68,15 +68,14 @@ async fn h2_to_tcp(mut recv: h2::RecvStream, mut w: OwnedWriteHalf<TcpStream>, c
         let chunk = chunk.map_err(h2_err)?;
         let n = chunk.len();
         // Most chunks fit the socket's buffer at once: a plain non-blocking send saves an
-        // io_uring round; what it does not take goes through io_uring, which waits.
-        let sent = match sys::send_now(sys::half_fd(&w.0), &chunk) {
-            Ok(sent) => sent,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
-            Err(e) => return Err(e),
-        };
-        if sent < n {
-            let (res, _) = w.write_all(chunk.slice(sent..)).await;
-            res?;
+        // io_uring round; io_uring waits only when the socket takes nothing.
+        let mut sent = 0;
+        while sent < n {
+            let (res, _) = write_now_or_wait(&mut w, chunk.slice(sent..)).await;
+            match res? {
+                0 => return Err(io::ErrorKind::WriteZero.into()),
+                k => sent += k,
+            }
         }
         counter.set(counter.get() + n as u64);
         // The peer may send more only once we give the window back.
@@ -93,7 +92,9 @@ async fn tcp_to_h2(
 ) -> io::Result<()> {
     loop {
         sys::readable(&r).await?;
-        let (res, buf) = crate::net::relay::read_now_or_wait(&mut r, Vec::with_capacity(CHUNK)).await;
+        // Queued bytes are taken with a plain recv(2), as in `net::relay`.
+        let buf = Vec::with_capacity(CHUNK);
+        let (res, buf) = read_queued_or_wait(&mut r, buf).await;
         let n = res?;
         if n == 0 {
             // The pod finished: END_STREAM, the other direction may go on.

@@ -106,7 +106,12 @@ async fn copy_one_way(
                 bufpool::take()
             }
         };
-        let (res, mut buf) = read_now_or_wait(&mut src, buf).await;
+        // The bytes are usually queued already (after a readiness wake-up, or mid-bulk): a plain
+        // non-blocking recv(2) takes them without an io_uring submission, completion and task
+        // wake-up; only when nothing is there does an io_uring read wait. Written so that
+        // nothing of the first attempt lives across the wait (the relay's state is part of every
+        // idle connection's footprint).
+        let (res, mut buf) = read_queued_or_wait(&mut src, buf).await;
         let n = match res {
             Ok(n) => n,
             Err(e) => {
@@ -122,16 +127,9 @@ async fn copy_one_way(
         counter.set(counter.get() + n as u64);
         // A plain write loop: monoio's write_all future is twice the size of a write, and this
         // state is part of every connection's footprint.
-        let mut written = match sys::send_now(sys::half_fd(&dst.0), &buf[..n]) {
-            Ok(w) => w,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
-            Err(e) => {
-                bufpool::give(buf);
-                return Err(e);
-            }
-        };
+        let mut written = 0;
         while written < n {
-            let (res, slice) = dst.write(buf.slice(written..n)).await;
+            let (res, slice) = write_now_or_wait(&mut dst, buf.slice(written..n)).await;
             buf = slice.into_inner();
             match res {
                 Ok(0) => {
@@ -161,20 +159,66 @@ async fn copy_one_way(
     }
 }
 
-/// Reads into `buf` (empty), with a plain non-blocking `recv(2)` when bytes are already queued
-/// (after a readiness wake-up, or mid-bulk), else with an io_uring read that waits. The direct
-/// call saves an io_uring submission and completion round (and a task wake-up) per message,
-/// which is most of what a small message costs in user space.
-pub(crate) async fn read_now_or_wait(
+/// What is already queued on `fd`, appended to `buf` by a plain non-blocking `recv(2)`; `None`
+/// when nothing is (then an io_uring read waits). A plain function, so that nothing of it is
+/// kept in the relay's state while that read waits.
+pub(crate) fn take_queued(fd: std::os::fd::RawFd, buf: &mut Vec<u8>) -> Option<io::Result<usize>> {
+    match sys::recv_now(fd, buf) {
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => None,
+        res => Some(res),
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A result already at hand, or an io_uring operation in flight. No bigger than the
+    /// operation itself, so the relay's state (every idle connection's footprint) does not grow
+    /// with the direct attempt made before it.
+    #[project = NowOrWaitProj]
+    pub(crate) enum NowOrWait<T, F> {
+        Done { out: Option<T> },
+        Wait { #[pin] op: F },
+    }
+}
+
+impl<T, F: std::future::Future<Output = T>> std::future::Future for NowOrWait<T, F> {
+    type Output = T;
+
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<T> {
+        match self.project() {
+            NowOrWaitProj::Done { out } => match out.take() {
+                Some(out) => Poll::Ready(out),
+                // Polled again after completion: a caller's bug; never completes twice.
+                None => Poll::Pending,
+            },
+            NowOrWaitProj::Wait { op } => op.poll(cx),
+        }
+    }
+}
+
+/// What a read gives back: how many bytes (or why none), and the buffer.
+pub(crate) type ReadOut = (io::Result<usize>, Vec<u8>);
+
+/// Reads into `buf`: what is queued already, at once (see [`take_queued`]), else by an
+/// io_uring read that waits.
+pub(crate) fn read_queued_or_wait(
     src: &mut OwnedReadHalf<TcpStream>,
     mut buf: Vec<u8>,
-) -> (io::Result<usize>, Vec<u8>) {
-    match sys::recv_now(sys::half_fd(&src.0), &mut buf) {
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-            let (res, buf) = src.read(buf).await;
-            (res, buf)
-        }
-        res => (res, buf),
+) -> NowOrWait<ReadOut, impl std::future::Future<Output = ReadOut> + '_> {
+    match take_queued(sys::half_fd(&src.0), &mut buf) {
+        Some(res) => NowOrWait::Done { out: Some((res, buf)) },
+        None => NowOrWait::Wait { op: src.read(buf) },
+    }
+}
+
+/// Writes `data`: as much as the socket takes at once, by a plain non-blocking `send(2)`, else
+/// (nothing taken) by an io_uring write that waits.
+pub(crate) fn write_now_or_wait<B: monoio::buf::IoBuf>(
+    dst: &mut OwnedWriteHalf<TcpStream>,
+    data: B,
+) -> NowOrWait<(io::Result<usize>, B), impl std::future::Future<Output = (io::Result<usize>, B)> + '_> {
+    match sys::send_now_buf(sys::half_fd(&dst.0), &data) {
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => NowOrWait::Wait { op: dst.write(data) },
+        res => NowOrWait::Done { out: Some((res, data)) },
     }
 }
 
