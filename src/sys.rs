@@ -234,20 +234,15 @@ pub fn recv_now(fd: RawFd, buf: &mut Vec<u8>) -> io::Result<usize> {
     Ok(n)
 }
 
-/// One non-blocking `send(2)` of `data` (`MSG_DONTWAIT`, and `MSG_NOSIGNAL`: a closed peer is an
-/// error, not a signal). Returns how much the socket took; `WouldBlock` when it took nothing.
-pub fn send_now(fd: RawFd, data: &[u8]) -> io::Result<usize> {
-    // SAFETY: the kernel only reads `data.len()` bytes from `data`.
-    let n = unsafe { libc::send(fd, data.as_ptr().cast(), data.len(), libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
-    if n < 0 { Err(io::Error::last_os_error()) } else { Ok(n as usize) }
-}
-
-/// [`send_now`] of the bytes of an io_uring buffer (a `Vec`, a slice of one, `Bytes`).
-pub fn send_now_buf<B: monoio::buf::IoBuf>(fd: RawFd, data: &B) -> io::Result<usize> {
+/// One non-blocking `send(2)` of the bytes of an io_uring buffer (a `Vec`, a slice of one,
+/// `Bytes`): `MSG_DONTWAIT`, and `MSG_NOSIGNAL` (a closed peer is an error, not a signal).
+/// Returns how much the socket took; `WouldBlock` when it took nothing.
+pub fn send_now<B: monoio::buf::IoBuf>(fd: RawFd, data: &B) -> io::Result<usize> {
     // SAFETY: `IoBuf` (an unsafe trait) guarantees `read_ptr` is valid for `bytes_init` bytes
-    // for as long as the buffer is borrowed, which covers this call.
-    let bytes = unsafe { std::slice::from_raw_parts(data.read_ptr(), data.bytes_init()) };
-    send_now(fd, bytes)
+    // for as long as the buffer is borrowed, which covers this call; the kernel only reads them.
+    let n =
+        unsafe { libc::send(fd, data.read_ptr().cast(), data.bytes_init(), libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
+    if n < 0 { Err(io::Error::last_os_error()) } else { Ok(n as usize) }
 }
 
 /// Returns freed heap memory to the system (glibc keeps it otherwise). Cheap enough after a

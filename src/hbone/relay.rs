@@ -68,10 +68,10 @@ async fn h2_to_tcp(mut recv: h2::RecvStream, mut w: OwnedWriteHalf<TcpStream>, c
         let chunk = chunk.map_err(h2_err)?;
         let n = chunk.len();
         // Most chunks fit the socket's buffer at once: a plain non-blocking send saves an
-        // io_uring round; io_uring waits only when the socket takes nothing.
+        // io_uring round; io_uring writes what it does not take.
         let mut sent = 0;
         while sent < n {
-            let (res, _) = write_now_or_wait(&mut w, chunk.slice(sent..)).await;
+            let (res, _) = write_now_or_wait(&mut w, chunk.slice(sent..), sent == 0).await;
             match res? {
                 0 => return Err(io::ErrorKind::WriteZero.into()),
                 k => sent += k,

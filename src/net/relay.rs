@@ -129,7 +129,7 @@ async fn copy_one_way(
         // state is part of every connection's footprint.
         let mut written = 0;
         while written < n {
-            let (res, slice) = write_now_or_wait(&mut dst, buf.slice(written..n)).await;
+            let (res, slice) = write_now_or_wait(&mut dst, buf.slice(written..n), written == 0).await;
             buf = slice.into_inner();
             match res {
                 Ok(0) => {
@@ -156,16 +156,6 @@ async fn copy_one_way(
         } else {
             bufpool::give(buf);
         }
-    }
-}
-
-/// What is already queued on `fd`, appended to `buf` by a plain non-blocking `recv(2)`; `None`
-/// when nothing is (then an io_uring read waits). A plain function, so that nothing of it is
-/// kept in the relay's state while that read waits.
-pub(crate) fn take_queued(fd: std::os::fd::RawFd, buf: &mut Vec<u8>) -> Option<io::Result<usize>> {
-    match sys::recv_now(fd, buf) {
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock => None,
-        res => Some(res),
     }
 }
 
@@ -198,25 +188,29 @@ impl<T, F: std::future::Future<Output = T>> std::future::Future for NowOrWait<T,
 /// What a read gives back: how many bytes (or why none), and the buffer.
 pub(crate) type ReadOut = (io::Result<usize>, Vec<u8>);
 
-/// Reads into `buf`: what is queued already, at once (see [`take_queued`]), else by an
-/// io_uring read that waits.
+/// Reads into `buf`: what is queued already, at once, by a plain non-blocking `recv(2)`, else
+/// (nothing queued) by an io_uring read that waits.
 pub(crate) fn read_queued_or_wait(
     src: &mut OwnedReadHalf<TcpStream>,
     mut buf: Vec<u8>,
 ) -> NowOrWait<ReadOut, impl std::future::Future<Output = ReadOut> + '_> {
-    match take_queued(sys::half_fd(&src.0), &mut buf) {
-        Some(res) => NowOrWait::Done { out: Some((res, buf)) },
-        None => NowOrWait::Wait { op: src.read(buf) },
+    match sys::recv_now(sys::half_fd(&src.0), &mut buf) {
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => NowOrWait::Wait { op: src.read(buf) },
+        res => NowOrWait::Done { out: Some((res, buf)) },
     }
 }
 
-/// Writes `data`: as much as the socket takes at once, by a plain non-blocking `send(2)`, else
-/// (nothing taken) by an io_uring write that waits.
+/// Writes `data`: with `try_now`, as much as the socket takes at once, by a plain non-blocking
+/// `send(2)`; otherwise, or when it took nothing, by an io_uring write that waits. Callers try
+/// only a message's first write: after a partial one the socket's buffer is full, and a second
+/// direct attempt would be a wasted syscall.
 pub(crate) fn write_now_or_wait<B: monoio::buf::IoBuf>(
     dst: &mut OwnedWriteHalf<TcpStream>,
     data: B,
+    try_now: bool,
 ) -> NowOrWait<(io::Result<usize>, B), impl std::future::Future<Output = (io::Result<usize>, B)> + '_> {
-    match sys::send_now_buf(sys::half_fd(&dst.0), &data) {
+    let now = if try_now { sys::send_now(sys::half_fd(&dst.0), &data) } else { Err(io::ErrorKind::WouldBlock.into()) };
+    match now {
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => NowOrWait::Wait { op: dst.write(data) },
         res => NowOrWait::Done { out: Some((res, data)) },
     }
