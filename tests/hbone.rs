@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 use common::*;
 use http::{Method, StatusCode};
-use rustls::ClientConnection;
+use rustls::client::UnbufferedClientConnection;
 use rustls::pki_types::ServerName;
 use ztunnel::config::Config;
 use ztunnel::model::Identity;
@@ -113,7 +113,8 @@ fn inbound_hbone_and_a_client_of_another_mesh_do_not_connect() {
     let hbone = SocketAddr::new("127.0.0.3".parse().unwrap(), proxy.addrs.inbound.port());
     let refused = block_on(async move {
         let tcp = monoio::net::TcpStream::connect_addr(hbone).await.unwrap();
-        let conn = ClientConnection::new(stranger.client_config(), ServerName::IpAddress(hbone.ip().into())).unwrap();
+        let conn = UnbufferedClientConnection::new(stranger.client_config(), ServerName::IpAddress(hbone.ip().into()))
+            .unwrap();
         // Our own check fails first: the proxy's certificate is from a root we do not trust.
         TlsStream::handshake(tcp, conn).await.is_err()
     });
@@ -250,11 +251,11 @@ fn fake_waypoint(
             let listener = monoio::net::TcpListener::from_std(listener).unwrap();
             loop {
                 let Ok((tcp, _)) = listener.accept().await else { return };
-                let conn = rustls::ServerConnection::new(cert.server_config()).unwrap();
+                let conn = rustls::server::UnbufferedServerConnection::new(cert.server_config()).unwrap();
                 let tx = tx.clone();
                 monoio::spawn(async move {
                     let Ok(tls) = TlsStream::handshake(tcp, conn).await else { return };
-                    let client = ztunnel::tls::peer_identity(tls.conn().peer_certificates());
+                    let client = ztunnel::tls::peer_identity(tls.peer_certificates());
                     let Ok(mut h2) = h2::server::handshake(tls).await else { return };
                     while let Some(Ok((req, mut respond))) = h2.accept().await {
                         let authority = req.uri().authority().map(|a| a.to_string()).unwrap_or_default();

@@ -267,7 +267,7 @@ fn stubborn_peer(
                 count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 let config = cert.server_config();
                 monoio::spawn(async move {
-                    let conn = rustls::ServerConnection::new(config).unwrap();
+                    let conn = rustls::server::UnbufferedServerConnection::new(config).unwrap();
                     let Ok(tls) = TlsStream::handshake(tcp, conn).await else { return };
                     let mut builder = h2::server::Builder::new();
                     if zero_streams {

@@ -48,7 +48,7 @@ fuzz_target!(|data: &[u8]| {
         let (listener, cert) = (&*listener, cert.clone());
         rt.block_on(async move {
             let (tcp, _) = listener.accept().await.expect("accept");
-            let conn = rustls::ServerConnection::new(cert.server_config()).expect("server config");
+            let conn = rustls::server::UnbufferedServerConnection::new(cert.server_config()).expect("server config");
             let run = async {
                 if let Ok(mut tls) = TlsStream::handshake(tcp, conn).await {
                     let mut sink = Vec::new();

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{Method, Request, StatusCode};
-use rustls::ClientConnection;
+use rustls::client::UnbufferedClientConnection;
 use rustls::pki_types::ServerName;
 
 use super::headers;
@@ -187,13 +187,13 @@ async fn dial_connection(
     let spoof_source = (pod.is_none() && ctx.spoof_source && client_ip != hbone_addr.ip()).then_some(client_ip);
     let opts = ctx.dial_opts(pod, spoof_source);
     let tcp = dial(hbone_addr, opts).await?;
-    let conn = ClientConnection::new(cert.client_config(), ServerName::IpAddress(hbone_addr.ip().into()))
+    let conn = UnbufferedClientConnection::new(cert.client_config(), ServerName::IpAddress(hbone_addr.ip().into()))
         .map_err(|e| hbone_err("TLS client setup", e))?;
     let tls = monoio::time::timeout(ctx.cfg.connect_timeout, TlsStream::handshake(tcp, conn))
         .await
         .map_err(|_| ProxyError::HboneTls(format!("TLS handshake: timed out with {hbone_addr}")))?
         .map_err(|e| ProxyError::HboneTls(format!("TLS handshake with {hbone_addr}: {e}")))?;
-    crate::tls::check_server_identity(tls.conn().peer_certificates(), expected)
+    crate::tls::check_server_identity(tls.peer_certificates(), expected)
         .map_err(|e| ProxyError::HboneIdentity(format!("server {hbone_addr}: {e}")))?;
     let (send_request, connection) = h2::client::Builder::new()
         .initial_window_size(ctx.cfg.http2.stream_window)

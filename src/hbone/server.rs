@@ -12,7 +12,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{Response, StatusCode};
 use monoio::net::TcpStream;
-use rustls::ServerConnection;
+use rustls::server::UnbufferedServerConnection;
 
 use super::target::{self, Refusal};
 use crate::model::{Identity, Workload};
@@ -40,7 +40,7 @@ impl Drop for HandshakeSlot<'_> {
     }
 }
 
-type H2Server = h2::server::Connection<TlsStream<ServerConnection>, Bytes>;
+type H2Server = h2::server::Connection<TlsStream, Bytes>;
 
 /// What every stream of one HBONE connection shares.
 struct Accepted {
@@ -135,7 +135,7 @@ async fn accept(
             return None;
         }
     };
-    let conn = match ServerConnection::new(cert.server_config()) {
+    let conn = match UnbufferedServerConnection::new(cert.server_config()) {
         Ok(c) => c,
         Err(e) => {
             tracing::error!(error = %e, "HBONE: TLS server setup failed");
@@ -153,7 +153,7 @@ async fn accept(
             return None;
         }
     };
-    let peer_id = crate::tls::peer_identity(tls.conn().peer_certificates());
+    let peer_id = crate::tls::peer_identity(tls.peer_certificates());
     let handshake = h2::server::Builder::new()
         .initial_window_size(ctx.cfg.http2.stream_window)
         .initial_connection_window_size(ctx.cfg.http2.connection_window)

@@ -10,6 +10,7 @@
 //! must be in our trust domain, and is then the source identity ([`peer_identity`]).
 
 pub mod ca;
+mod record;
 pub mod stream;
 mod verify;
 
@@ -128,6 +129,8 @@ impl WorkloadCert {
         // No resumption (as Istio): a resumed session would skip our SPIFFE verifiers.
         server.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
         server.send_tls13_tickets = 0;
+        // Our stream protects records itself once the handshake is done (`stream`).
+        server.enable_secret_extraction = true;
 
         let server_verifier = verify::SpiffeServerVerifier::new(store, provider.clone());
         let mut client = ClientConfig::builder_with_provider(provider)
@@ -139,6 +142,7 @@ impl WorkloadCert {
         // HBONE peers are addressed by IP; there is no name to send.
         client.enable_sni = false;
         client.resumption = rustls::client::Resumption::disabled();
+        client.enable_secret_extraction = true;
 
         Ok(WorkloadCert { identity, chain, roots, info, server: Arc::new(server), client: Arc::new(client) })
     }

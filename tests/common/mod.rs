@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{Method, StatusCode};
-use rustls::ClientConnection;
+use rustls::client::UnbufferedClientConnection;
 use rustls::pki_types::ServerName;
 use ztunnel::app::{Proxy, RunOptions};
 use ztunnel::config::Config;
@@ -359,9 +359,10 @@ pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
 }
 
 /// A mutual TLS connection to `hbone` presenting `client` (no HTTP/2 yet).
-pub async fn tls_to(hbone: SocketAddr, client: &ztunnel::tls::WorkloadCert) -> TlsStream<ClientConnection> {
+pub async fn tls_to(hbone: SocketAddr, client: &ztunnel::tls::WorkloadCert) -> TlsStream {
     let tcp = monoio::net::TcpStream::connect_addr(hbone).await.unwrap();
-    let conn = ClientConnection::new(client.client_config(), ServerName::IpAddress(hbone.ip().into())).unwrap();
+    let conn =
+        UnbufferedClientConnection::new(client.client_config(), ServerName::IpAddress(hbone.ip().into())).unwrap();
     TlsStream::handshake(tcp, conn).await.unwrap()
 }
 
@@ -382,7 +383,7 @@ pub async fn hbone_connect(
     server_id: &Identity,
 ) -> (h2::client::SendRequest<Bytes>, monoio::task::JoinHandle<Result<(), h2::Error>>) {
     let tls = tls_to(hbone, client).await;
-    ztunnel::tls::check_server_identity(tls.conn().peer_certificates(), std::slice::from_ref(server_id))
+    ztunnel::tls::check_server_identity(tls.peer_certificates(), std::slice::from_ref(server_id))
         .expect("the proxy presents the destination workload's identity");
     let (send, connection) = h2::client::handshake(tls).await.unwrap();
     (send, monoio::spawn(connection))
