@@ -25,6 +25,7 @@ fn quick_local_run_produces_a_complete_report() {
         tests: Vec::new(),
         paths: Vec::new(),
         profile: false,
+        node_b: None,
     };
     let report = perf::run(&opts).expect("the harness runs");
     assert!(report.failures.is_empty(), "no test failed: {:?}", report.failures);
@@ -99,6 +100,7 @@ fn subsets_run_only_what_was_asked_and_unknown_names_are_refused() {
         tests: tests.iter().map(|s| s.to_string()).collect(),
         paths: paths.iter().map(|s| s.to_string()).collect(),
         profile: false,
+        node_b: None,
     };
     let err = perf::run(&opts(&["rr_2b"], &[])).expect_err("an unknown test is refused").to_string();
     assert!(err.contains("rr_2b") && err.contains("rr_1b"), "{err}");

@@ -12,7 +12,7 @@ const USAGE: &str = "\
 perf: throughput, latency and connection-rate benchmarks for ztunnel-compatible proxies
 
   perf run <local|netns> [--quick] [--reps N] [--policies N] [--proxy BINARY] [--compare OTHER_BINARY] [--out DIR]
-           [--tests T,T] [--paths P,P] [--profile]
+           [--tests T,T] [--paths P,P] [--profile] [--node-b BINARY]
       local: one proxy, clients enter by SOCKS5 (no root). netns: two namespaces, one proxy
       each, iptables REDIRECT capture (root). --proxy defaults to this repository's release
       build (built first). Writes report.json, report.md and latency.svg into DIR
@@ -21,7 +21,9 @@ perf: throughput, latency and connection-rate benchmarks for ztunnel-compatible 
       --tests and --paths pick a subset (tests: bulk_1 bulk_8 rr_1b rr_1k rr_open_1b
       connrate idle; paths: direct tcp hbone). --profile attaches Linux perf to each proxy
       during each test: CPU by category, hottest symbols, syscalls and context switches per
-      unit of work, in profile.md and profile/ (raw perf.data files).
+      unit of work, in profile.md and profile/ (raw perf.data files). netns --node-b runs
+      this other proxy on the receiving node (interop on the wire: e.g. ours sending HBONE
+      to Istio's ztunnel); both need one CA root (see perf/README.md).
 
   perf run dns [--quick] [--reps N] [--clients N] [--secs S] [--proxy BINARY] [--compare OTHER_BINARY] [--out DIR]
       the DNS proxy (root): queries/s, latency and queries per proxy CPU second for a mesh name
@@ -126,6 +128,7 @@ fn cmd_run(mut args: Args) -> anyhow::Result<()> {
     let tests = list(args.value("--tests")?);
     let paths = list(args.value("--paths")?);
     let profile = args.flag("--profile");
+    let node_b = args.value("--node-b")?.map(PathBuf::from);
     if args.0.first().is_some_and(|s| s == "dns") {
         args.0.remove(0);
         return cmd_dns(args, quick, reps, proxy, compare, out);
@@ -153,6 +156,7 @@ fn cmd_run(mut args: Args) -> anyhow::Result<()> {
         tests,
         paths,
         profile,
+        node_b,
     };
     let report = perf::run(&opts)?;
     println!("{}", std::fs::read_to_string(out.join("report.md"))?);

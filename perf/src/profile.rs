@@ -263,7 +263,7 @@ mod tests {
         assert_eq!(category("ring_core_0_17_14__aes_gcm_dec_update_vaes_avx2", false), "crypto");
         assert_eq!(category("_int_malloc", false), "alloc");
         assert_eq!(
-            category("<ztunnel_tpc::tls::stream::TlsStream<C> as tokio::io::AsyncRead>::poll_read", false),
+            category("<ztunnel_tpc::tls::stream::TlsStream as tokio::io::AsyncRead>::poll_read", false),
             "proxy"
         );
         assert_eq!(category("h2::proto::streams::recv::Recv::recv_data", false), "h2");

@@ -45,6 +45,9 @@ pub struct RunOpts {
     pub paths: Vec<String>,
     /// Attach Linux `perf` to each proxy during each test (see `profile`).
     pub profile: bool,
+    /// Netns only: this binary runs on the receiving node instead of the proxy under test
+    /// (interop: the label becomes `<sender>+<receiver>`).
+    pub node_b: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -187,14 +190,21 @@ pub fn run(opts: &RunOpts) -> anyhow::Result<Report> {
         }
     }
 
+    let node_b_label = opts.node_b.as_deref().map(|b| label_of(b, "node-b"));
     let proxies: Vec<ProxyInfo> = labels(&opts.proxy, opts.compare.as_deref())
         .into_iter()
-        .map(|(label, binary)| ProxyInfo { label, binary: binary.display().to_string() })
+        .map(|(label, binary)| match &node_b_label {
+            Some(b) => ProxyInfo { label: format!("{label}+{b}"), binary: binary.display().to_string() },
+            None => ProxyInfo { label, binary: binary.display().to_string() },
+        })
         .collect();
-    for p in &proxies {
-        if !Path::new(&p.binary).is_file() {
-            bail!("proxy binary {} does not exist", p.binary);
+    for p in proxies.iter().map(|p| PathBuf::from(&p.binary)).chain(opts.node_b.clone()) {
+        if !p.is_file() {
+            bail!("proxy binary {} does not exist", p.display());
         }
+    }
+    if opts.node_b.is_some() && opts.scenario != Scenario::Netns {
+        bail!("--node-b needs the netns scenario (two nodes)");
     }
 
     let topology = match opts.scenario {
@@ -252,7 +262,7 @@ pub fn run(opts: &RunOpts) -> anyhow::Result<Report> {
         }
         for p in &proxies {
             let binary = PathBuf::from(&p.binary);
-            let procs = setup.start_proxies(&p.label, &binary, &opts.out, rep)?;
+            let procs = setup.start_proxies(&p.label, &binary, opts.node_b.as_deref(), &opts.out, rep)?;
             let refs: Vec<&ProxyProc> = procs.iter().collect();
             for path in setup.paths.iter().filter(|p| p.proxied) {
                 let key = (path.name.to_string(), p.label.clone());
@@ -495,10 +505,18 @@ impl Setup {
         }
     }
 
-    fn start_proxies(&self, label: &str, binary: &Path, out: &Path, rep: usize) -> anyhow::Result<Vec<ProxyProc>> {
+    fn start_proxies(
+        &self,
+        label: &str,
+        binary: &Path,
+        node_b: Option<&Path>,
+        out: &Path,
+        rep: usize,
+    ) -> anyhow::Result<Vec<ProxyProc>> {
         let mut procs = Vec::new();
         for inst in &self.instances {
             let log = out.join(format!("proxy-{label}-{}-rep{}.log", inst.tag, rep + 1));
+            let binary = node_b.filter(|_| inst.tag == "node-b").unwrap_or(binary);
             let mut p = ProxyProc::start(label, binary, &inst.env, inst.ns.as_deref(), &log)?;
             p.wait_ready(inst.readiness, Duration::from_secs(30))
                 .with_context(|| format!("starting {label} ({}); log: {}", inst.tag, log.display()))?;
