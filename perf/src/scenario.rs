@@ -328,7 +328,8 @@ struct Setup {
     _servers: server::Servers,
 }
 
-/// The workloads of a scenario. The client is a mesh (HBONE) workload so it has a certificate
+/// The workloads of a scenario (with their trust domain spelled out: Istio's ztunnel with its
+/// fake CA otherwise issues identities without one, which a peer of another make refuses). The client is a mesh (HBONE) workload so it has a certificate
 /// for HBONE; `hbone_ip` is a separate HBONE server workload, or none when the HBONE target is
 /// the client workload itself (one dedicated proxy serving both ends, as in Istio's localhost
 /// example).
@@ -343,6 +344,7 @@ workloads:
   workloadIps: ["{client_ip}"]
   protocol: HBONE
   node: {client_node}
+  trustDomain: cluster.local
   services: {{}}
 - uid: perf//server-tcp
   name: server-tcp
@@ -351,6 +353,7 @@ workloads:
   workloadIps: ["{tcp_ip}"]
   protocol: TCP
   node: {server_node}
+  trustDomain: cluster.local
   services: {{}}
 "#
     );
@@ -363,6 +366,7 @@ workloads:
   workloadIps: ["{hbone_ip}"]
   protocol: HBONE
   node: {server_node}
+  trustDomain: cluster.local
   services: {{}}
 "#
         ));
