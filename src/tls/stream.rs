@@ -17,6 +17,9 @@
 //!   read appends to them.
 //! - Writes are coalesced: everything sealed since the last write goes out in one write, while
 //!   new plaintext fills the other buffer.
+//! - What the socket has (or takes) right away moves by plain non-blocking `recv(2)`/`send(2)`;
+//!   io_uring does the waiting (as the relays do: an io_uring operation costs a submission, a
+//!   completion and a wake-up even when it could finish at once).
 //! - Nothing a peer sends can panic: every violation becomes an `io::Error`, and the alert it
 //!   owes the peer is sent on a best-effort basis.
 //! - Key updates: a peer's is followed (and answered when it asks), and ours is sent before the
@@ -29,7 +32,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
 use monoio::BufResult;
-use monoio::buf::SliceMut;
+use monoio::buf::{IoBuf, Slice, SliceMut};
 use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, OwnedReadHalf, OwnedWriteHalf, Splitable};
 use monoio::net::TcpStream;
 use rustls::client::{ClientConnectionData, UnbufferedClientConnection};
@@ -56,7 +59,7 @@ const NEW_SESSION_TICKET: u8 = 4;
 const KEY_UPDATE: u8 = 24;
 
 type ReadOp = Pin<Box<dyn Future<Output = (OwnedReadHalf<TcpStream>, BufResult<usize, SliceMut<Vec<u8>>>)>>>;
-type WriteOp = Pin<Box<dyn Future<Output = (OwnedWriteHalf<TcpStream>, BufResult<usize, Vec<u8>>)>>>;
+type WriteOp = Pin<Box<dyn Future<Output = (OwnedWriteHalf<TcpStream>, BufResult<usize, Slice<Vec<u8>>>)>>>;
 
 fn tls_error(e: rustls::Error) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, e)
@@ -404,16 +407,10 @@ impl TlsStream {
             self.peer = PeerSide::Failed;
             if !self.sealed_off && self.push_record(ALERT, &[2, v.alert]).is_ok() {
                 self.sealed_off = true;
-                if let Writer::Idle { half, .. } = &self.writer {
-                    // Sent at once where the socket takes it: the stream is usually dropped right
-                    // after this error, and a write still in flight would be cancelled with it.
-                    if let Ok(n) = crate::sys::send_now(crate::sys::half_fd(&half.0), &self.out) {
-                        self.out.drain(..n);
-                    }
-                    if !self.out.is_empty() {
-                        let _ = self.start_write();
-                        let _ = self.poll_writer_idle(cx);
-                    }
+                // Usually sent at once (see `start_write`), which matters: the stream is mostly
+                // dropped right after this error, and a write still in flight with it.
+                if matches!(self.writer, Writer::Idle { .. }) && self.start_write().is_ok() {
+                    let _ = self.poll_writer_idle(cx);
                 }
             }
         }
@@ -432,6 +429,21 @@ impl TlsStream {
                         // Make room for a whole record after the part already here.
                         self.rbuf.drain(..self.start);
                         self.start = 0;
+                    }
+                    // What is queued already comes at once, by a plain non-blocking recv(2);
+                    // io_uring only waits when nothing is.
+                    let Reader::Idle(half) = &self.reader else { unreachable!("matched Idle above") };
+                    match crate::sys::recv_now(crate::sys::half_fd(&half.0), &mut self.rbuf) {
+                        Ok(0) => {
+                            self.reader = Reader::Eof;
+                            return Poll::Ready(Ok(false));
+                        }
+                        Ok(_) => return Poll::Ready(Ok(true)),
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                        Err(e) => {
+                            self.reader = Reader::Failed;
+                            return Poll::Ready(Err(e));
+                        }
                     }
                     let Reader::Idle(mut half) = std::mem::replace(&mut self.reader, Reader::Failed) else {
                         unreachable!("matched Idle above")
@@ -526,7 +538,7 @@ impl TlsStream {
                 let (half, (res, buf)) = ready!(op.as_mut().poll(cx));
                 match res {
                     Ok(_) => {
-                        self.writer = Writer::Idle { half, buf };
+                        self.writer = Writer::Idle { half, buf: buf.into_inner() };
                         Poll::Ready(Ok(()))
                     }
                     Err(e) => {
@@ -542,22 +554,36 @@ impl TlsStream {
         }
     }
 
-    /// Hands everything queued to a new write (the writer must be idle); `out` becomes the
-    /// other buffer.
+    /// Writes everything queued (the writer must be idle): as much as the socket takes at once
+    /// by a plain non-blocking send(2), the rest by an io_uring write, for which `out` becomes
+    /// the other buffer.
     fn start_write(&mut self) -> io::Result<()> {
         self.seal_open()?;
         if self.out.is_empty() {
             return Ok(());
         }
+        self.unsent = 0;
+        self.urgent = false;
+        let Writer::Idle { half, .. } = &self.writer else { unreachable!("start_write with a write in flight") };
+        let sent = match crate::sys::send_now(crate::sys::half_fd(&half.0), &self.out) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+            Err(e) => {
+                self.writer = Writer::Failed;
+                return Err(e);
+            }
+        };
+        if sent == self.out.len() {
+            self.out.clear();
+            return Ok(());
+        }
         let Writer::Idle { mut half, mut buf } = std::mem::replace(&mut self.writer, Writer::Failed) else {
-            unreachable!("start_write with a write in flight")
+            unreachable!("matched Idle above")
         };
         buf.clear();
         std::mem::swap(&mut buf, &mut self.out);
-        self.unsent = 0;
-        self.urgent = false;
         self.writer = Writer::Writing(Box::pin(async move {
-            let res = half.write_all(buf).await;
+            let res = half.write_all(buf.slice(sent..)).await;
             (half, res)
         }));
         Ok(())
