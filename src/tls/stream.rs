@@ -706,10 +706,16 @@ impl tokio::io::AsyncWrite for TlsStream {
                 return Poll::Ready(Err(e));
             }
         }
+        // At most up to the limit: what is queued stays bounded whatever h2 hands over.
+        let room = SEND_BUFFER.saturating_sub(this.out.len());
         let mut n = 0;
         for b in bufs {
-            this.push_plain(b)?;
-            n += b.len();
+            let take = b.len().min(room - n);
+            this.push_plain(&b[..take])?;
+            n += take;
+            if n == room {
+                break;
+            }
         }
         this.unsent += n;
         // Writes start at h2's flush; a large backlog starts one early so the socket stays busy
