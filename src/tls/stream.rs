@@ -861,12 +861,31 @@ mod tests {
         (addr, handle)
     }
 
+    /// A server and a client certificate from one fresh CA.
+    fn server_and_client() -> (Arc<WorkloadCert>, WorkloadCert) {
+        let ca = LocalCa::generate("cluster.local", Duration::from_secs(3600)).unwrap();
+        let server = Arc::new(ca.issue(&id("server"), SystemTime::now()).unwrap());
+        (server, ca.issue(&id("client"), SystemTime::now()).unwrap())
+    }
+
+    /// A blocking socket to `addr` whose reads give up after 30 s.
+    fn blocking_to(addr: SocketAddr) -> std::net::TcpStream {
+        let sock = std::net::TcpStream::connect(addr).unwrap();
+        sock.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        sock
+    }
+
+    /// rustls' own (buffered) client connection, as a peer.
+    fn rustls_client(cert: &WorkloadCert) -> rustls::ClientConnection {
+        rustls::ClientConnection::new(cert.client_config(), loopback_name()).unwrap()
+    }
+
+    fn loopback_name() -> ServerName<'static> {
+        ServerName::IpAddress("127.0.0.1".parse::<std::net::IpAddr>().unwrap().into())
+    }
+
     fn client_conn(cert: &WorkloadCert) -> UnbufferedClientConnection {
-        UnbufferedClientConnection::new(
-            cert.client_config(),
-            ServerName::IpAddress("127.0.0.1".parse::<std::net::IpAddr>().unwrap().into()),
-        )
-        .unwrap()
+        UnbufferedClientConnection::new(cert.client_config(), loopback_name()).unwrap()
     }
 
     #[test]
@@ -880,9 +899,7 @@ mod tests {
     }
 
     fn echo_with_chunking(epoll: bool) {
-        let ca = LocalCa::generate("cluster.local", Duration::from_secs(3600)).unwrap();
-        let server_cert = Arc::new(ca.issue(&id("server"), SystemTime::now()).unwrap());
-        let client_cert = ca.issue(&id("client"), SystemTime::now()).unwrap();
+        let (server_cert, client_cert) = server_and_client();
         let (server, server_done) = echo_server_on(server_cert.clone(), epoll);
         let via = chopper(server);
         let client = async move {
@@ -949,9 +966,7 @@ mod tests {
 
     #[test]
     fn records_interoperate_with_rustls_across_key_updates_both_ways() {
-        let ca = LocalCa::generate("cluster.local", Duration::from_secs(3600)).unwrap();
-        let server_cert = Arc::new(ca.issue(&id("server"), SystemTime::now()).unwrap());
-        let client_cert = ca.issue(&id("client"), SystemTime::now()).unwrap();
+        let (server_cert, client_cert) = server_and_client();
         let (server, server_done) = rustls_echo_server(server_cert, 3);
         let (sent, rx_seq, tx_seq) = block_on(async move {
             let s = TcpStream::connect_addr(server).await.unwrap();
@@ -986,17 +1001,10 @@ mod tests {
     #[test]
     fn application_data_sent_with_the_clients_finished_is_not_lost() {
         use std::io::{Read, Write};
-        let ca = LocalCa::generate("cluster.local", Duration::from_secs(3600)).unwrap();
-        let server_cert = Arc::new(ca.issue(&id("server"), SystemTime::now()).unwrap());
-        let client_cert = ca.issue(&id("client"), SystemTime::now()).unwrap();
+        let (server_cert, client_cert) = server_and_client();
         let (server, server_done) = echo_server(server_cert);
-        let mut sock = std::net::TcpStream::connect(server).unwrap();
-        sock.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-        let mut conn = rustls::ClientConnection::new(
-            client_cert.client_config(),
-            ServerName::IpAddress("127.0.0.1".parse::<std::net::IpAddr>().unwrap().into()),
-        )
-        .unwrap();
+        let mut sock = blocking_to(server);
+        let mut conn = rustls_client(&client_cert);
         // Queued before the handshake: rustls sends it in the same write as its Finished.
         conn.writer().write_all(b"sent with the handshake").unwrap();
         let mut tls = rustls::Stream::new(&mut conn, &mut sock);
@@ -1017,12 +1025,9 @@ mod tests {
         use std::io::{Read, Write};
 
         use rustls::unbuffered::ConnectionState as S;
-        let ca = LocalCa::generate("cluster.local", Duration::from_secs(3600)).unwrap();
-        let server_cert = Arc::new(ca.issue(&id("server"), SystemTime::now()).unwrap());
-        let client_cert = ca.issue(&id("client"), SystemTime::now()).unwrap();
+        let (server_cert, client_cert) = server_and_client();
         let (server, server_done) = echo_server(server_cert);
-        let mut sock = std::net::TcpStream::connect(server).unwrap();
-        sock.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut sock = blocking_to(server);
         let mut conn = client_conn(&client_cert);
         let (mut inbuf, mut used, mut out) = (vec![0u8; 64 * 1024], 0, vec![0u8; 64 * 1024]);
         let (mut queued, mut echoed, mut sent_data) = (0, Vec::new(), false);
@@ -1066,17 +1071,10 @@ mod tests {
     #[test]
     fn a_tampered_record_fails_the_stream_and_the_peer_hears_why() {
         use std::io::{Read, Write};
-        let ca = LocalCa::generate("cluster.local", Duration::from_secs(3600)).unwrap();
-        let server_cert = Arc::new(ca.issue(&id("server"), SystemTime::now()).unwrap());
-        let client_cert = ca.issue(&id("client"), SystemTime::now()).unwrap();
+        let (server_cert, client_cert) = server_and_client();
         let (server, server_done) = echo_server(server_cert);
-        let mut sock = std::net::TcpStream::connect(server).unwrap();
-        sock.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-        let mut conn = rustls::ClientConnection::new(
-            client_cert.client_config(),
-            ServerName::IpAddress("127.0.0.1".parse::<std::net::IpAddr>().unwrap().into()),
-        )
-        .unwrap();
+        let mut sock = blocking_to(server);
+        let mut conn = rustls_client(&client_cert);
         while conn.is_handshaking() {
             conn.complete_io(&mut sock).unwrap();
         }
@@ -1121,9 +1119,7 @@ mod tests {
 
     #[test]
     fn abrupt_close_mid_stream_is_reported() {
-        let ca = LocalCa::generate("cluster.local", Duration::from_secs(3600)).unwrap();
-        let server_cert = Arc::new(ca.issue(&id("server"), SystemTime::now()).unwrap());
-        let client_cert = ca.issue(&id("client"), SystemTime::now()).unwrap();
+        let (server_cert, client_cert) = server_and_client();
         let (server, server_done) = echo_server(server_cert);
         block_on(async move {
             let s = TcpStream::connect_addr(server).await.unwrap();
