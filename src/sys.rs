@@ -254,6 +254,15 @@ pub fn release_free_memory() {
     }
 }
 
+/// The process's resident memory in bytes (`/proc/self/statm`), or `None` if unreadable.
+pub fn resident_bytes() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    Some(pages * u64::try_from(page).ok()?)
+}
+
 // Readiness on monoio's split halves.
 //
 // The relays wait for readiness before taking a buffer (an idle connection then pins no

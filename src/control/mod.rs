@@ -288,6 +288,55 @@ pub fn spawn(
     Ok((handle, ready_rx))
 }
 
+/// How often the resident size is looked at, and how much it must have grown since the last
+/// look (or trim) for freed heap to be handed back.
+const TRIM_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+const TRIM_GROWTH: u64 = 8 << 20;
+
+/// Hands freed heap back after bursts. Bulk transfers fill the HTTP/2 windows with data in
+/// flight; once it is delivered glibc keeps the freed memory, and the RSS would stay at the
+/// burst's high-water mark. `malloc_trim` locks each arena in turn while it walks it, so it
+/// runs at most every `TRIM_EVERY`, and only after the RSS grew by `TRIM_GROWTH`.
+async fn release_after_bursts() {
+    let mut tick = tokio::time::interval(TRIM_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut policy = TrimPolicy::default();
+    loop {
+        tick.tick().await;
+        let Some(rss) = crate::sys::resident_bytes() else { return };
+        if policy.should_trim(rss) {
+            crate::sys::release_free_memory();
+            if let Some(after) = crate::sys::resident_bytes() {
+                tracing::debug!(before = rss, after, "handed freed heap back");
+                policy.trimmed(after);
+            }
+        }
+    }
+}
+
+/// When to trim: the RSS grew by more than `TRIM_GROWTH` over the lowest seen since the last
+/// trim.
+#[derive(Default)]
+struct TrimPolicy {
+    floor: Option<u64>,
+}
+
+impl TrimPolicy {
+    fn should_trim(&mut self, rss: u64) -> bool {
+        let floor = *self.floor.get_or_insert(rss);
+        if rss < floor {
+            self.floor = Some(rss);
+        }
+        rss > floor + TRIM_GROWTH
+    }
+
+    /// After a trim, growth counts from what is resident now: memory in use is not trimmed
+    /// again and again.
+    fn trimmed(&mut self, rss: u64) {
+        self.floor = Some(rss);
+    }
+}
+
 async fn run(mut spec: ControlSpec, ca: CaChoice, ready: std::sync::mpsc::Sender<io::Result<ProxyAddrs>>) {
     let ports = match spec.ports.take().map(ControlPorts::adopt) {
         Some(Ok(p)) => p,
@@ -331,6 +380,7 @@ async fn run(mut spec: ControlSpec, ca: CaChoice, ready: std::sync::mpsc::Sender
     if let Some(p) = &state.pods {
         tokio::task::spawn_local(pods::run(state.clone(), p.clone()));
     }
+    tokio::task::spawn_local(release_after_bursts());
     let _ = ready.send(Ok(addrs));
 
     wait_for_shutdown(&mut spec.shutdown_rx, spec.handle_signals).await;
@@ -711,4 +761,29 @@ fn config_dump(state: &ControlState, workload_state: Option<serde_json::Value>) 
         }),
     });
     serde_json::to_string_pretty(&doc).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn trims_after_growth_then_counts_from_what_remains() {
+        const M: u64 = 1 << 20;
+        let mut p = TrimPolicy::default();
+        assert!(!p.should_trim(40 * M), "the first look sets the floor");
+        assert!(!p.should_trim(48 * M), "8 MiB of growth is not enough");
+        assert!(!p.should_trim(30 * M), "a lower RSS lowers the floor");
+        assert!(p.should_trim(39 * M), "9 MiB over the floor");
+        // Most of it was in use: the next trim waits for growth over what remained.
+        p.trimmed(37 * M);
+        assert!(!p.should_trim(45 * M));
+        assert!(p.should_trim(46 * M));
+    }
+
+    #[test]
+    fn resident_size_is_readable() {
+        let rss = crate::sys::resident_bytes().expect("/proc/self/statm");
+        assert!(rss > 1 << 20, "{rss}");
+    }
 }
