@@ -155,10 +155,15 @@ fn record_header(body: usize) -> [u8; HEADER] {
     [APPLICATION_DATA, 0x03, 0x03, len[0], len[1]]
 }
 
-/// The body length of the whole record at the start of `buf`, once all of it is there.
-pub fn whole_record(buf: &[u8]) -> Option<usize> {
-    let len = u16::from_be_bytes([*buf.get(3)?, *buf.get(4)?]) as usize;
-    (buf.len() >= HEADER + len).then_some(HEADER + len)
+/// The length of the whole record at the start of `buf` once all of it is there. A header that
+/// announces more than a record may hold is refused as soon as it is seen, not waited out.
+pub fn whole_record(buf: &[u8]) -> Result<Option<usize>, Violation> {
+    let (Some(&a), Some(&b)) = (buf.get(3), buf.get(4)) else { return Ok(None) };
+    let len = u16::from_be_bytes([a, b]) as usize;
+    if len > MAX_CIPHERTEXT {
+        return Err(Violation::new(alert::RECORD_OVERFLOW, "record longer than 2^14 + 256 bytes"));
+    }
+    Ok((buf.len() >= HEADER + len).then_some(HEADER + len))
 }
 
 #[cfg(test)]
@@ -186,8 +191,11 @@ mod tests {
         let first = sealed(&mut tx, b"first", APPLICATION_DATA);
         let second = sealed(&mut tx, b"second", ALERT);
         assert_eq!(first.len(), HEADER + 5 + 1 + TAG);
-        assert_eq!(whole_record(&first), Some(first.len()));
-        assert_eq!(whole_record(&first[..first.len() - 1]), None);
+        assert_eq!(whole_record(&first), Ok(Some(first.len())));
+        assert_eq!(whole_record(&first[..first.len() - 1]), Ok(None));
+        assert_eq!(whole_record(&first[..4]), Ok(None));
+        // Refused from its header alone: such a record would never fit the read buffer.
+        assert_eq!(whole_record(&[23, 3, 3, 0xff, 0xff]).unwrap_err().alert, alert::RECORD_OVERFLOW);
 
         let mut r = first.clone();
         let (typ, range) = rx.open(&mut r).unwrap();

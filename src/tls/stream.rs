@@ -653,13 +653,19 @@ impl tokio::io::AsyncRead for TlsStream {
             }
             // While a read is in flight it owns `rbuf`.
             let reading = matches!(this.reader, Reader::Reading(_));
-            let whole = if reading { None } else { record::whole_record(&this.rbuf[this.start..]) };
-            if let Some(len) = whole {
-                if let Err(v) = this.open_record(len) {
+            let opened = match if reading { Ok(None) } else { record::whole_record(&this.rbuf[this.start..]) } {
+                Ok(Some(len)) => this.open_record(len).map(|()| true),
+                Ok(None) => Ok(false),
+                Err(v) => Err(v),
+            };
+            match opened {
+                Ok(true) => continue,
+                Ok(false) => {}
+                Err(v) => {
                     let err = this.fail(v, cx);
+                    // Data opened before the violation is handed out first.
                     return Poll::Ready(if copied { Ok(()) } else { Err(err) });
                 }
-                continue;
             }
             if copied {
                 return Poll::Ready(Ok(()));
@@ -1070,6 +1076,23 @@ mod tests {
 
     #[test]
     fn a_tampered_record_fails_the_stream_and_the_peer_hears_why() {
+        let flip_last_byte = |record: &mut Vec<u8>| {
+            let last = record.len() - 1;
+            record[last] ^= 0x40;
+        };
+        spoiled_record_is_refused(flip_last_byte, rustls::AlertDescription::BadRecordMac);
+    }
+
+    #[test]
+    fn an_oversized_record_is_refused_from_its_header() {
+        // 64 KiB announced: refused at once, not waited for (it could never fit the buffer).
+        let oversized = |record: &mut Vec<u8>| *record = vec![23, 3, 3, 0xff, 0xff, 1, 2, 3];
+        spoiled_record_is_refused(oversized, rustls::AlertDescription::RecordOverflow);
+    }
+
+    /// A client completes the handshake, then sends one record as `spoil` leaves it: the
+    /// server's read fails as invalid data and the client receives `alert`.
+    fn spoiled_record_is_refused(spoil: impl FnOnce(&mut Vec<u8>), alert: rustls::AlertDescription) {
         use std::io::{Read, Write};
         let (server_cert, client_cert) = server_and_client();
         let (server, server_done) = echo_server(server_cert);
@@ -1081,12 +1104,10 @@ mod tests {
         conn.writer().write_all(b"hello").unwrap();
         let mut record = Vec::new();
         conn.write_tls(&mut record).unwrap();
-        let last = record.len() - 1;
-        record[last] ^= 0x40;
+        spoil(&mut record);
         sock.write_all(&record).unwrap();
         let err = server_done.join().unwrap().unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{err}");
-        // The server's alert reaches the client.
         let mut seen = None;
         for _ in 0..10 {
             match conn.read_tls(&mut sock) {
@@ -1098,7 +1119,7 @@ mod tests {
                 break;
             }
         }
-        assert_eq!(seen, Some(rustls::Error::AlertReceived(rustls::AlertDescription::BadRecordMac)));
+        assert_eq!(seen, Some(rustls::Error::AlertReceived(alert)));
         let _ = sock.read(&mut [0u8; 1]);
     }
 
