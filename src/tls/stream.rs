@@ -176,6 +176,9 @@ pub struct TlsStream {
     rbuf: Vec<u8>,
     /// The first byte of `rbuf` not yet opened.
     start: usize,
+    /// The last read left room in `rbuf`: it took all the socket had, so the next read waits
+    /// on io_uring at once, without a direct `recv(2)` that would find nothing.
+    drained: bool,
     /// Application data opened in place in `rbuf`, not yet handed to the reader.
     plain: Range<usize>,
     /// Application data rustls decrypted together with the handshake, handed out first.
@@ -295,6 +298,7 @@ impl TlsStream {
             reader: Reader::Idle(rhalf),
             rbuf,
             start: 0,
+            drained: false,
             plain: 0..0,
             early,
             hs: Vec::new(),
@@ -431,18 +435,25 @@ impl TlsStream {
                         self.start = 0;
                     }
                     // What is queued already comes at once, by a plain non-blocking recv(2);
-                    // io_uring only waits when nothing is.
+                    // io_uring only waits when nothing is. Right after a read that drained the
+                    // socket, nothing is likely to be: wait at once (a read submitted when data
+                    // has come meanwhile completes without waiting).
                     let Reader::Idle(half) = &self.reader else { unreachable!("matched Idle above") };
-                    match crate::sys::recv_now(crate::sys::half_fd(&half.0), &mut self.rbuf) {
-                        Ok(0) => {
-                            self.reader = Reader::Eof;
-                            return Poll::Ready(Ok(false));
-                        }
-                        Ok(_) => return Poll::Ready(Ok(true)),
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                        Err(e) => {
-                            self.reader = Reader::Failed;
-                            return Poll::Ready(Err(e));
+                    if !std::mem::take(&mut self.drained) {
+                        match crate::sys::recv_now(crate::sys::half_fd(&half.0), &mut self.rbuf) {
+                            Ok(0) => {
+                                self.reader = Reader::Eof;
+                                return Poll::Ready(Ok(false));
+                            }
+                            Ok(_) => {
+                                self.drained = self.rbuf.len() < self.rbuf.capacity();
+                                return Poll::Ready(Ok(true));
+                            }
+                            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                            Err(e) => {
+                                self.reader = Reader::Failed;
+                                return Poll::Ready(Err(e));
+                            }
                         }
                     }
                     let Reader::Idle(mut half) = std::mem::replace(&mut self.reader, Reader::Failed) else {
@@ -464,6 +475,7 @@ impl TlsStream {
                             Ok(false)
                         }
                         Ok(_) => {
+                            self.drained = self.rbuf.len() < self.rbuf.capacity();
                             self.reader = Reader::Idle(half);
                             Ok(true)
                         }
