@@ -4,6 +4,8 @@ use ztunnel::config::{Cli, Config, parse_args, usage};
 use ztunnel::{app, telemetry};
 
 fn main() -> ExitCode {
+    // Before any other thread exists: see `sys::tune_allocator`.
+    let allocator = ztunnel::sys::tune_allocator();
     let overrides = match parse_args(std::env::args().skip(1)) {
         Ok(Cli::Help) => {
             print!("{}", usage());
@@ -29,6 +31,13 @@ fn main() -> ExitCode {
     if let Err(e) = telemetry::init_logging(cfg.log_format) {
         eprintln!("ztunnel: {e:#}");
         return ExitCode::from(2);
+    }
+    match allocator {
+        ztunnel::sys::AllocatorTuning::Set => {}
+        ztunnel::sys::AllocatorTuning::LeftToOperator => tracing::info!("malloc left as GLIBC_TUNABLES sets it"),
+        ztunnel::sys::AllocatorTuning::Refused => {
+            tracing::warn!("glibc refused the malloc thresholds; its defaults stay")
+        }
     }
     let proxy = match app::start(cfg, app::RunOptions { handle_signals: true }) {
         Ok(p) => p,
