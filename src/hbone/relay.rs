@@ -99,7 +99,7 @@ async fn tcp_to_h2(
         sys::readable(&r).await?;
         // Queued bytes are taken with a plain recv(2), as in `net::relay`.
         let buf = Vec::with_capacity(CHUNK);
-        let (res, buf) = read_queued_or_wait(&mut r, buf).await;
+        let (res, mut buf) = read_queued_or_wait(&mut r, buf).await;
         let n = res?;
         if n == 0 {
             // The pod finished: END_STREAM, the other direction may go on.
@@ -112,8 +112,7 @@ async fn tcp_to_h2(
         let mut data = if n < SMALL_READ {
             Bytes::copy_from_slice(&buf[..n])
         } else {
-            let mut buf = buf;
-            buf.truncate(n);
+            // The read left `buf` holding exactly the `n` bytes read.
             if n < CHUNK / 2 {
                 buf.shrink_to_fit();
             }
