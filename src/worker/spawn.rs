@@ -94,7 +94,7 @@ pub fn spawn(
             forced => forced,
         };
         let res = match driver {
-            IoDriver::Uring => uring_runtime().map(|mut rt| rt.block_on(run(spec, "io_uring", ready_tx.clone()))),
+            IoDriver::Uring => uring_runtime().map(|(mut rt, _)| rt.block_on(run(spec, "io_uring", ready_tx.clone()))),
             _ => monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
                 .enable_timer()
                 .build()
@@ -108,24 +108,54 @@ pub fn spawn(
 }
 
 /// An io_uring runtime for this thread. The ring is only ever used by the thread that made it,
-/// which lets the kernel skip inter-processor interrupts for completions (`COOP_TASKRUN`) and
-/// per-submission locking (`SINGLE_ISSUER`); kernels without those flags get a plain ring.
-fn uring_runtime() -> io::Result<monoio::Runtime<monoio::time::TimeDriver<monoio::IoUringDriver>>> {
-    let build = |tuned: bool| {
+/// which lets the kernel skip per-submission locking (`SINGLE_ISSUER`) and hold completions
+/// until the worker asks for them (`DEFER_TASKRUN`): a socket that becomes ready queues its
+/// completion on the ring instead of interrupting the thread with task work, and the worker
+/// reaps them in one batch when it next waits (monoio waits, with `GETEVENTS`, whenever it has
+/// no task left to run). Older kernels get `COOP_TASKRUN` (no inter-processor interrupt, work
+/// run at the next kernel entry) or, before 5.19, a plain ring.
+fn uring_runtime() -> io::Result<(UringRuntime, UringSetup)> {
+    let build = |setup: UringSetup| -> io::Result<(UringRuntime, UringSetup)> {
         let mut urb = io_uring::IoUring::builder();
-        if tuned {
-            urb.setup_coop_taskrun().setup_single_issuer();
+        match setup {
+            UringSetup::Deferred => {
+                urb.setup_coop_taskrun().setup_single_issuer().setup_defer_taskrun();
+            }
+            UringSetup::Cooperative => {
+                urb.setup_coop_taskrun().setup_single_issuer();
+            }
+            UringSetup::Plain => {}
         }
         monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
             .with_entries(1024)
             .uring_builder(urb)
             .enable_timer()
             .build()
+            .map(|rt| (rt, setup))
     };
-    build(true).or_else(|e| {
-        tracing::debug!(error = %e, "io_uring without COOP_TASKRUN/SINGLE_ISSUER");
-        build(false)
-    })
+    let made = build(UringSetup::Deferred)
+        .or_else(|e| {
+            tracing::debug!(error = %e, "io_uring without DEFER_TASKRUN");
+            build(UringSetup::Cooperative)
+        })
+        .or_else(|e| {
+            tracing::debug!(error = %e, "io_uring without COOP_TASKRUN/SINGLE_ISSUER");
+            build(UringSetup::Plain)
+        });
+    if let Ok((_, setup)) = &made {
+        tracing::debug!(?setup, "io_uring ring set up");
+    }
+    made
+}
+
+type UringRuntime = monoio::Runtime<monoio::time::TimeDriver<monoio::IoUringDriver>>;
+
+/// How a worker's ring is set up, from the most to the least the kernel must support.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum UringSetup {
+    Deferred,
+    Cooperative,
+    Plain,
 }
 
 /// Binds this worker's listeners: captured ones may be TPROXY targets; SOCKS5 only when on. In
@@ -402,4 +432,63 @@ async fn drain(ctx: &WorkerCtx, deadline: Instant) {
     // Flush the closes of the last connections' sockets before the runtime goes away.
     monoio::time::sleep(Duration::from_millis(1)).await;
     tracing::info!(worker = ctx.id, "drained");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use monoio::io::{AsyncReadRentExt, AsyncWriteRentExt};
+
+    /// The kernel's release as (major, minor), from `/proc`.
+    fn kernel_version() -> Option<(u32, u32)> {
+        let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").ok()?;
+        let mut parts = release.trim().split(|c: char| !c.is_ascii_digit());
+        Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
+    }
+
+    /// With deferred task work the kernel posts completions only when the worker asks for them:
+    /// socket I/O, timers and a wake-up from another thread (how the control thread reaches a
+    /// worker) must all still arrive while the worker waits.
+    #[test]
+    fn a_worker_ring_delivers_io_timers_and_wakeups_from_other_threads() {
+        if !monoio::utils::detect_uring() {
+            eprintln!("skipped: io_uring is not available here");
+            return;
+        }
+        let (mut rt, setup) = uring_runtime().expect("an io_uring runtime");
+        if kernel_version().is_some_and(|v| v >= (6, 1)) {
+            assert_eq!(setup, UringSetup::Deferred, "kernel 6.1 or later takes DEFER_TASKRUN");
+        }
+        let (tx, rx) = crate::snapshot::publish::channel();
+        let work = async move {
+            let listener = monoio::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+            let addr = listener.local_addr().expect("address");
+            let echo = monoio::spawn(async move {
+                let (mut conn, _) = listener.accept().await.expect("accept");
+                let (res, buf) = conn.read_exact(vec![0u8; 4]).await;
+                res.expect("read");
+                let (res, _) = conn.write_all(buf).await;
+                res.expect("write");
+            });
+            let mut client = monoio::net::TcpStream::connect(addr).await.expect("connect");
+            let (res, _) = client.write_all(b"ping".to_vec()).await;
+            res.expect("write");
+            let (res, back) = client.read_exact(vec![0u8; 4]).await;
+            res.expect("read");
+            assert_eq!(back, b"ping");
+            echo.await;
+            monoio::time::sleep(Duration::from_millis(5)).await;
+            // Sent while this thread sleeps in the kernel waiting for its ring.
+            let sender = std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(50));
+                tx.send(WorkerMsg::Drain { deadline: Instant::now() })
+            });
+            let msg = rx.recv().await;
+            assert!(sender.join().expect("sender thread"), "the worker's end was open");
+            assert!(matches!(msg, Some(WorkerMsg::Drain { .. })), "the message sent from another thread arrives");
+        };
+        // The deadline's timer is made inside the runtime, which owns the timers.
+        let outcome = rt.block_on(async move { monoio::time::timeout(Duration::from_secs(20), work).await });
+        assert!(outcome.is_ok(), "ring {setup:?}: everything arrives well within 20 s");
+    }
 }
