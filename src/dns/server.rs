@@ -450,7 +450,8 @@ fn upstream_socket(
     server: SocketAddr,
     kind: socket2::Type,
 ) -> io::Result<socket2::Socket> {
-    let make = || socket2::Socket::new(socket2::Domain::for_address(server), kind, None);
+    // Non-blocking from the start (`SOCK_NONBLOCK`): two `fcntl`s fewer per forwarded query.
+    let make = || socket2::Socket::new(socket2::Domain::for_address(server), kind.nonblocking(), None);
     let s = match netns {
         Some(ns) => crate::sys::in_netns(ns.pod, ns.home, make)??,
         None => make()?,
@@ -458,7 +459,6 @@ fn upstream_socket(
     if let Some(m) = mark {
         s.set_mark(m)?;
     }
-    s.set_nonblocking(true)?;
     Ok(s)
 }
 

@@ -152,7 +152,7 @@ pub fn add_pod(ctx: &Rc<WorkerCtx>, spec: Arc<PodSpec>) -> Result<(), String> {
     let (socks5, dns) = (ctx.cfg.socks5, ctx.cfg.dns_capture);
     let accepted = AcceptedOpts { user_timeout: ctx.cfg.tcp_user_timeout, incoming_cpu: ctx.core };
     let (listeners, dns_sockets) = sys::in_netns(&spec.netns, home, || -> io::Result<_> {
-        let listeners = bind_pod_listeners(socks5, accepted)?;
+        let listeners = bind_pod_listeners(socks5, accepted, ctx.id == 0)?;
         let dns_sockets =
             if dns { crate::dns::server::bind(&crate::dns::server::pod_addrs(), ctx.core)? } else { Vec::new() };
         Ok((listeners, dns_sockets))
@@ -187,11 +187,18 @@ pub fn add_pod(ctx: &Rc<WorkerCtx>, spec: Arc<PodSpec>) -> Result<(), String> {
 }
 
 /// The pod's listeners, made in the pod's namespace (the calling thread is in it).
-fn bind_pod_listeners(socks5: bool, accepted: AcceptedOpts) -> io::Result<Vec<(Listener, std::net::TcpListener)>> {
+fn bind_pod_listeners(
+    socks5: bool,
+    accepted: AcceptedOpts,
+    set_sysctls: bool,
+) -> io::Result<Vec<(Listener, std::net::TcpListener)>> {
     // Queued connections move to a replacement proxy's listener when this one stops, instead
-    // of being reset (per namespace; best effort: a read-only /proc/sys just loses that).
-    if let Err(e) = sys::enable_migrate_req() {
-        tracing::debug!(error = %e, "could not set net.ipv4.tcp_migrate_req in the pod");
+    // of being reset (per namespace, so one worker sets it for all; best effort: a read-only
+    // /proc/sys just loses that).
+    if set_sysctls {
+        if let Err(e) = sys::enable_migrate_req() {
+            tracing::debug!(error = %e, "could not set net.ipv4.tcp_migrate_req in the pod");
+        }
     }
     let opts = ListenOpts { transparent: false, backlog: 1024, accepted: Some(accepted) };
     let (local, from_network) = super::spawn::steered(opts);
