@@ -53,13 +53,20 @@ int main(int argc, char **argv) {
     if (bind(l, (void *)&a, sizeof a) || listen(l, 4)) { perror("bind"); return 1; }
     for (;;) { int c = accept(l, 0, 0); static char b[1 << 18]; while (read(c, b, sizeof b) > 0) {} close(c); }
   }
-  if (argc < 7) { fprintf(stderr, "usage\n"); return 2; }
-  long mb = atol(argv[4]), chunk = atol(argv[5]); int zc = atoi(argv[6]);
+  long mb = argc == 7 ? atol(argv[4]) : 0, chunk = argc == 7 ? atol(argv[5]) : 0;
+  int zc = argc == 7 ? atoi(argv[6]) : -1;
+  if (argc != 7 || strcmp(argv[1], "send") || mb <= 0 || chunk <= 0 || (zc != 0 && zc != 1)) {
+    fprintf(stderr, "usage: zc recv PORT | zc send IP PORT MIB CHUNK ZEROCOPY (MIB, CHUNK > 0; ZEROCOPY 0 or 1)\n");
+    return 2;
+  }
   int s = socket(AF_INET, SOCK_STREAM, 0), one = 1;
   if (zc && setsockopt(s, SOL_SOCKET, SO_ZEROCOPY, &one, sizeof one)) { perror("SO_ZEROCOPY"); return 1; }
   struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons(atoi(argv[3]))}; inet_pton(AF_INET, argv[2], &a.sin_addr);
   if (connect(s, (void *)&a, sizeof a)) { perror("connect"); return 1; }
-  enum { NBUF = 8 }; char *bufs[NBUF]; for (int i = 0; i < NBUF; i++) { bufs[i] = malloc(chunk); memset(bufs[i], i, chunk); }
+  enum { NBUF = 8 }; char *bufs[NBUF]; for (int i = 0; i < NBUF; i++) {
+    if (!(bufs[i] = malloc(chunk))) { fprintf(stderr, "cannot allocate %ld bytes\n", chunk); return 1; }
+    memset(bufs[i], i, chunk);
+  }
   long total = mb << 20, sent = 0, calls = 0; double c0 = cpu(), t0 = now();
   while (sent < total) {
     // A buffer is reused only after the kernel released it (notices carry send-call counters).
