@@ -2,6 +2,7 @@
 //! listeners), start the control thread, and hand back the bound addresses and a shutdown
 //! handle. `main` and the in-process tests both start the proxy through here.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64};
 
@@ -71,7 +72,7 @@ pub fn start(cfg: Config, opts: RunOptions) -> anyhow::Result<Proxy> {
     let spoof_source = original_source_allowed(&cfg)?;
     let control_ports = control::ControlListeners::bind(&cfg)?;
     let (cert_tx, cert_rx) = mpsc::unbounded_channel();
-    let workers = start_workers(&cfg, &initial, spoof_source, control_ports.ports(), cert_tx)?;
+    let workers = start_workers(&cfg, &initial, spoof_source, control_ports.addrs(), cert_tx)?;
     let (shutdown_tx, shutdown_rx) = mpsc::unbounded_channel();
     let spec = ControlSpec {
         cfg: cfg.clone(),
@@ -196,7 +197,7 @@ fn start_workers(
     cfg: &Arc<Config>,
     initial: &Arc<Snapshot>,
     spoof_source: bool,
-    control_ports: Vec<u16>,
+    control_addrs: Vec<SocketAddr>,
     cert_tx: mpsc::UnboundedSender<crate::model::Identity>,
 ) -> anyhow::Result<StartedWorkers> {
     let cores = core_affinity::get_core_ids().unwrap_or_default();
@@ -238,7 +239,7 @@ fn start_workers(
             rx,
             core: (cfg.pin_workers && !cores.is_empty()).then(|| cores[id % cores.len()]),
             spoof_source,
-            control_ports: control_ports.clone(),
+            control_addrs: control_addrs.clone(),
             generation: generation.clone(),
             alive: alive.clone(),
             done: done_tx,

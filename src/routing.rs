@@ -12,6 +12,7 @@ use crate::model::{
     GatewayDestination, HealthPolicy, HealthStatus, Identity, IpFamilies, LoadBalancerMode, Protocol,
     RoutingPreference, Workload,
 };
+use crate::net::OwnAddrs;
 use crate::snapshot::{ServiceEndpoint, ServiceEntry, Snapshot};
 
 /// How the connection leaves the proxy.
@@ -179,8 +180,8 @@ fn via_service(
 pub struct PlanContext<'a> {
     /// The network the proxy's own workloads are in (for "is this destination served here").
     pub network: &'a str,
-    /// The proxy's own ports: a loopback destination with one of them would loop.
-    pub own_ports: &'a [u16],
+    /// The proxy's own listening addresses: a destination among them would loop.
+    pub own: &'a OwnAddrs,
     /// `ENABLE_NODE_LOCAL_FAST_PATH`.
     pub fast_path: bool,
     /// The port peers accept HBONE on.
@@ -213,11 +214,6 @@ pub struct Plan {
     pub action: Action,
 }
 
-/// True when `addr` would send the connection straight back into this proxy.
-fn is_loop(addr: SocketAddr, own_ports: &[u16]) -> bool {
-    addr.ip().is_loopback() && own_ports.contains(&addr.port())
-}
-
 /// Decides how a connection from `source` to the original destination `dst` leaves the proxy.
 /// Refusals carry their reason; a loop is refused whether it is the destination, the chosen
 /// endpoint or the waypoint that points back at the proxy.
@@ -228,15 +224,15 @@ pub fn plan(
     dst: SocketAddr,
     rand: &mut dyn FnMut(u64) -> u64,
 ) -> Result<Plan, RouteError> {
-    if is_loop(dst, at.own_ports) {
+    if at.own.is_loop(dst) {
         return Err(RouteError::Loop(dst));
     }
     let route = outbound_preferring(snap, source, dst, at.preferred_namespace, rand)?;
-    if is_loop(route.upstream, at.own_ports) {
+    if at.own.is_loop(route.upstream) {
         return Err(RouteError::Loop(route.upstream));
     }
     if let Some(waypoint) = waypoint(snap, source, &route, rand)? {
-        if is_loop(waypoint.hbone_addr, at.own_ports) {
+        if at.own.is_loop(waypoint.hbone_addr) {
             return Err(RouteError::Loop(waypoint.hbone_addr));
         }
         return Ok(Plan { route, action: Action::Waypoint { waypoint, authority: dst } });
@@ -443,13 +439,8 @@ services:
             outbound(&snap, &src, "10.96.0.1:81".parse().unwrap(), &mut r0),
             Err(RouteError::NoServicePort { port: 81, .. })
         ));
-        let at = PlanContext {
-            network: "",
-            own_ports: &[15001, 15006, 15008],
-            fast_path: true,
-            hbone_port: 15008,
-            preferred_namespace: None,
-        };
+        let own = OwnAddrs::default();
+        let at = PlanContext { network: "", own: &own, fast_path: true, hbone_port: 15008, preferred_namespace: None };
         assert!(matches!(
             plan(&snap, &at, &src, "127.0.0.1:15001".parse().unwrap(), &mut r0),
             Err(RouteError::Loop(_))
@@ -575,9 +566,8 @@ services:
         let source = SourceInfo { kind: "test", location: String::new() };
         let snap = Snapshot::build(1, source, LocalScope::Node(Some("n1".into())), state);
         let src = snap.workload_by_uid("src").unwrap().clone();
-        let own = [15001, 15006, 15008];
-        let at =
-            PlanContext { network: "", own_ports: &own, fast_path: true, hbone_port: 15008, preferred_namespace: None };
+        let own = OwnAddrs::default();
+        let at = PlanContext { network: "", own: &own, fast_path: true, hbone_port: 15008, preferred_namespace: None };
         let sa = |s: &str| s.parse::<SocketAddr>().unwrap();
         let plan_for = |at: &PlanContext<'_>, dst: &str| plan(&snap, at, &src, sa(dst), &mut |_| 0);
 

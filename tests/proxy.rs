@@ -95,6 +95,11 @@ fn socks5_routes_to_workloads_services_and_passthrough() {
     let meshed = EchoServer::start("127.0.0.4", "meshed");
     assert_eq!(socks5(s5, Dest::Addr(meshed.addr)).unwrap_err(), 5, "never sent in clear");
     assert_eq!(socks5(s5, Dest::Addr(s5)).unwrap_err(), 2, "the proxy's own port is a loop");
+    // The same port on another loopback address is someone else's (an ephemeral port of the
+    // proxy's can be handed out again on another address).
+    let neighbour = EchoServer::start_on("127.0.0.11", s5.port(), "neighbour");
+    let mut n = socks5(s5, Dest::Addr(neighbour.addr)).unwrap();
+    assert_eq!(read_greeting(&mut n), "neighbour");
     assert_eq!(socks5(s5, Dest::Addr("127.0.0.1:1".parse().unwrap())).unwrap_err(), 5, "connection refused");
     drop(c);
     stop(proxy);

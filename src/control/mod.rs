@@ -418,13 +418,9 @@ impl ControlListeners {
         })
     }
 
-    /// The bound ports.
-    pub fn ports(&self) -> Vec<u16> {
-        [&self.admin, &self.readiness, &self.metrics]
-            .iter()
-            .filter_map(|l| l.local_addr().ok())
-            .map(|a| a.port())
-            .collect()
+    /// The bound addresses.
+    pub fn addrs(&self) -> Vec<SocketAddr> {
+        [&self.admin, &self.readiness, &self.metrics].iter().filter_map(|l| l.local_addr().ok()).collect()
     }
 }
 

@@ -304,15 +304,8 @@ fn admit(
     let conn_workload = (accepted.dst.ip(), accepted.workload.uid.as_str());
     // The proxy's own HBONE listener (in-pod mode) exists to reach its metrics port over mTLS:
     // that one of its ports is a target there, and only there.
-    let self_ports: Vec<u16>;
-    let own_ports = if serves_itself(ctx, accepted) {
-        let metrics = ctx.cfg.listeners.metrics.port();
-        self_ports = ctx.own_ports.iter().copied().filter(|p| *p != metrics).collect();
-        &self_ports
-    } else {
-        &ctx.own_ports
-    };
-    if let Err(refusal) = target::check_target(snap, &ctx.cfg.network, own_ports, conn_workload, target) {
+    let allowed = serves_itself(ctx, accepted).then(|| ctx.cfg.listeners.metrics.port());
+    if let Err(refusal) = target::check_target(snap, &ctx.cfg.network, (&ctx.own, allowed), conn_workload, target) {
         if matches!(refusal, Refusal::WorkloadGone { .. }) {
             accepted.retire.fire();
         }

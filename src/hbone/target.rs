@@ -7,7 +7,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use http::{Method, StatusCode};
 
-use crate::net::DialError;
+use crate::net::{DialError, OwnAddrs};
 use crate::rbac::Denied;
 use crate::snapshot::Snapshot;
 
@@ -91,7 +91,7 @@ pub fn parse_request(method: &Method, authority: Option<&str>) -> Result<SocketA
 pub fn check_target(
     snap: &Snapshot,
     network: &str,
-    own_ports: &[u16],
+    (own, allowed_port): (&OwnAddrs, Option<u16>),
     (conn_dst, conn_uid): (IpAddr, &str),
     target: SocketAddr,
 ) -> Result<(), Refusal> {
@@ -101,7 +101,7 @@ pub fn check_target(
     if target.ip() != conn_dst {
         return Err(Refusal::NotThisWorkload { target, conn_dst });
     }
-    if target.port() == 0 || own_ports.contains(&target.port()) {
+    if target.port() == 0 || own.is_own_port(target, allowed_port) {
         return Err(Refusal::ForbiddenPort(target.port()));
     }
     Ok(())
@@ -159,9 +159,9 @@ mod tests {
     #[test]
     fn targets_in_compat_order() {
         let s = snap();
-        let own = [15001, 15006, 15008];
+        let own = OwnAddrs::default();
         let dst: IpAddr = "10.0.0.1".parse().unwrap();
-        let check = |t: &str| check_target(&s, "", &own, (dst, "here"), sa(t));
+        let check = |t: &str| check_target(&s, "", (&own, None), (dst, "here"), sa(t));
         assert!(check("10.0.0.1:80").is_ok());
         // Any target but the connection's own workload is 400: another local pod, a pod of
         // another node, an address that is no workload.
@@ -172,7 +172,7 @@ mod tests {
         }
         // The order: a gone workload (503) before a wrong target (400); a wrong target before
         // a forbidden port.
-        let e = check_target(&s, "", &own, (dst, "deleted-pod"), sa("10.0.1.1:15008")).unwrap_err();
+        let e = check_target(&s, "", (&own, None), (dst, "deleted-pod"), sa("10.0.1.1:15008")).unwrap_err();
         assert!(matches!(e, Refusal::WorkloadGone { .. }), "{e}");
         let e = check("10.0.0.2:15008").unwrap_err();
         assert!(matches!(e, Refusal::NotThisWorkload { .. }), "{e}");
@@ -183,7 +183,7 @@ mod tests {
         }
         assert_eq!(Refusal::Denied(Denied::NotAllowed).status(), StatusCode::UNAUTHORIZED);
         // The connection was accepted for another workload at that address (IP reuse).
-        let e = check_target(&s, "", &own, (dst, "deleted-pod"), sa("10.0.0.1:80")).unwrap_err();
+        let e = check_target(&s, "", (&own, None), (dst, "deleted-pod"), sa("10.0.0.1:80")).unwrap_err();
         assert!(matches!(e, Refusal::WorkloadGone { .. }), "{e}");
         assert_eq!(e.status(), StatusCode::SERVICE_UNAVAILABLE);
     }

@@ -21,6 +21,45 @@ use socket2::{Domain, Protocol, Socket, Type};
 /// on loopback (the connection would come straight back into the proxy).
 pub const PROXY_PORTS: [u16; 8] = [15000, 15001, 15006, 15008, 15020, 15021, 15053, 15080];
 
+/// Where the proxy itself listens: the well-known ports above and every listener it bound (data
+/// plane and control). A destination among them would come straight back into the proxy. A
+/// listener is matched by its whole address: one on 127.0.0.1:P says nothing of 127.0.0.2:P,
+/// while one on all addresses covers every address of that port.
+#[derive(Debug, Clone, Default)]
+pub struct OwnAddrs {
+    bound: Vec<SocketAddr>,
+}
+
+impl OwnAddrs {
+    pub fn new(bound: impl IntoIterator<Item = SocketAddr>) -> OwnAddrs {
+        let mut bound: Vec<SocketAddr> = bound.into_iter().collect();
+        bound.sort_unstable();
+        bound.dedup();
+        OwnAddrs { bound }
+    }
+
+    /// Whether dialing `addr` would reach the proxy: a well-known proxy port on loopback, or a
+    /// bound listener's own address (loopback, for a listener on all addresses).
+    pub fn is_loop(&self, addr: SocketAddr) -> bool {
+        let ip = addr.ip();
+        (ip.is_loopback() && PROXY_PORTS.contains(&addr.port()))
+            || self
+                .bound
+                .iter()
+                .any(|l| l.port() == addr.port() && (l.ip() == ip || (l.ip().is_unspecified() && ip.is_loopback())))
+    }
+
+    /// Whether `addr`, a local workload's address and port, is the proxy's rather than the
+    /// workload's: a well-known proxy port on any address, or a listener bound to that address or
+    /// to all of them. `except` is a port let through all the same.
+    pub fn is_own_port(&self, addr: SocketAddr, except: Option<u16>) -> bool {
+        let port = addr.port();
+        Some(port) != except
+            && (PROXY_PORTS.contains(&port)
+                || self.bound.iter().any(|l| l.port() == port && (l.ip().is_unspecified() || l.ip() == addr.ip())))
+    }
+}
+
 /// The data-plane listener addresses. The first worker resolves port 0; the others bind what it
 /// got.
 #[derive(Debug, Clone, Copy)]
@@ -227,6 +266,33 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+
+    #[test]
+    fn own_addresses_match_whole_addresses() {
+        let sa = |s: &str| s.parse::<SocketAddr>().unwrap();
+        let own = OwnAddrs::new([sa("127.0.0.1:40001"), sa("0.0.0.0:40002"), sa("10.0.0.9:40003")]);
+        // A listener on one loopback address: another loopback address with that port is
+        // someone else (the case a test's echo server on 127.0.0.2 ran into).
+        assert!(own.is_loop(sa("127.0.0.1:40001")));
+        assert!(!own.is_loop(sa("127.0.0.2:40001")));
+        // A listener on all addresses is reached on loopback; its own address is a loop too.
+        assert!(own.is_loop(sa("127.0.0.2:40002")));
+        assert!(own.is_loop(sa("10.0.0.9:40003")));
+        assert!(!own.is_loop(sa("10.0.0.8:40003")));
+        // The well-known ports, bound or not, on loopback only.
+        assert!(own.is_loop(sa("127.0.0.1:15001")));
+        assert!(!own.is_loop(sa("10.0.0.1:15001")));
+        assert!(!own.is_loop(sa("127.0.0.1:8080")));
+
+        // As a local workload's port: the well-known ports on any address, a listener on its
+        // address or on all of them; the allowed exception passes.
+        assert!(own.is_own_port(sa("10.0.0.1:15008"), None));
+        assert!(!own.is_own_port(sa("10.0.0.1:15020"), Some(15020)));
+        assert!(own.is_own_port(sa("10.0.0.1:40002"), None));
+        assert!(!own.is_own_port(sa("10.0.0.1:40001"), None));
+        assert!(own.is_own_port(sa("10.0.0.9:40003"), None));
+        assert!(!own.is_own_port(sa("10.0.0.1:80"), None));
+    }
 
     #[test]
     fn accepted_sockets_get_the_listener_options() {

@@ -30,8 +30,8 @@ pub async fn handle(
         None => ctx.addrs.inbound_plain,
     };
     let dst = original_dst(&stream, peer, listener)?;
-    // The proxy's own ports are never a plaintext target, on any address.
-    if ctx.own_ports.contains(&dst.port()) {
+    // The proxy's own ports are never a plaintext target.
+    if ctx.own.is_own_port(dst, None) {
         return Err(RouteError::Loop(dst).into());
     }
     let snap = match pod {

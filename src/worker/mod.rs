@@ -68,8 +68,8 @@ pub struct WorkerCtx {
     pub(crate) accepting: Cell<usize>,
     /// The listeners' descriptors, stopped when drain starts (`sys::stop_listening`).
     listener_fds: RefCell<Vec<std::os::fd::RawFd>>,
-    /// The proxy's own listening ports (configured and well-known): never a destination.
-    pub own_ports: Vec<u16>,
+    /// The proxy's own listening addresses (bound and well-known): never a destination.
+    pub own: crate::net::OwnAddrs,
     pub spoof_source: bool,
     /// This worker's bound listener addresses.
     pub addrs: ListenAddrs,
@@ -189,15 +189,11 @@ impl<F: Future<Output = ()>> Future for Contained<F> {
     }
 }
 
-/// The well-known proxy ports, the control ports, and the ones this worker listens on.
-fn own_ports(addrs: &ListenAddrs, control: &[u16]) -> Vec<u16> {
-    let mut ports: Vec<u16> = crate::net::PROXY_PORTS.to_vec();
-    ports.extend(control);
-    ports.extend([addrs.outbound.port(), addrs.inbound_plain.port(), addrs.inbound.port()]);
-    ports.extend(addrs.socks5.map(|a| a.port()));
-    ports.sort_unstable();
-    ports.dedup();
-    ports
+/// The control listeners' addresses and the ones this worker listens on (the well-known ports
+/// come with [`crate::net::OwnAddrs`] itself).
+fn own_addrs(addrs: &ListenAddrs, control: &[SocketAddr]) -> crate::net::OwnAddrs {
+    let data = [addrs.outbound, addrs.inbound_plain, addrs.inbound].into_iter().chain(addrs.socks5);
+    crate::net::OwnAddrs::new(data.chain(control.iter().copied()))
 }
 
 /// The original destination of a connection accepted on the listener bound to `listener`.

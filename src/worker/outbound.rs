@@ -61,7 +61,7 @@ pub async fn connect(
     conn.log.src_workload = Some(source.clone());
     let at = PlanContext {
         network: &ctx.cfg.network,
-        own_ports: &ctx.own_ports,
+        own: &ctx.own,
         // In-pod, a destination pod on this node is reached in its own namespace, through its
         // HBONE listener: the fast path's direct connect would leave from the wrong namespace.
         fast_path: ctx.cfg.node_local_fast_path && !ctx.cfg.inpod,
@@ -143,7 +143,7 @@ async fn fast_path(
     peer: SocketAddr,
     dst: SocketAddr,
 ) -> Result<Upstream, ProxyError> {
-    target::check_target(snap, &ctx.cfg.network, &ctx.own_ports, (dst.ip(), &workload.uid), dst)
+    target::check_target(snap, &ctx.cfg.network, (&ctx.own, None), (dst.ip(), &workload.uid), dst)
         .map_err(ProxyError::Refused)?;
     let current = ctx.snapshot();
     let rbac_conn = rbac::Conn { src_ip: peer.ip(), identity: Some(src_identity), dst };

@@ -14,7 +14,7 @@ use monoio::net::TcpListener;
 
 use super::accept::{Listener, accept_loop};
 use super::conns::{CloseReason, ConnTable, Signal};
-use super::{WorkerCtx, own_ports, pods};
+use super::{WorkerCtx, own_addrs, pods};
 use crate::config::{Config, IoDriver};
 use crate::hbone::pool::HbonePool;
 use crate::model::Identity;
@@ -39,8 +39,9 @@ pub struct WorkerSpec {
     pub rx: WorkerRx,
     pub core: Option<core_affinity::CoreId>,
     pub spoof_source: bool,
-    /// The admin, readiness and metrics ports (the proxy's own: never a destination).
-    pub control_ports: Vec<u16>,
+    /// The admin, readiness and metrics listeners' addresses (the proxy's own: never a
+    /// destination).
+    pub control_addrs: Vec<SocketAddr>,
     /// The generation this worker applied last, for readiness and `config_dump`.
     pub generation: Arc<AtomicU64>,
     /// True while the worker thread runs; false once it ended, whether by drain or by a panic.
@@ -286,7 +287,7 @@ async fn run(spec: WorkerSpec, driver: &'static str, ready: std::sync::mpsc::Sen
         draining: Signal::default(),
         accepting: Cell::new(0),
         listener_fds: RefCell::new(listeners.iter().map(|(_, l)| l.as_raw_fd()).collect()),
-        own_ports: own_ports(&addrs, &spec.control_ports),
+        own: own_addrs(&addrs, &spec.control_addrs),
         spoof_source: spec.spoof_source,
         addrs,
         // Raw splice calls rely on io_uring readiness polls; the epoll driver keeps copying.
