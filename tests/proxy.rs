@@ -93,7 +93,11 @@ fn socks5_routes_to_workloads_services_and_passthrough() {
     // An HBONE workload is only ever reached over HBONE: with nothing on its HBONE port the
     // connection fails, although its application port would answer in clear.
     let meshed = EchoServer::start("127.0.0.4", "meshed");
-    assert_eq!(socks5(s5, Dest::Addr(meshed.addr)).unwrap_err(), 5, "never sent in clear");
+    // Refused (5) with nothing on 127.0.0.4:15008; a general failure (1) when something else
+    // answers there (once in a full run: the TLS handshake was reset; what held the port was not
+    // found). Either way, never the echo server in clear.
+    let code = socks5(s5, Dest::Addr(meshed.addr)).unwrap_err();
+    assert!(code == 5 || code == 1, "never sent in clear: reply {code}");
     assert_eq!(socks5(s5, Dest::Addr(s5)).unwrap_err(), 2, "the proxy's own port is a loop");
     // The same port on another loopback address is someone else's (an ephemeral port of the
     // proxy's can be handed out again on another address).
