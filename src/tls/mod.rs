@@ -65,6 +65,19 @@ pub fn provider() -> Arc<CryptoProvider> {
 pub fn install_process_provider() {
     // Err: already installed (a second start in one process, or an embedding program's choice).
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    seed_random();
+}
+
+/// Makes aws-lc seed its random generator (the process's, and this thread's) now. Its first use
+/// in the process gathers CPU-jitter entropy, tens of milliseconds of one core (30 to 55 ms
+/// measured here; each later thread's first use, about 75 us). Left to the first TLS handshake,
+/// that stalls the worker making it, and every connection the worker serves, on the proxy's
+/// first HBONE connection. Called at start and by each worker before it serves.
+pub(crate) fn seed_random() {
+    let mut bytes = [0u8; 16];
+    if let Err(e) = aws_lc_rs::rand::fill(&mut bytes) {
+        tracing::warn!(error = %e, "seeding the random generator at start failed; the first handshake will");
+    }
 }
 
 /// Validity and serial of a certificate, for `config_dump`.

@@ -89,6 +89,8 @@ pub fn spawn(
                 spec.core = None;
             }
         }
+        // This thread's own random generator, seeded before the first handshake needs it.
+        crate::tls::seed_random();
         let driver = match spec.cfg.io_driver {
             IoDriver::Auto if monoio::utils::detect_uring() => IoDriver::Uring,
             IoDriver::Auto => IoDriver::Epoll,
