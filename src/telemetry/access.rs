@@ -7,6 +7,7 @@ use std::time::Instant;
 use crate::model::{Identity, Workload};
 use crate::net::relay::RelayStats;
 use crate::snapshot::ServiceEntry;
+use crate::telemetry::fields::FastAddr;
 use crate::telemetry::metrics::{Labels, Peer, ServiceLabels, SetupPath};
 
 /// What is known of a connection, filled in as it is set up.
@@ -73,15 +74,15 @@ impl ConnLog {
         let src_namespace = self.src_workload.as_ref().map(|w| w.namespace.as_str());
         let dst_workload = self.dst_workload.as_ref().map(|w| w.name.as_str());
         let dst_namespace = self.dst_workload.as_ref().map(|w| w.namespace.as_str());
-        let dst_addr = self.dst_addr.map(tracing::field::display);
-        let dst_hbone_addr = self.dst_hbone_addr.map(tracing::field::display);
+        let dst_addr = self.dst_addr.map(|a| tracing::field::display(FastAddr(a)));
+        let dst_hbone_addr = self.dst_hbone_addr.map(|a| tracing::field::display(FastAddr(a)));
         let (sent, recv) = (stats.sent.get(), stats.received.get());
         macro_rules! line {
             ($level:expr) => {
                 tracing::event!(
                     target: "access",
                     $level,
-                    src.addr = %self.src_addr,
+                    src.addr = %FastAddr(self.src_addr),
                     src.workload = src_workload,
                     src.namespace = src_namespace,
                     src.identity = src_id.as_deref(),

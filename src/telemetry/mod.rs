@@ -1,6 +1,7 @@
 //! Logging setup, the access log, metrics.
 
 pub mod access;
+pub mod fields;
 pub mod metrics;
 
 use std::io::Write;
@@ -190,9 +191,14 @@ pub fn init_logging(format: LogFormat) -> anyhow::Result<()> {
         LogFormat::Json => registry
             .with(tracing_subscriber::fmt::layer().json().flatten_event(true).with_writer(|| QueueWriter))
             .try_init(),
-        LogFormat::Plain => {
-            registry.with(tracing_subscriber::fmt::layer().with_ansi(false).with_writer(|| QueueWriter)).try_init()
-        }
+        LogFormat::Plain => registry
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_ansi(false)
+                    .fmt_fields(fields::PlainFields)
+                    .with_writer(|| QueueWriter),
+            )
+            .try_init(),
     };
     res.map_err(|e| anyhow::anyhow!("installing the log subscriber: {e}"))
 }
