@@ -104,6 +104,7 @@ fn socks5_routes_to_workloads_services_and_passthrough() {
     let neighbour = EchoServer::start_on("127.0.0.11", s5.port(), "neighbour");
     let mut n = socks5(s5, Dest::Addr(neighbour.addr)).unwrap();
     assert_eq!(read_greeting(&mut n), "neighbour");
+    drop(n);
     assert_eq!(socks5(s5, Dest::Addr("127.0.0.1:1".parse().unwrap())).unwrap_err(), 5, "connection refused");
     drop(c);
     stop(proxy);
