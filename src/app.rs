@@ -58,6 +58,7 @@ impl Proxy {
 /// Starts the proxy. Fails, naming the cause, when the config cannot be loaded or a port bound.
 pub fn start(cfg: Config, opts: RunOptions) -> anyhow::Result<Proxy> {
     crate::tls::install_process_provider();
+    crate::tls::seed_random();
     let cfg = Arc::new(cfg);
     let xds = cfg.xds_address.as_ref().map(|addr| xds_options(&cfg, addr)).transpose()?;
     let (local_file, initial) = first_config(&cfg)?;

@@ -22,9 +22,10 @@ use socket2::{Domain, Protocol, Socket, Type};
 pub const PROXY_PORTS: [u16; 8] = [15000, 15001, 15006, 15008, 15020, 15021, 15053, 15080];
 
 /// Where the proxy itself listens: the well-known ports above and the listeners a worker binds
-/// for the node (data plane and control; in-pod and DNS listeners use well-known ports). A destination among them would come straight back into the proxy. A
-/// listener is matched by its whole address: one on 127.0.0.1:P says nothing of 127.0.0.2:P,
-/// while one on all addresses covers every address of that port.
+/// for the node (data plane and control; in-pod and DNS listeners use well-known ports). A
+/// destination among them would come straight back into the proxy. A listener is matched by its
+/// whole address: one on 127.0.0.1:P says nothing of 127.0.0.2:P, while one on all addresses
+/// covers every address of that port.
 #[derive(Debug, Clone, Default)]
 pub struct OwnAddrs {
     bound: Vec<SocketAddr>,

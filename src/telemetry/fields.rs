@@ -178,12 +178,6 @@ impl fmt::Display for FastAddr {
     }
 }
 
-impl fmt::Debug for FastAddr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Display::fmt(self, f)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use tracing_subscriber::fmt::MakeWriter;

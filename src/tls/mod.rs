@@ -65,7 +65,6 @@ pub fn provider() -> Arc<CryptoProvider> {
 pub fn install_process_provider() {
     // Err: already installed (a second start in one process, or an embedding program's choice).
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-    seed_random();
 }
 
 /// Makes aws-lc seed its random generator (the process's, and this thread's) now. Its first use
