@@ -67,11 +67,12 @@ pub fn install_process_provider() {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
 }
 
-/// Makes aws-lc seed its random generator (the process's, and this thread's) now. Its first use
-/// in the process gathers CPU-jitter entropy, tens of milliseconds of one core (30 to 55 ms
-/// measured here; each later thread's first use, about 75 us). Left to the first TLS handshake,
-/// that stalls the worker making it, and every connection the worker serves, on the proxy's
-/// first HBONE connection. Called at start and by each worker before it serves.
+/// Makes aws-lc seed its random generator (the process's, and this thread's) now. Built as this
+/// repository builds it (`.cargo/config.toml`), aws-lc seeds from the kernel: microseconds. A
+/// build without that setting gathers CPU-jitter entropy at the first use in a process, 30 to
+/// 55 ms of one core (measured here), and left to the first TLS handshake that would stall the
+/// worker making it with all its connections. Called at start and by each worker before it
+/// serves.
 pub(crate) fn seed_random() {
     let mut bytes = [0u8; 16];
     if let Err(e) = aws_lc_rs::rand::fill(&mut bytes) {
