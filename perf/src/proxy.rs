@@ -15,6 +15,7 @@ pub struct ProxyProc {
     pub label: String,
     child: Child,
     pub ns: Option<String>,
+    started: Instant,
 }
 
 impl ProxyProc {
@@ -41,8 +42,9 @@ impl ProxyProc {
         }
         cmd.envs(env.iter().map(|(k, v)| (k, v)));
         cmd.stdin(Stdio::null()).stdout(logfile.try_clone()?).stderr(logfile);
+        let started = Instant::now();
         let child = cmd.spawn().with_context(|| format!("starting proxy {}", binary.display()))?;
-        Ok(ProxyProc { label: label.to_string(), child, ns: ns.map(str::to_string) })
+        Ok(ProxyProc { label: label.to_string(), child, ns: ns.map(str::to_string), started })
     }
 
     pub fn pid(&self) -> u32 {
@@ -50,7 +52,8 @@ impl ProxyProc {
     }
 
     /// Waits for `GET /healthz/ready` to answer 200 on `addr` (inside the proxy's namespace).
-    pub fn wait_ready(&mut self, addr: SocketAddr, timeout: Duration) -> anyhow::Result<()> {
+    /// Returns how long after its start the proxy answered so.
+    pub fn wait_ready(&mut self, addr: SocketAddr, timeout: Duration) -> anyhow::Result<Duration> {
         let end = Instant::now() + timeout;
         loop {
             if let Some(status) = self.child.try_wait()? {
@@ -58,12 +61,14 @@ impl ProxyProc {
             }
             let ok = netns::run_in(self.ns.as_deref(), || ready(addr)).unwrap_or(false);
             if ok {
-                return Ok(());
+                return Ok(self.started.elapsed());
             }
             if Instant::now() > end {
                 bail!("proxy {} not ready on {addr} after {timeout:?}", self.label);
             }
-            std::thread::sleep(Duration::from_millis(50));
+            // Finely at first: the time to readiness is one of the run's figures.
+            let pause = if self.started.elapsed() < Duration::from_secs(1) { 2 } else { 50 };
+            std::thread::sleep(Duration::from_millis(pause));
         }
     }
 
@@ -143,10 +148,20 @@ pub fn context_switches(pid: u32) -> anyhow::Result<u64> {
 }
 
 pub fn rss_bytes(pid: u32) -> anyhow::Result<u64> {
+    status_bytes(pid, "VmRSS")
+}
+
+/// A size field of `/proc/<pid>/status` (`VmRSS`, `RssAnon`, ...), in bytes.
+pub fn status_bytes(pid: u32, field: &str) -> anyhow::Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let line = status.lines().find(|l| l.starts_with("VmRSS:")).context("no VmRSS")?;
-    let kb: u64 = line.split_whitespace().nth(1).context("malformed VmRSS")?.parse()?;
-    Ok(kb * 1024)
+    status_field_bytes(&status, field).with_context(|| format!("no {field} in /proc/{pid}/status"))
+}
+
+fn status_field_bytes(status: &str, field: &str) -> Option<u64> {
+    let line = status.lines().find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))?;
+    let mut words = line.split_whitespace();
+    let n: u64 = words.next()?.parse().ok()?;
+    (words.next() == Some("kB")).then_some(n * 1024)
 }
 
 /// This repository's release build of the proxy, built first if needed.
@@ -178,4 +193,20 @@ pub fn raise_nofile(want: u64) -> u64 {
         libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
     }
     lim.rlim_cur
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_sizes() {
+        let status = "Name:\tztunnel\nVmRSS:\t    8468 kB\nRssAnon:\t    1072 kB\nThreads:\t5\n";
+        assert_eq!(status_field_bytes(status, "VmRSS"), Some(8468 * 1024));
+        assert_eq!(status_field_bytes(status, "RssAnon"), Some(1072 * 1024));
+        // A field that is not a size, or is missing, or only shares a prefix.
+        assert_eq!(status_field_bytes(status, "Threads"), None);
+        assert_eq!(status_field_bytes(status, "RssFile"), None);
+        assert_eq!(status_field_bytes(status, "Rss"), None);
+    }
 }

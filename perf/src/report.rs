@@ -81,7 +81,8 @@ fn mib(r: &Record) -> Option<f64> {
     r.peak_rss_bytes.map(|b| b as f64 / (1024.0 * 1024.0))
 }
 
-const TESTS: [(&str, &str); 7] = [
+const TESTS: [(&str, &str); 8] = [
+    ("start", "Start: until ready, and resident memory then"),
     ("bulk_1", "Bulk throughput, 1 stream"),
     ("bulk_8", "Bulk throughput, 8 streams"),
     ("rr_1b", "Request/response, 1 byte, closed loop"),
@@ -181,6 +182,14 @@ fn markdown(report: &Report, groups: &BTreeMap<Key, Vec<&Record>>) -> String {
                     Box::new(|rs| cell(values(rs, eff("cpu_us_per_connection")))),
                     Box::new(|rs| cell(values(rs, eff("context_switches_per_connection")))),
                     Box::new(|rs| cell(values(rs, metric("errors")))),
+                ],
+            ),
+            "start" => (
+                "| instance | proxy | ready after ms | RSS MiB | anonymous RSS MiB |\n|---|---|---|---|---|",
+                vec![
+                    Box::new(|rs| cell(values(rs, metric("ready_ms")))),
+                    Box::new(|rs| cell(values(rs, |r| metric("rss_bytes")(r).map(|b| b / 1048576.0)))),
+                    Box::new(|rs| cell(values(rs, |r| metric("rss_anon_bytes")(r).map(|b| b / 1048576.0)))),
                 ],
             ),
             "idle" => (
@@ -340,6 +349,23 @@ fn ratios(md: &mut String, report: &Report, groups: &BTreeMap<Key, Vec<&Record>>
             for path in ["tcp", "hbone"] {
                 if let (Some(a), Some(b)) = (med(test, path, main, f.as_ref()), med(test, path, other, f.as_ref())) {
                     let _ = writeln!(md, "| {name} | {path} | {} | {} | {:.2} |", fmt_num(a), fmt_num(b), b / a);
+                }
+            }
+        }
+        // Start-up, per proxy instance (the "path" of a start record).
+        let mut instances: Vec<&str> =
+            groups.keys().filter(|(t, _, _)| t == "start").map(|(_, path, _)| path.as_str()).collect();
+        instances.dedup();
+        let start_figures: [(&str, Figure); 2] = [
+            ("ready after ms", Box::new(metric("ready_ms"))),
+            ("anonymous RSS at start, MiB", Box::new(|r| metric("rss_anon_bytes")(r).map(|b| b / 1048576.0))),
+        ];
+        for inst in instances {
+            for (name, f) in &start_figures {
+                if let (Some(a), Some(b)) =
+                    (med("start", inst, main, f.as_ref()), med("start", inst, other, f.as_ref()))
+                {
+                    let _ = writeln!(md, "| {name} | {inst} | {} | {} | {:.2} |", fmt_num(a), fmt_num(b), b / a);
                 }
             }
         }

@@ -262,7 +262,8 @@ pub fn run(opts: &RunOpts) -> anyhow::Result<Report> {
         }
         for p in &proxies {
             let binary = PathBuf::from(&p.binary);
-            let procs = setup.start_proxies(&p.label, &binary, opts.node_b.as_deref(), &opts.out, rep)?;
+            let (procs, started) = setup.start_proxies(&p.label, &binary, opts.node_b.as_deref(), &opts.out, rep)?;
+            report.records.extend(started);
             let refs: Vec<&ProxyProc> = procs.iter().collect();
             for path in setup.paths.iter().filter(|p| p.proxied) {
                 let key = (path.name.to_string(), p.label.clone());
@@ -304,6 +305,27 @@ pub fn run(opts: &RunOpts) -> anyhow::Result<Report> {
     drop(topology);
     crate::report::finish(&mut report, &opts.out)?;
     Ok(report)
+}
+
+/// The `start` record of one proxy instance: how long it took to answer ready, and its resident
+/// memory then (all of it, and the anonymous part: heap, stacks, relocated data; the rest is the
+/// binary's and libraries' pages, which depend on what the page cache holds). Its path is the
+/// instance's tag.
+fn start_record(p: &ProxyProc, tag: &str, proxy: &str, rep: usize, ready: Duration) -> Record {
+    let (rss, anon) = (proxy::rss_bytes(p.pid()).ok(), proxy::status_bytes(p.pid(), "RssAnon").ok());
+    Record {
+        test: "start".into(),
+        path: tag.into(),
+        proxy: proxy.into(),
+        rep,
+        metrics: json!({ "ready_ms": ready.as_secs_f64() * 1e3, "rss_bytes": rss, "rss_anon_bytes": anon }),
+        latency: None,
+        cpu_seconds: proxy::cpu_seconds(p.pid()).ok(),
+        peak_rss_bytes: rss,
+        efficiency: json!({}),
+        histogram: None,
+        profile: None,
+    }
 }
 
 /// Keeps a record, or notes the failure and goes on with the run.
@@ -516,18 +538,21 @@ impl Setup {
         node_b: Option<&Path>,
         out: &Path,
         rep: usize,
-    ) -> anyhow::Result<Vec<ProxyProc>> {
+    ) -> anyhow::Result<(Vec<ProxyProc>, Vec<Record>)> {
         let mut procs = Vec::new();
+        let mut started = Vec::new();
         for inst in &self.instances {
             let log = out.join(format!("proxy-{label}-{}-rep{}.log", inst.tag, rep + 1));
             let binary = node_b.filter(|_| inst.tag == "node-b").unwrap_or(binary);
             let mut p = ProxyProc::start(label, binary, &inst.env, inst.ns.as_deref(), &log)?;
-            p.wait_ready(inst.readiness, Duration::from_secs(30))
+            let ready = p
+                .wait_ready(inst.readiness, Duration::from_secs(30))
                 .with_context(|| format!("starting {label} ({}); log: {}", inst.tag, log.display()))?;
+            started.push(start_record(&p, inst.tag, label, rep, ready));
             procs.push(p);
         }
         let _ = &self.config;
-        Ok(procs)
+        Ok((procs, started))
     }
 
     /// Saves each instance's own view of the run next to the report: its Prometheus scrape
