@@ -19,7 +19,7 @@ use serde_json::json;
 use crate::agent::{Agent, install_inpod_rules, netns_path};
 use crate::load::{self, Percentiles, Via};
 use crate::netns::{self, sh};
-use crate::proxy::ProxyProc;
+use crate::proxy::{self, ProxyProc};
 
 pub struct InpodOpts {
     pub proxy: PathBuf,
@@ -132,7 +132,18 @@ fn config_yaml(pods: usize) -> String {
 pub struct Traffic {
     pub connrate: load::ConnRateResult,
     pub connrate_latency: Percentiles,
+    /// Per connection.
+    pub connrate_cost: Cost,
     pub rr_1b: Percentiles,
+    /// Per round trip (warm-up included, as in `perf run`).
+    pub rr_cost: Cost,
+}
+
+/// The proxy's CPU time (all threads, user and system) and context switches per unit of work.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Cost {
+    pub cpu_us: f64,
+    pub context_switches: f64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -163,15 +174,31 @@ fn fd_count(pid: u32) -> anyhow::Result<usize> {
     Ok(std::fs::read_dir(format!("/proc/{pid}/fd"))?.count())
 }
 
-fn traffic(client_ns: &str, server: SocketAddr, quick: bool) -> anyhow::Result<Traffic> {
+/// Connection rate, then 1-byte round trips, from the client pod to the server, through the
+/// proxy `pid`, whose CPU time and context switches are counted around each.
+fn traffic(client_ns: &str, server: SocketAddr, quick: bool, pid: u32) -> anyhow::Result<Traffic> {
     let (secs, count) = if quick { (1.0, 1_000) } else { (5.0, 20_000) };
     let ns = Some(client_ns);
+    let counters = || -> anyhow::Result<(f64, u64)> { Ok((proxy::cpu_seconds(pid)?, proxy::context_switches(pid)?)) };
+    let before = counters()?;
     let (connrate, h) = netns::run_in(ns, || load::connrate(server, Via::Direct, 4, Duration::from_secs_f64(secs)))??;
     if connrate.errors > 0 {
         bail!("{} of {} connections failed", connrate.errors, connrate.connections + connrate.errors);
     }
+    let between = counters()?;
     let rr = netns::run_in(ns, || load::rr_closed(server, Via::Direct, 1, count / 10, count))??;
-    Ok(Traffic { connrate, connrate_latency: Percentiles::of(&h), rr_1b: Percentiles::of(&rr) })
+    let after = counters()?;
+    let per = |a: (f64, u64), b: (f64, u64), units: f64| Cost {
+        cpu_us: (b.0 - a.0) * 1e6 / units,
+        context_switches: b.1.saturating_sub(a.1) as f64 / units,
+    };
+    Ok(Traffic {
+        connrate_cost: per(before, between, connrate.connections.max(1) as f64),
+        connrate,
+        connrate_latency: Percentiles::of(&h),
+        rr_1b: Percentiles::of(&rr),
+        rr_cost: per(between, after, (count + count / 10) as f64),
+    })
 }
 
 fn base_env(config: &Path, dir: &Path) -> Vec<(String, String)> {
@@ -246,7 +273,7 @@ fn run_inpod(run: &Run, r: &mut ProxyResult) -> anyhow::Result<()> {
             conn.del(&format!("uid-b{i}"))?.map_err(|e| anyhow::anyhow!("Del NACKed: {e}"))?;
         }
     }
-    match traffic(&net.client, server, quick) {
+    match traffic(&net.client, server, quick, proc_.pid()) {
         Ok(t) => r.inpod = Some(t),
         Err(e) => r.errors.push(format!("in-pod traffic: {e:#}")),
     }
@@ -265,7 +292,7 @@ fn run_dedicated(run: &Run, r: &mut ProxyResult) -> anyhow::Result<()> {
     let log = out.join(format!("proxy-{}-dedicated-rep{}.log", r.label, r.rep + 1));
     let mut proc_ = ProxyProc::start(&r.label, binary, &env, Some(&net.client), &log)?;
     proc_.wait_ready("127.0.0.1:15021".parse()?, Duration::from_secs(30))?;
-    match traffic(&net.client, server, quick) {
+    match traffic(&net.client, server, quick, proc_.pid()) {
         Ok(t) => r.dedicated = Some(t),
         Err(e) => r.errors.push(format!("dedicated traffic: {e:#}")),
     }
@@ -358,6 +385,25 @@ pub fn markdown(results: &[ProxyResult], pods: usize) -> String {
         for e in &r.errors {
             s.push_str(&format!("\n{}: {e}\n", r.label));
         }
+    }
+    s.push_str(
+        "\nThe proxy's CPU and context switches (all threads) per connection and per round trip:\n\n\
+         | proxy | rep | in-pod conn CPU us / switches | dedicated conn CPU us / switches | \
+         in-pod rr CPU us / switches | dedicated rr CPU us / switches |\n|---|---|---|---|---|---|\n",
+    );
+    for r in results {
+        let cost = |t: &Option<Traffic>, f: fn(&Traffic) -> Cost| {
+            t.as_ref().map_or("-".into(), |t| format!("{:.1} / {:.2}", f(t).cpu_us, f(t).context_switches))
+        };
+        s.push_str(&format!(
+            "| {} | {} | {} | {} | {} | {} |\n",
+            r.label,
+            r.rep + 1,
+            cost(&r.inpod, |t| t.connrate_cost),
+            cost(&r.dedicated, |t| t.connrate_cost),
+            cost(&r.inpod, |t| t.rr_cost),
+            cost(&r.dedicated, |t| t.rr_cost),
+        ));
     }
     s
 }
