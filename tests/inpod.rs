@@ -97,6 +97,19 @@ fn listeners(ns: &Ns, port: u16) -> usize {
     String::from_utf8_lossy(&out.stdout).lines().filter(|l| !l.trim().is_empty()).count()
 }
 
+/// Packets that istio-cni's mangle rule in `ns` gave the connmark 0x111 back as their mark (the
+/// first rule of `ISTIO_OUTPUT`; see `install_inpod_rules`).
+fn connmark_restored(ns: &Ns) -> u64 {
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", &ns.0, "iptables", "-t", "mangle", "-L", "ISTIO_OUTPUT", "-n", "-v", "-x"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let rule =
+        text.lines().find(|l| l.contains("CONNMARK restore")).unwrap_or_else(|| panic!("no restore rule:\n{text}"));
+    rule.split_whitespace().next().unwrap().parse().unwrap()
+}
+
 fn workload(name: &str, ip: &str) -> String {
     format!(
         "- {{uid: cluster1//Pod/demo/{name}, name: {name}, namespace: demo, serviceAccount: {name}, \
@@ -311,6 +324,11 @@ fn pod_churn_100_pods_traffic_deletes_and_a_reconnect() {
         assert_eq!(got, ip(i), "pod {i}'s traffic leaves from the pod");
     }
     assert!(eventually(|| node.log().contains("src.workload=\"c99\"")), "attributed to the pod's workload");
+    // The proxy's side of those connections is marked, as istio-cni's rules expect: its packets
+    // into the pod gave the connection connmark 0x111, restored onto the app's own packets.
+    for ns in [&pods[0], &pods[N - 1]] {
+        assert!(connmark_restored(ns) > 0, "the app's packets in {} carry the proxy's connmark", ns.0);
+    }
     // The traffic's connections are gone; count what the pods themselves hold.
     assert!(eventually(|| (usage(node.pid()).0 - fds_before) % N == 0), "descriptors per pod are whole");
     let (fds_full, rss_full) = usage(node.pid());

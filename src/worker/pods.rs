@@ -155,6 +155,9 @@ pub fn add_pod(ctx: &Rc<WorkerCtx>, spec: Arc<PodSpec>) -> Result<(), String> {
         let listeners = bind_pod_listeners(socks5, accepted, ctx.id == 0)?;
         let dns_sockets =
             if dns { crate::dns::server::bind(&crate::dns::server::pod_addrs(), ctx.core)? } else { Vec::new() };
+        if let Some(mark) = ctx.cfg.packet_mark {
+            mark_pod_sockets(mark, &listeners, &dns_sockets)?;
+        }
         Ok((listeners, dns_sockets))
     })
     .and_then(|r| r)
@@ -183,6 +186,29 @@ pub fn add_pod(ctx: &Rc<WorkerCtx>, spec: Arc<PodSpec>) -> Result<(), String> {
     pod.listener_fds.borrow_mut().extend(dns_fds);
     tracing::debug!(worker = ctx.id, uid = %pod.spec.uid, id = pod.id(), "pod listeners bound");
     ctx.pods.borrow_mut().insert(pod.id(), pod);
+    Ok(())
+}
+
+/// Gives the pod's listening sockets the packet mark (1337), as every other socket the proxy
+/// makes for a pod has, and as Istio's ztunnel marks all of them. istio-cni's rules are written
+/// for it: a marked packet entering the pod (the proxy's side of an app's connection, over
+/// loopback) gives that connection the connmark 0x111, and the app's own packets on it then
+/// carry mark 0x111, which the pod's policy routing sends to its loopback table. Accepted
+/// connections inherit the listener's mark. Measured (`perf inpod`, 3 repetitions): a round
+/// trip from a pod took 44 instead of 62 to 70 us of the proxy's CPU, and 113 instead of 134 to
+/// 147 us median.
+fn mark_pod_sockets(
+    mark: u32,
+    listeners: &[(Listener, std::net::TcpListener)],
+    dns: &[crate::dns::server::DnsSockets],
+) -> io::Result<()> {
+    let tcp = listeners
+        .iter()
+        .map(|(_, l)| socket2::SockRef::from(l))
+        .chain(dns.iter().map(|d| socket2::SockRef::from(&d.tcp)));
+    for s in tcp.chain(dns.iter().map(|d| socket2::SockRef::from(&d.udp))) {
+        s.set_mark(mark)?;
+    }
     Ok(())
 }
 
