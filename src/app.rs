@@ -176,7 +176,7 @@ fn inpod_permitted(cfg: &Config) -> anyhow::Result<()> {
     if let Some(mark) = cfg.packet_mark {
         let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
         s.set_mark(mark)
-            .context("in-pod mode marks the pods' upstream sockets (SO_MARK), which needs CAP_NET_ADMIN")?;
+            .context("in-pod mode marks the sockets it makes in pods (SO_MARK), which needs CAP_NET_ADMIN")?;
     }
     tracing::info!(uds = %cfg.inpod_uds.display(), "in-pod mode: pods come from the node agent");
     Ok(())

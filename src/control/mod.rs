@@ -408,8 +408,11 @@ impl ControlListeners {
     /// while this one drains.
     pub fn bind(cfg: &Config) -> io::Result<ControlListeners> {
         let bind = |addr: SocketAddr| {
-            crate::net::bind_std(addr, crate::net::ListenOpts { transparent: false, backlog: 128, accepted: None })
-                .map_err(|e| io::Error::new(e.kind(), format!("binding {addr}: {e}")))
+            crate::net::bind_std(
+                addr,
+                crate::net::ListenOpts { transparent: false, backlog: 128, accepted: None, mark: None },
+            )
+            .map_err(|e| io::Error::new(e.kind(), format!("binding {addr}: {e}")))
         };
         Ok(ControlListeners {
             admin: bind(cfg.listeners.admin)?,

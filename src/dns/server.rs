@@ -45,8 +45,9 @@ pub struct DnsSockets {
 /// Binds UDP and TCP on each of `addrs` (in the calling thread's namespace). An IPv6 address
 /// the namespace lacks is skipped; anything else failing is an error. `cpu`: the worker's, if
 /// pinned; the UDP sockets are marked with it, so a local pod's queries reach the worker on the
-/// pod's CPU (see `net::AcceptedOpts::incoming_cpu`).
-pub fn bind(addrs: &[SocketAddr], cpu: Option<usize>) -> io::Result<Vec<DnsSockets>> {
+/// pod's CPU (see `net::AcceptedOpts::incoming_cpu`). `mark`: `SO_MARK` for every socket (a
+/// pod's, in in-pod mode).
+pub fn bind(addrs: &[SocketAddr], cpu: Option<usize>, mark: Option<u32>) -> io::Result<Vec<DnsSockets>> {
     let mut out = Vec::new();
     // Port 0 (tests): the first address's UDP port is picked by the kernel, then used for
     // every socket; a port whose TCP side is taken is given up for another, a few times.
@@ -57,7 +58,7 @@ pub fn bind(addrs: &[SocketAddr], cpu: Option<usize>) -> io::Result<Vec<DnsSocke
         out.clear();
         for addr in addrs {
             let addr = SocketAddr::new(addr.ip(), port);
-            let udp = match bind_udp(addr, cpu) {
+            let udp = match bind_udp(addr, cpu, mark) {
                 Ok(s) => s,
                 Err(e) if addr.is_ipv6() && ipv6_missing(&e) => continue,
                 Err(e) if pick && tries < 16 && e.kind() == io::ErrorKind::AddrInUse => {
@@ -69,7 +70,7 @@ pub fn bind(addrs: &[SocketAddr], cpu: Option<usize>) -> io::Result<Vec<DnsSocke
             };
             port = udp.local_addr()?.port();
             let tcp_addr = SocketAddr::new(addr.ip(), port);
-            let tcp = match bind_std(tcp_addr, ListenOpts { transparent: false, backlog: 128, accepted: None }) {
+            let tcp = match bind_std(tcp_addr, ListenOpts { transparent: false, backlog: 128, accepted: None, mark }) {
                 Ok(t) => t,
                 Err(e) if pick && tries < 16 && e.kind() == io::ErrorKind::AddrInUse => {
                     tries += 1;

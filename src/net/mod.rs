@@ -83,6 +83,10 @@ pub struct ListenOpts {
     /// and this `TCP_USER_TIMEOUT` (when `Some`). Set on the listener once: Linux copies them to
     /// every socket it accepts, so a connection costs no setsockopt for them.
     pub accepted: Option<AcceptedOpts>,
+    /// `SO_MARK`, set before the socket is bound (so the first connection has it too); accepted
+    /// sockets inherit it. A pod's listeners in in-pod mode carry `PACKET_MARK`: see
+    /// `worker::pods`. Failing to set it fails the bind.
+    pub mark: Option<u32>,
 }
 
 /// Options of the sockets a proxy listener accepts; see [`ListenOpts::accepted`].
@@ -146,6 +150,9 @@ pub fn bind_std(addr: SocketAddr, opts: ListenOpts) -> io::Result<std::net::TcpL
         if let Err(e) = set() {
             tracing::debug!(%addr, error = %e, "could not set the accepted sockets' options on the listener");
         }
+    }
+    if let Some(mark) = opts.mark {
+        socket.set_mark(mark)?;
     }
     socket.bind(&addr.into())?;
     socket.listen(opts.backlog)?;
@@ -246,7 +253,7 @@ pub fn canonical(addr: SocketAddr) -> SocketAddr {
 /// A `SO_REUSEPORT` UDP socket bound to `addr` (each worker binds its own: the kernel spreads
 /// datagrams over them by source, or with `incoming_cpu` gives this one those processed on that
 /// CPU; see [`AcceptedOpts::incoming_cpu`]).
-pub fn bind_udp(addr: SocketAddr, incoming_cpu: Option<usize>) -> io::Result<std::net::UdpSocket> {
+pub fn bind_udp(addr: SocketAddr, incoming_cpu: Option<usize>, mark: Option<u32>) -> io::Result<std::net::UdpSocket> {
     let socket = Socket::new(Domain::for_address(addr), Type::DGRAM.nonblocking(), Some(Protocol::UDP))?;
     socket.set_reuse_address(true)?;
     socket.set_reuse_port(true)?;
@@ -257,6 +264,9 @@ pub fn bind_udp(addr: SocketAddr, incoming_cpu: Option<usize>) -> io::Result<std
         if let Err(e) = sys::set_incoming_cpu(&socket, cpu) {
             tracing::debug!(%addr, error = %e, "could not mark the UDP socket with its worker's CPU");
         }
+    }
+    if let Some(mark) = mark {
+        socket.set_mark(mark)?;
     }
     socket.bind(&addr.into())?;
     Ok(socket.into())
@@ -296,11 +306,36 @@ mod tests {
     }
 
     #[test]
+    fn marked_sockets_are_marked_before_they_take_connections() {
+        let opts = ListenOpts { transparent: false, backlog: 16, accepted: None, mark: Some(1337) };
+        let listener = match bind_std("127.0.0.1:0".parse().unwrap(), opts) {
+            Ok(l) => l,
+            Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+                eprintln!("skipped: setting SO_MARK needs CAP_NET_ADMIN");
+                return;
+            }
+            Err(e) => panic!("binding a marked listener: {e}"),
+        };
+        assert_eq!(socket2::SockRef::from(&listener).mark().unwrap(), 1337);
+        // A connection accepted by a marked listener has the mark from its first packet on.
+        let _client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        listener.set_nonblocking(false).unwrap();
+        let (accepted, _) = listener.accept().unwrap();
+        assert_eq!(socket2::SockRef::from(&accepted).mark().unwrap(), 1337);
+        let udp = bind_udp("127.0.0.1:0".parse().unwrap(), None, Some(1337)).unwrap();
+        assert_eq!(socket2::SockRef::from(&udp).mark().unwrap(), 1337);
+        // Unmarked by default.
+        let plain = bind_std("127.0.0.1:0".parse().unwrap(), ListenOpts { mark: None, ..opts }).unwrap();
+        assert_eq!(socket2::SockRef::from(&plain).mark().unwrap(), 0);
+    }
+
+    #[test]
     fn accepted_sockets_get_the_listener_options() {
         let opts = ListenOpts {
             transparent: false,
             backlog: 16,
             accepted: Some(AcceptedOpts { user_timeout: Some(Duration::from_secs(1800)), incoming_cpu: Some(0) }),
+            mark: None,
         };
         let listener = bind_std("127.0.0.1:0".parse().unwrap(), opts).unwrap();
         // Made non-blocking: with nothing queued, accept says so instead of waiting.
@@ -357,7 +392,7 @@ mod tests {
 
     #[test]
     fn udp_sockets_are_non_blocking() {
-        let socket = bind_udp("127.0.0.1:0".parse().unwrap(), None).unwrap();
+        let socket = bind_udp("127.0.0.1:0".parse().unwrap(), None, None).unwrap();
         let mut buf = [0u8; 16];
         assert_eq!(socket.recv_from(&mut buf).unwrap_err().kind(), io::ErrorKind::WouldBlock);
     }
@@ -375,6 +410,7 @@ mod tests {
             transparent: false,
             backlog: 64,
             accepted: Some(AcceptedOpts { user_timeout: None, incoming_cpu: Some(cpu) }),
+            mark: None,
         };
         let first = bind_std("127.0.0.1:0".parse().unwrap(), opts(cores[0].id)).unwrap();
         let addr = first.local_addr().unwrap();
@@ -403,9 +439,9 @@ mod tests {
             }
         }
         // The same for datagrams (the DNS proxy's UDP sockets).
-        let first = bind_udp("127.0.0.1:0".parse().unwrap(), Some(cores[0].id)).unwrap();
+        let first = bind_udp("127.0.0.1:0".parse().unwrap(), Some(cores[0].id), None).unwrap();
         let addr = first.local_addr().unwrap();
-        let second = bind_udp(addr, Some(cores[1].id)).unwrap();
+        let second = bind_udp(addr, Some(cores[1].id), None).unwrap();
         for (core, socket) in [(cores[0], &first), (cores[1], &second)] {
             std::thread::spawn(move || {
                 assert!(core_affinity::set_for_current(core));

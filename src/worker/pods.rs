@@ -151,13 +151,18 @@ pub fn add_pod(ctx: &Rc<WorkerCtx>, spec: Arc<PodSpec>) -> Result<(), String> {
     let home = ctx.home_netns.as_ref().ok_or("in-pod mode is off on this worker")?;
     let (socks5, dns) = (ctx.cfg.socks5, ctx.cfg.dns_capture);
     let accepted = AcceptedOpts { user_timeout: ctx.cfg.tcp_user_timeout, incoming_cpu: ctx.core };
+    // Every socket made for a pod carries the packet mark, its listening and DNS sockets too, as
+    // Istio's ztunnel marks all of them. istio-cni's rules are written for it: a marked packet
+    // entering the pod (the proxy's side of an app's connection, over loopback) gives that
+    // connection the connmark 0x111, and the app's own packets on it then carry mark 0x111,
+    // which the pod's policy routing sends to its loopback table. Measured (`perf inpod`, 3
+    // repetitions): a round trip from a pod took 44 instead of 62 to 70 us of the proxy's CPU,
+    // and 113 instead of 134 to 147 us median.
+    let mark = ctx.cfg.packet_mark;
     let (listeners, dns_sockets) = sys::in_netns(&spec.netns, home, || -> io::Result<_> {
-        let listeners = bind_pod_listeners(socks5, accepted, ctx.id == 0)?;
+        let listeners = bind_pod_listeners(socks5, accepted, mark, ctx.id == 0)?;
         let dns_sockets =
-            if dns { crate::dns::server::bind(&crate::dns::server::pod_addrs(), ctx.core)? } else { Vec::new() };
-        if let Some(mark) = ctx.cfg.packet_mark {
-            mark_pod_sockets(mark, &listeners, &dns_sockets)?;
-        }
+            if dns { crate::dns::server::bind(&crate::dns::server::pod_addrs(), ctx.core, mark)? } else { Vec::new() };
         Ok((listeners, dns_sockets))
     })
     .and_then(|r| r)
@@ -189,33 +194,11 @@ pub fn add_pod(ctx: &Rc<WorkerCtx>, spec: Arc<PodSpec>) -> Result<(), String> {
     Ok(())
 }
 
-/// Gives the pod's listening sockets the packet mark (1337), as every other socket the proxy
-/// makes for a pod has, and as Istio's ztunnel marks all of them. istio-cni's rules are written
-/// for it: a marked packet entering the pod (the proxy's side of an app's connection, over
-/// loopback) gives that connection the connmark 0x111, and the app's own packets on it then
-/// carry mark 0x111, which the pod's policy routing sends to its loopback table. Accepted
-/// connections inherit the listener's mark. Measured (`perf inpod`, 3 repetitions): a round
-/// trip from a pod took 44 instead of 62 to 70 us of the proxy's CPU, and 113 instead of 134 to
-/// 147 us median.
-fn mark_pod_sockets(
-    mark: u32,
-    listeners: &[(Listener, std::net::TcpListener)],
-    dns: &[crate::dns::server::DnsSockets],
-) -> io::Result<()> {
-    let tcp = listeners
-        .iter()
-        .map(|(_, l)| socket2::SockRef::from(l))
-        .chain(dns.iter().map(|d| socket2::SockRef::from(&d.tcp)));
-    for s in tcp.chain(dns.iter().map(|d| socket2::SockRef::from(&d.udp))) {
-        s.set_mark(mark)?;
-    }
-    Ok(())
-}
-
 /// The pod's listeners, made in the pod's namespace (the calling thread is in it).
 fn bind_pod_listeners(
     socks5: bool,
     accepted: AcceptedOpts,
+    mark: Option<u32>,
     set_sysctls: bool,
 ) -> io::Result<Vec<(Listener, std::net::TcpListener)>> {
     // Queued connections move to a replacement proxy's listener when this one stops, instead
@@ -226,7 +209,7 @@ fn bind_pod_listeners(
             tracing::debug!(error = %e, "could not set net.ipv4.tcp_migrate_req in the pod");
         }
     }
-    let opts = ListenOpts { transparent: false, backlog: 1024, accepted: Some(accepted) };
+    let opts = ListenOpts { transparent: false, backlog: 1024, accepted: Some(accepted), mark };
     let (local, from_network) = super::spawn::steered(opts);
     let any = |port, opts| -> io::Result<std::net::TcpListener> {
         // Dual-stack where the pod has IPv6, IPv4 only where it has not.

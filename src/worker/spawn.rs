@@ -171,7 +171,7 @@ fn bind_all(
     serves_itself: bool,
     accepted: AcceptedOpts,
 ) -> io::Result<Vec<(Listener, TcpListener)>> {
-    let plain = ListenOpts { transparent: false, backlog: 1024, accepted: Some(accepted) };
+    let plain = ListenOpts { transparent: false, backlog: 1024, accepted: Some(accepted), mark: None };
     if inpod {
         if !serves_itself {
             return Ok(Vec::new());
@@ -252,7 +252,7 @@ async fn run(spec: WorkerSpec, driver: &'static str, ready: std::sync::mpsc::Sen
     // Dedicated mode's DNS server: the first worker resolves port 0, the others bind its port.
     let dns_sockets = if let Some(port) = spec.addrs.dns_port {
         let wanted: Vec<SocketAddr> = spec.cfg.dns_proxy_addrs.iter().map(|a| SocketAddr::new(a.ip(), port)).collect();
-        match crate::dns::server::bind(&wanted, spec.core.map(|c| c.id)) {
+        match crate::dns::server::bind(&wanted, spec.core.map(|c| c.id), None) {
             Ok(s) => {
                 addrs.dns_port = s.first().and_then(|d| d.udp.local_addr().ok()).map(|a| a.port());
                 s
