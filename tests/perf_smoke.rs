@@ -71,6 +71,17 @@ fn quick_local_run_produces_a_complete_report() {
             }
         }
     }
+    // Each proxy's start is recorded, once per instance and repetition.
+    for label in &labels {
+        let starts: Vec<_> = report.records.iter().filter(|r| r.test == "start" && &r.proxy == label).collect();
+        assert_eq!(starts.len(), 1, "one start record for {label}");
+        let m = &starts[0].metrics;
+        assert_eq!(starts[0].path, "local", "the start record names the instance");
+        assert!(m["ready_ms"].as_f64().is_some_and(|v| v > 0.0), "time to ready: {m}");
+        let (rss, anon) = (m["rss_bytes"].as_u64().unwrap(), m["rss_anon_bytes"].as_u64().unwrap());
+        assert!(anon > 0 && anon < rss, "anonymous RSS is part of the RSS: {m}");
+    }
+    assert!(md_has_start_ratios(&dir.0), "--compare puts the start figures among the ratios");
     let idle = report.records.iter().find(|r| r.test == "idle" && r.path == "tcp").expect("idle measured");
     assert_eq!(idle.metrics["connections"], 100);
     // HBONE is either measured or reported unavailable with a reason, never silently missing.
@@ -108,6 +119,13 @@ fn subsets_run_only_what_was_asked_and_unknown_names_are_refused() {
     assert!(err.contains("udp"), "{err}");
     let report = perf::run(&opts(&["rr_1b"], &["tcp"])).expect("the harness runs");
     assert!(report.failures.is_empty(), "{:?}", report.failures);
-    let seen: Vec<(String, String)> = report.records.iter().map(|r| (r.test.clone(), r.path.clone())).collect();
+    // The proxy's start is recorded whatever the subset; the tests are only those asked for.
+    let seen: Vec<(String, String)> =
+        report.records.iter().filter(|r| r.test != "start").map(|r| (r.test.clone(), r.path.clone())).collect();
     assert_eq!(seen, vec![("rr_1b".to_string(), "tcp".to_string())], "one test on one path");
+}
+
+fn md_has_start_ratios(dir: &std::path::Path) -> bool {
+    let md = std::fs::read_to_string(dir.join("report.md")).unwrap();
+    md.contains("## Start: until ready") && md.contains("| anonymous RSS at start, MiB | local |")
 }
